@@ -1,0 +1,144 @@
+//! Command-line interface (SPEC §12). Exit codes: 0 ok, 1 validation/conformance failure,
+//! 2 usage or environment error, 3 not running.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lumenflow-agent",
+    version,
+    about = "Hosts LumenFlow packs in one workspace: routes their events, keeps them durable, restarts what crashes",
+    after_help = "Exit codes: 0 ok, 1 validation or conformance failure, 2 usage or environment error, 3 agent not running."
+)]
+pub struct Cli {
+    /// Workspace folder (the one containing .lumenflow/); default: search upward from here.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Log level or filter (overrides RUST_LOG), e.g. info, debug, lumenflow_actors=trace.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    Node,
+    Rust,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent in the foreground (one per workspace); SIGINT/SIGTERM drain and exit 0.
+    Start,
+    /// Show the running agent's state; when none runs, say so (exit 3) and show the durable state.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate pack manifests (all packs of the workspace, or one pack folder); exit 1 on errors.
+    Validate {
+        /// A pack folder; default: every pack under the workspace's packs root.
+        pack_dir: Option<PathBuf>,
+    },
+    /// Emit an event through the running agent; prints the event_id.
+    Emit {
+        /// Event kind, e.g. acme-demo:job_completed (the pack is the one whose slug prefixes it).
+        kind: String,
+        /// Payload, a JSON object.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Makes the event_id deterministic (UUIDv5 over from, kind and key).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Inject as if it came from the upstream (e.g. a conductor:* event).
+        #[arg(long)]
+        inbound: bool,
+    },
+    /// Scaffold things.
+    New {
+        #[command(subcommand)]
+        what: NewWhat,
+    },
+    /// Run the emit + replay conformance harness against a pack folder.
+    Conformance { pack_dir: PathBuf },
+    /// Show what reached the embedded mem:inbox upstream.
+    Inbox {
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many of the newest events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Manage dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Write .lumenflow/state/conductor/enrollment.json (mode 0600) for conductor mode.
+    Enroll {
+        #[arg(long)]
+        endpoint: String,
+        /// Name of the environment variable holding the token.
+        #[arg(long)]
+        token_env: String,
+        /// Workspace identity at the conductor (default: the configured identity).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// The development control plane.
+    Conductor {
+        #[command(subcommand)]
+        action: ConductorAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NewWhat {
+    /// Scaffold a pack that passes validate and conformance as written.
+    Pack {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Lang::Node)]
+        lang: Lang,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver dead letters again.
+    Retry {
+        /// Dead-letter id.
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Delete all dead letters.
+    Purge,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConductorAction {
+    /// Serve the development control plane on loopback.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: String,
+        #[arg(long)]
+        token: Option<String>,
+    },
+}

@@ -1,0 +1,14 @@
+//! # lumenflow-agent
+//!
+//! The local, embedded, actor-based agent that hosts LumenFlow packs inside one workspace.
+//! This crate is the edge: CLI, workspace and config loading, the wiring of the actor tree
+//! (`lumenflow-actors`), the local HTTP API and the status client. A Rust program can embed the
+//! agent and register native packs through [`lumenflow_pack_sdk::NativePack`].
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod packs;
+pub mod workspace;
+
+pub use lumenflow_pack_sdk as sdk;
