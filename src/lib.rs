@@ -5,10 +5,15 @@
 //! (`lumenflow-actors`), the local HTTP API and the status client. A Rust program can embed the
 //! agent and register native packs through [`lumenflow_pack_sdk::NativePack`].
 
+pub mod agent;
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod metrics;
 pub mod packs;
+pub mod run;
 pub mod workspace;
 
 pub use lumenflow_pack_sdk as sdk;

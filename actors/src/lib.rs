@@ -1,1 +1,28 @@
+//! # lumenflow-actors
+//!
+//! The actors of `lumenflow-agent`, one per file. Each module comment says what the actor owns
+//! and what it guarantees.
+//!
+//! ```text
+//! Store        one SQLite writer; group commits for every table
+//! ReplayLog    (pack, event) finished?  handler keys; retention
+//! DurableQueue admission: durable before ack, backpressure at max depth
+//! Upstream     mem:inbox (embedded) ; ephemeral ring
+//! Router       kind -> packs; inbound log; dispatch in commit order
+//! PackHost     one per pack: in-order delivery, dedupe, crash -> restart, dead letters
+//! ```
+//!
+//! Every actor runs under an actix `Supervisor`. actix restarts an actor only when it
+//! *stops*; a panic inside a handler would kill it silently, so handler code runs in its own
+//! task and a panic there becomes a stop (see `pack_host`), with restart intensity counted in
+//! [`supervision`].
 
+pub mod pack_host;
+pub mod queue;
+pub mod replay_log;
+pub mod router;
+pub mod schema;
+pub mod stats;
+pub mod store;
+pub mod supervision;
+pub mod upstream;

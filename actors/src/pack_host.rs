@@ -1,0 +1,770 @@
+//! `PackHost`: one per pack. Delivers the pack's events to its handlers, one at a time, in
+//! arrival order (SPEC §6, §7).
+//!
+//! Owns the pack's progress: its cursor over the inbound log, its in-memory queue, its
+//! counters and its restart intensity.
+//!
+//! Guarantees:
+//! - **At least once, in order.** Work comes from the durable inbound log; in-memory `Deliver`
+//!   messages are only a fast path. On (re)start the host reloads everything after its cursor.
+//! - **Replay dedupe.** An event already recorded for this pack is not delivered again (status
+//!   `replayed`). Handled events are recorded in the same transaction that advances the cursor.
+//! - **Crash containment.** A handler panic, an error, or a timeout is a crash: the host
+//!   records an attempt for the event (persisted, so it survives an agent restart), stops, and
+//!   its supervisor restarts it, redelivering the event. After `max_attempts` the event is
+//!   dead-lettered and the pack goes on. More than `max_restarts` in `window` puts the pack in
+//!   `crashed` with backoff; other packs are never affected.
+//! - `retry` redelivers with backoff (same attempt budget); `failed` dead-letters at once.
+
+use crate::replay_log::{event_key, record, ReplayLog, Seen};
+use crate::router::{Emitter, InboundRow};
+use crate::stats::{AgentStats, PackState, PackStats};
+use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::supervision::{backoff, Decision, RestartIntensity};
+use actix::prelude::*;
+use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::native::{BoxFuture, HandlerCtx, NativePack, PackServices, ServiceError};
+use lumenflow_pack_sdk::{Envelope, EventDraft, HandlerOutcome, Manifest, OutcomeStatus};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Events handled between two commits of the pack's progress.
+const CHUNK: usize = 256;
+/// Rows kept in memory; beyond that the host reads them from the inbound log when it gets there.
+const MEMORY_QUEUE_MAX: usize = 10_000;
+
+/// How a pack's handlers run.
+#[derive(Clone)]
+pub enum HandlerKind {
+    Native(NativePack),
+}
+
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub max_attempts: u32,
+    pub max_restarts: u32,
+    pub window: Duration,
+    pub handler_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    seq: i64,
+    envelope: Arc<Envelope>,
+    attempts: u32,
+}
+
+/// Reads the pack's cursor (creating it at the log's end for a new pack) and the rows after it.
+struct LoadPending {
+    pack: String,
+    kinds: Vec<String>,
+    limit: usize,
+}
+
+struct Loaded {
+    cursor: i64,
+    rows: Vec<(i64, String, u32)>,
+    truncated: bool,
+}
+
+impl StoreOp for LoadPending {
+    type Output = Loaded;
+    fn run(self, conn: &Connection) -> Result<Loaded, StoreError> {
+        let cursor: Option<i64> = conn
+            .query_row(
+                "SELECT cursor FROM pack_cursor WHERE pack = ?1",
+                [&self.pack],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let cursor = match cursor {
+            Some(c) => c,
+            None => {
+                // A new pack starts with the events that arrive from now on.
+                let end: i64 =
+                    conn.query_row("SELECT coalesce(max(seq), 0) FROM inbound", [], |r| {
+                        r.get(0)
+                    })?;
+                conn.execute(
+                    "INSERT INTO pack_cursor(pack, cursor) VALUES (?1, ?2)",
+                    params![self.pack, end],
+                )?;
+                end
+            }
+        };
+        if self.kinds.is_empty() {
+            return Ok(Loaded {
+                cursor,
+                rows: Vec::new(),
+                truncated: false,
+            });
+        }
+        let placeholders = vec!["?"; self.kinds.len()].join(",");
+        let sql = format!(
+            "SELECT i.seq, i.body, coalesce(a.attempts, 0) FROM inbound i
+             LEFT JOIN attempts a ON a.pack = ?1 AND a.seq = i.seq
+             WHERE i.seq > ?2 AND i.kind IN ({placeholders}) ORDER BY i.seq LIMIT {}",
+            self.limit + 1
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&self.pack, &cursor];
+        for k in &self.kinds {
+            args.push(k);
+        }
+        let mut rows: Vec<(i64, String, u32)> = stmt
+            .query_map(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let truncated = rows.len() > self.limit;
+        rows.truncate(self.limit);
+        Ok(Loaded {
+            cursor,
+            rows,
+            truncated,
+        })
+    }
+}
+
+struct DeadLetter {
+    seq: i64,
+    envelope: Arc<Envelope>,
+    attempts: u32,
+    error: String,
+}
+
+/// Commits a chunk's progress atomically: replay records, dead letters, the cursor, and the
+/// crash or retry of the event that stopped the chunk.
+struct CompleteChunk {
+    pack: String,
+    records: Vec<String>,
+    dead_letters: Vec<DeadLetter>,
+    cursor: Option<i64>,
+    cleared: Vec<i64>,
+    /// (seq, envelope, error): the event that crashed or asked for a retry.
+    stopped_at: Option<(i64, Arc<Envelope>, String)>,
+    max_attempts: u32,
+}
+
+struct ChunkCommitted {
+    recorded: usize,
+    /// Attempts of the stopping event after this one, and whether it was dead-lettered.
+    stopped: Option<(u32, bool)>,
+}
+
+fn insert_dead_letter(conn: &Connection, pack: &str, d: &DeadLetter) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![pack, d.envelope.event_id, d.envelope.kind, d.attempts, d.error, now_ms(), d.envelope.to_json()])?;
+    conn.prepare_cached("DELETE FROM attempts WHERE pack = ?1 AND seq = ?2")?
+        .execute(params![pack, d.seq])?;
+    Ok(())
+}
+
+impl StoreOp for CompleteChunk {
+    type Output = ChunkCommitted;
+    fn run(self, conn: &Connection) -> Result<ChunkCommitted, StoreError> {
+        let recorded = record(conn, &self.pack, &self.records)?;
+        for d in &self.dead_letters {
+            insert_dead_letter(conn, &self.pack, d)?;
+        }
+        for seq in &self.cleared {
+            conn.prepare_cached("DELETE FROM attempts WHERE pack = ?1 AND seq = ?2")?
+                .execute(params![self.pack, seq])?;
+        }
+        let mut cursor = self.cursor;
+        let mut stopped = None;
+        if let Some((seq, envelope, error)) = self.stopped_at {
+            let attempts: u32 = conn.query_row(
+                "INSERT INTO attempts(pack, seq, attempts, last_error) VALUES (?1, ?2, 1, ?3)
+                 ON CONFLICT(pack, seq) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error
+                 RETURNING attempts",
+                params![self.pack, seq, error],
+                |r| r.get(0),
+            )?;
+            let dead = attempts >= self.max_attempts;
+            if dead {
+                let d = DeadLetter {
+                    seq,
+                    envelope,
+                    attempts,
+                    error: format!("{error} (after {attempts} attempts)"),
+                };
+                insert_dead_letter(conn, &self.pack, &d)?;
+                cursor = Some(seq);
+            }
+            stopped = Some((attempts, dead));
+        }
+        if let Some(c) = cursor {
+            conn.prepare_cached("UPDATE pack_cursor SET cursor = max(cursor, ?2) WHERE pack = ?1")?
+                .execute(params![self.pack, c])?;
+        }
+        Ok(ChunkCommitted { recorded, stopped })
+    }
+}
+
+/// Why a delivery did not produce an outcome.
+#[derive(Debug, Clone)]
+enum Crash {
+    Panic(String),
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for Crash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Crash::Panic(m) => write!(f, "handler panicked: {m}"),
+            Crash::Timeout(d) => write!(f, "handler timed out after {} ms", d.as_millis()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ChunkResult {
+    /// Number of queue entries finished (popped), and their statuses for the counters.
+    finished: usize,
+    statuses: Vec<OutcomeStatus>,
+    dead_lettered: usize,
+    /// The event that stopped the chunk: crash or retry, with attempts after it.
+    crash: Option<(String, u32, bool)>,
+    retry: Option<(u32, bool)>,
+    cursor: Option<i64>,
+    recorded: usize,
+    commit_error: Option<StoreError>,
+}
+
+/// What the agent offers this pack's native handlers.
+struct HostServices {
+    pack: String,
+    replay: Addr<ReplayLog>,
+    emitter: Emitter,
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> ServiceError {
+    ServiceError::Unavailable(e.to_string())
+}
+
+impl PackServices for HostServices {
+    fn replay_has(&self, key: String) -> BoxFuture<Result<bool, ServiceError>> {
+        let replay = self.replay.clone();
+        let pack = self.pack.clone();
+        Box::pin(async move {
+            replay
+                .send(crate::replay_log::HasKey { pack, key })
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)
+        })
+    }
+    fn replay_put(&self, key: String) -> BoxFuture<Result<(), ServiceError>> {
+        let replay = self.replay.clone();
+        let pack = self.pack.clone();
+        Box::pin(async move {
+            replay
+                .send(crate::replay_log::PutKey { pack, key })
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)
+        })
+    }
+    fn emit(&self, draft: EventDraft) -> BoxFuture<Result<String, ServiceError>> {
+        let emitter = self.emitter.clone();
+        let pack = self.pack.clone();
+        Box::pin(async move {
+            match emitter
+                .emit(Some(&pack), vec![Incoming::Draft(draft)])
+                .await
+            {
+                Ok(mut ids) => ids
+                    .pop()
+                    .ok_or_else(|| ServiceError::Unavailable("no id".into())),
+                Err(crate::router::EmitError::Rejected { message, .. }) => {
+                    Err(ServiceError::Rejected(message))
+                }
+                Err(crate::router::EmitError::Queue(crate::queue::QueueError::Backpressure {
+                    retry_after_s,
+                    ..
+                })) => Err(ServiceError::Backpressure {
+                    retry_after_ms: retry_after_s * 1000,
+                }),
+                Err(e) => Err(ServiceError::Unavailable(e.to_string())),
+            }
+        })
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+/// Runs one native handler call as its own task, so a panic ends that task, not the actor.
+async fn call_native(
+    pack: &NativePack,
+    envelope: Arc<Envelope>,
+    ctx: HandlerCtx,
+    timeout: Duration,
+) -> Result<HandlerOutcome, Crash> {
+    let Some(handler) = pack.handlers.get(&envelope.kind).cloned() else {
+        return Ok(HandlerOutcome::ignored("no-handler"));
+    };
+    let env = (*envelope).clone();
+    // The handler's synchronous part runs inside the task too.
+    let task = actix::spawn(async move { handler(env, ctx).await });
+    let abort = task.abort_handle();
+    match tokio::time::timeout(timeout, task).await {
+        Err(_) => {
+            abort.abort();
+            Err(Crash::Timeout(timeout))
+        }
+        Ok(Err(join)) if join.is_panic() => Err(Crash::Panic(panic_message(join.into_panic()))),
+        Ok(Err(join)) => Err(Crash::Panic(format!("handler task ended: {join}"))),
+        Ok(Ok(outcome)) => Ok(outcome),
+    }
+}
+
+pub struct PackHost {
+    id: String,
+    manifest: Arc<Manifest>,
+    handler: HandlerKind,
+    cfg: HostConfig,
+    store: StoreHandle,
+    replay: Addr<ReplayLog>,
+    emitter: Emitter,
+    stats: Arc<PackStats>,
+    agent: Arc<AgentStats>,
+    queue: VecDeque<Pending>,
+    cursor: i64,
+    high_water: i64,
+    loaded: bool,
+    overflow: bool,
+    early: Vec<InboundRow>,
+    busy: Arc<AtomicBool>,
+    paused: bool,
+    intensity: RestartIntensity,
+    healthy_since: Instant,
+}
+
+impl PackHost {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        manifest: Arc<Manifest>,
+        handler: HandlerKind,
+        cfg: HostConfig,
+        store: StoreHandle,
+        replay: Addr<ReplayLog>,
+        emitter: Emitter,
+        agent: Arc<AgentStats>,
+    ) -> Self {
+        let stats = agent.pack(&manifest.id);
+        stats.set_manifest(&manifest.version, &manifest.hash);
+        stats.set_state(PackState::Running);
+        let intensity = RestartIntensity::new(cfg.max_restarts, cfg.window)
+            .with_backoff(cfg.backoff_base, cfg.backoff_cap);
+        PackHost {
+            id: manifest.id.clone(),
+            manifest,
+            handler,
+            cfg,
+            store,
+            replay,
+            emitter,
+            stats,
+            agent,
+            queue: VecDeque::new(),
+            cursor: 0,
+            high_water: 0,
+            loaded: false,
+            overflow: false,
+            early: Vec::new(),
+            busy: Arc::new(AtomicBool::new(false)),
+            paused: false,
+            intensity,
+            healthy_since: Instant::now(),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.manifest
+            .runtime
+            .as_ref()
+            .and_then(|r| r.timeout_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(self.cfg.handler_timeout)
+    }
+
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.loaded = false;
+        self.overflow = false;
+        self.queue.clear();
+        let op = LoadPending {
+            pack: self.id.clone(),
+            kinds: self.manifest.subscribed_event_kinds.clone(),
+            limit: MEMORY_QUEUE_MAX,
+        };
+        let store = self.store.clone();
+        ctx.spawn(async move { store.run(op).await }.into_actor(self).map(|res, act, ctx| match res {
+            Ok(loaded) => {
+                act.cursor = loaded.cursor;
+                act.high_water = act.high_water.max(loaded.cursor);
+                for (seq, body, attempts) in loaded.rows {
+                    match Envelope::parse(body.as_bytes()) {
+                        Ok(env) => {
+                            act.high_water = act.high_water.max(seq);
+                            act.queue.push_back(Pending { seq, envelope: Arc::new(env), attempts });
+                        }
+                        Err(e) => tracing::error!(pack = %act.id, seq, error = %e, "unreadable inbound row skipped"),
+                    }
+                }
+                act.overflow = loaded.truncated;
+                act.loaded = true;
+                let early = std::mem::take(&mut act.early);
+                act.accept_rows(early);
+                act.stats.pending.store(act.queue.len() as i64, Ordering::Relaxed);
+                act.pump(ctx);
+            }
+            Err(e) => {
+                tracing::error!(pack = %act.id, error = %e, "cannot load pending events; retrying in 1 s");
+                act.stats.set_last_error(Some(format!("cannot load pending events: {e}")));
+                ctx.run_later(Duration::from_secs(1), |act, ctx| act.reload(ctx));
+            }
+        }));
+    }
+
+    fn accept_rows(&mut self, rows: Vec<InboundRow>) {
+        for row in rows {
+            if row.seq <= self.high_water {
+                continue; // already queued, or loaded from the log
+            }
+            if self.overflow || self.queue.len() >= MEMORY_QUEUE_MAX {
+                // Durable already: read it from the log when the queue drains.
+                self.overflow = true;
+                continue;
+            }
+            self.high_water = row.seq;
+            self.queue.push_back(Pending {
+                seq: row.seq,
+                envelope: row.envelope,
+                attempts: 0,
+            });
+        }
+        self.stats
+            .pending
+            .store(self.queue.len() as i64, Ordering::Relaxed);
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.busy.load(Ordering::Acquire) || self.paused || !self.loaded {
+            return;
+        }
+        if self.queue.is_empty() {
+            if self.overflow {
+                self.reload(ctx);
+            }
+            return;
+        }
+        self.busy.store(true, Ordering::Release);
+        let chunk: Vec<Pending> = self.queue.iter().take(CHUNK).cloned().collect();
+        let fut = self.run_chunk(chunk);
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|res, act, ctx| act.after_chunk(res, ctx)),
+        );
+    }
+
+    fn run_chunk(
+        &self,
+        chunk: Vec<Pending>,
+    ) -> impl std::future::Future<Output = ChunkResult> + 'static {
+        let pack = self.id.clone();
+        let replay = self.replay.clone();
+        let store = self.store.clone();
+        let handler = self.handler.clone();
+        let timeout = self.timeout();
+        let max_attempts = self.cfg.max_attempts;
+        let services: Arc<dyn PackServices> = Arc::new(HostServices {
+            pack: pack.clone(),
+            replay: replay.clone(),
+            emitter: self.emitter.clone(),
+        });
+        async move {
+            let mut r = ChunkResult::default();
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|p| event_key(&p.envelope.event_id))
+                .collect();
+            let seen = match replay
+                .send(Seen {
+                    pack: pack.clone(),
+                    keys: keys.clone(),
+                })
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    r.commit_error = Some(e);
+                    return r;
+                }
+                Err(e) => {
+                    r.commit_error = Some(StoreError::Unavailable(e.to_string()));
+                    return r;
+                }
+            };
+            let mut records = Vec::new();
+            let mut dead_letters = Vec::new();
+            let mut cleared = Vec::new();
+            let mut stopped_at = None;
+            let mut in_chunk: HashSet<&str> = HashSet::new();
+            for (i, p) in chunk.iter().enumerate() {
+                let key = keys[i].as_str();
+                if seen[i] || in_chunk.contains(key) {
+                    r.statuses.push(OutcomeStatus::Replayed);
+                    r.finished += 1;
+                    r.cursor = Some(p.seq);
+                    continue;
+                }
+                let attempt = p.attempts + 1;
+                let ctx = HandlerCtx::new(pack.clone(), attempt, services.clone());
+                let outcome = match &handler {
+                    HandlerKind::Native(np) => {
+                        call_native(np, p.envelope.clone(), ctx, timeout).await
+                    }
+                };
+                match outcome {
+                    Err(crash) => {
+                        stopped_at = Some((p.seq, p.envelope.clone(), crash.to_string()));
+                        r.crash = Some((crash.to_string(), 0, false));
+                        break;
+                    }
+                    Ok(o) if o.status == OutcomeStatus::Retry => {
+                        let why =
+                            format!("handler asked to retry: {}", o.action.unwrap_or_default());
+                        stopped_at = Some((p.seq, p.envelope.clone(), why));
+                        r.retry = Some((0, false));
+                        break;
+                    }
+                    Ok(o) if o.status == OutcomeStatus::Failed => {
+                        dead_letters.push(DeadLetter {
+                            seq: p.seq,
+                            envelope: p.envelope.clone(),
+                            attempts: attempt,
+                            error: format!("handler failed: {}", o.action.unwrap_or_default()),
+                        });
+                        r.dead_lettered += 1;
+                        r.statuses.push(OutcomeStatus::Failed);
+                    }
+                    Ok(o) => {
+                        records.push(keys[i].clone());
+                        in_chunk.insert(key);
+                        if p.attempts > 0 {
+                            cleared.push(p.seq);
+                        }
+                        r.statuses.push(o.status);
+                    }
+                }
+                r.finished += 1;
+                r.cursor = Some(p.seq);
+            }
+            let op = CompleteChunk {
+                pack,
+                records,
+                dead_letters,
+                cursor: r.cursor,
+                cleared,
+                stopped_at,
+                max_attempts,
+            };
+            match store.run(op).await {
+                Ok(c) => {
+                    r.recorded = c.recorded;
+                    if let Some((attempts, dead)) = c.stopped {
+                        if let Some(crash) = &mut r.crash {
+                            crash.1 = attempts;
+                            crash.2 = dead;
+                        }
+                        if let Some(retry) = &mut r.retry {
+                            *retry = (attempts, dead);
+                        }
+                    }
+                }
+                Err(e) => r.commit_error = Some(e),
+            }
+            r
+        }
+    }
+
+    fn after_chunk(&mut self, r: ChunkResult, ctx: &mut Context<Self>) {
+        self.busy.store(false, Ordering::Release);
+        if let Some(e) = r.commit_error {
+            // Effects may have happened but are not recorded: redeliver from the log.
+            tracing::error!(pack = %self.id, error = %e, "cannot record progress; reloading from the log in 1 s");
+            self.stats
+                .set_last_error(Some(format!("cannot record progress: {e}")));
+            self.paused = true;
+            ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                act.paused = false;
+                act.reload(ctx);
+            });
+            return;
+        }
+        for s in &r.statuses {
+            let c = match s {
+                OutcomeStatus::Handled => &self.stats.handled,
+                OutcomeStatus::Replayed => &self.stats.replayed,
+                OutcomeStatus::Ignored => &self.stats.ignored,
+                OutcomeStatus::Failed => &self.stats.failed,
+                OutcomeStatus::Retry => &self.stats.retried,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.agent
+            .replay_entries
+            .fetch_add(r.recorded as i64, Ordering::Relaxed);
+        self.add_dead_letters(r.dead_lettered as u64);
+        for _ in 0..r.finished {
+            self.queue.pop_front();
+        }
+        if let Some(c) = r.cursor {
+            self.cursor = self.cursor.max(c);
+        }
+        if let Some((error, attempts, dead)) = r.crash {
+            if dead {
+                self.queue.pop_front();
+                self.add_dead_letters(1);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(pack = %self.id, attempts, error = %error, "poison event dead-lettered");
+            } else if let Some(p) = self.queue.front_mut() {
+                p.attempts = attempts;
+            }
+            self.crashed(error, ctx);
+            return;
+        }
+        if let Some((attempts, dead)) = r.retry {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            if dead {
+                self.queue.pop_front();
+                self.add_dead_letters(1);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                if let Some(p) = self.queue.front_mut() {
+                    p.attempts = attempts;
+                }
+                let wait = backoff(self.cfg.backoff_base, self.cfg.backoff_cap, attempts);
+                self.paused = true;
+                ctx.run_later(wait, |act, ctx| {
+                    act.paused = false;
+                    act.pump(ctx);
+                });
+            }
+        }
+        self.stats
+            .pending
+            .store(self.queue.len() as i64, Ordering::Relaxed);
+        if self.healthy_since.elapsed() > self.cfg.window {
+            self.intensity.reset_escalation();
+        }
+        self.pump(ctx);
+    }
+
+    fn add_dead_letters(&self, n: u64) {
+        if n > 0 {
+            self.stats.dead_lettered.fetch_add(n, Ordering::Relaxed);
+            self.agent
+                .dead_letters
+                .fetch_add(n as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// A handler crashed: restart through the supervisor, or wait in `crashed`.
+    fn crashed(&mut self, error: String, ctx: &mut Context<Self>) {
+        self.stats.set_last_error(Some(error.clone()));
+        self.healthy_since = Instant::now();
+        match self.intensity.record(Instant::now()) {
+            Decision::Restart => {
+                tracing::warn!(pack = %self.id, error = %error, "handler crashed; restarting the pack");
+                self.stats.set_state(PackState::Restarting);
+                ctx.stop();
+            }
+            Decision::Crashed(wait) => {
+                tracing::error!(pack = %self.id, error = %error, backoff_ms = wait.as_millis() as u64,
+                    "pack crashed too often (more than {} restarts in {} s); next try after backoff",
+                    self.cfg.max_restarts, self.cfg.window.as_secs());
+                self.stats.set_state(PackState::Crashed);
+                self.paused = true;
+                ctx.run_later(wait, |act, ctx| {
+                    act.stats.set_state(PackState::Restarting);
+                    ctx.stop();
+                });
+            }
+        }
+    }
+}
+
+impl Actor for PackHost {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(256);
+        self.paused = false;
+        self.stats.set_state(PackState::Running);
+        self.reload(ctx);
+    }
+}
+
+impl Supervised for PackHost {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        self.busy.store(false, Ordering::Release);
+        self.queue.clear();
+        self.early.clear();
+        self.loaded = false;
+        self.high_water = 0;
+    }
+}
+
+/// New committed rows for this pack.
+pub struct Deliver {
+    pub rows: Vec<InboundRow>,
+}
+impl Message for Deliver {
+    type Result = ();
+}
+impl Handler<Deliver> for PackHost {
+    type Result = ();
+    fn handle(&mut self, m: Deliver, ctx: &mut Context<Self>) {
+        if !self.loaded {
+            self.early.extend(m.rows);
+            return;
+        }
+        self.accept_rows(m.rows);
+        self.pump(ctx);
+    }
+}
+
+/// Finish the event in flight and take no more (shutdown or removal).
+pub struct Drain;
+impl Message for Drain {
+    type Result = ();
+}
+impl Handler<Drain> for PackHost {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.paused = true;
+        self.stats.set_state(PackState::Stopped);
+        let busy = self.busy.clone();
+        Box::pin(async move {
+            while busy.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! `DurableQueue`: the backpressure queue between producers and the upstream (SPEC §6).
+//!
+//! Owns the `outbox` table's admission: what a producer hands over is accepted here.
+//!
+//! Guarantees:
+//! - `queue` kinds are committed to SQLite (with the rows for local subscribers, in the same
+//!   transaction) before the producer gets its answer; nothing is acknowledged that is not
+//!   stored.
+//! - When the durable depth would exceed `queue.max_depth` the whole batch is refused with
+//!   [`QueueError::Backpressure`] (HTTP 429 + Retry-After); nothing is dropped silently and
+//!   nothing is half-accepted.
+//! - `ephemeral` kinds never touch the disk on the way upstream: they go to the upstream's
+//!   memory ring, which drops and counts them when it is disconnected.
+//! - After the commit, local subscribers are dispatched through the `Router` in commit order.
+
+use crate::router::{Dispatch, InboundRow, Router};
+use crate::stats::AgentStats;
+use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::upstream::{Push, Upstream};
+use actix::prelude::*;
+use lumenflow_pack_sdk::{DeliveryClass, Envelope};
+use rusqlite::{params, Connection};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// One event a producer hands over, already validated against its pack's manifest.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub envelope: Arc<Envelope>,
+    pub body: Arc<str>,
+    pub pack: String,
+    pub class: DeliveryClass,
+    /// True when at least one local pack subscribes to the kind.
+    pub local: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("Backpressure: the durable queue holds {depth} events (queue.max_depth = {max}); retry after {retry_after_s} s")]
+    Backpressure {
+        depth: i64,
+        max: u64,
+        retry_after_s: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Inserts outbox rows (queue kinds) and inbound rows (local subscribers) in one transaction.
+struct AcceptOp {
+    events: Vec<Accepted>,
+}
+
+impl StoreOp for AcceptOp {
+    /// Inbound seq per event (None when no local subscriber), and the outbox's oldest row time.
+    type Output = Vec<Option<i64>>;
+    fn run(self, conn: &Connection) -> Result<Self::Output, StoreError> {
+        let now = now_ms();
+        let mut out_stmt = conn.prepare_cached(
+            "INSERT INTO outbox(event_id, kind, pack, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut in_stmt = conn.prepare_cached(
+            "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut seqs = Vec::with_capacity(self.events.len());
+        for e in &self.events {
+            if e.class == DeliveryClass::Queue {
+                out_stmt.execute(params![
+                    e.envelope.event_id,
+                    e.envelope.kind,
+                    e.pack,
+                    now,
+                    &*e.body
+                ])?;
+            }
+            if e.local {
+                in_stmt.execute(params![
+                    e.envelope.event_id,
+                    e.envelope.kind,
+                    e.envelope.timestamp_ms(),
+                    now,
+                    &*e.body
+                ])?;
+                seqs.push(Some(conn.last_insert_rowid()));
+            } else {
+                seqs.push(None);
+            }
+        }
+        Ok(seqs)
+    }
+}
+
+/// Depth and oldest row of the outbox (at start).
+pub fn outbox_depth(conn: &Connection) -> Result<(i64, i64), StoreError> {
+    Ok(conn.query_row(
+        "SELECT count(*), coalesce(min(created_ms), 0) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
+}
+
+pub struct DurableQueue {
+    store: StoreHandle,
+    upstream: Addr<Upstream>,
+    router: Addr<Router>,
+    max_depth: u64,
+    stats: Arc<AgentStats>,
+}
+
+impl DurableQueue {
+    pub fn new(
+        store: StoreHandle,
+        upstream: Addr<Upstream>,
+        router: Addr<Router>,
+        max_depth: u64,
+        stats: Arc<AgentStats>,
+    ) -> Self {
+        DurableQueue {
+            store,
+            upstream,
+            router,
+            max_depth,
+            stats,
+        }
+    }
+}
+
+impl Actor for DurableQueue {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl Supervised for DurableQueue {}
+
+/// Hand over a batch of events: all are accepted, or none.
+pub struct Accept {
+    pub events: Vec<Accepted>,
+}
+
+impl Message for Accept {
+    type Result = Result<(), QueueError>;
+}
+
+impl Handler<Accept> for DurableQueue {
+    type Result = ResponseFuture<Result<(), QueueError>>;
+
+    fn handle(&mut self, msg: Accept, _: &mut Context<Self>) -> Self::Result {
+        let stats = self.stats.clone();
+        let n_queue = msg
+            .events
+            .iter()
+            .filter(|e| e.class == DeliveryClass::Queue)
+            .count() as i64;
+        // Reserve the depth now (this handler runs one message at a time), release on failure.
+        let depth = stats
+            .queue
+            .durable_depth
+            .fetch_add(n_queue, Ordering::AcqRel);
+        if n_queue > 0 && depth + n_queue > self.max_depth as i64 {
+            stats
+                .queue
+                .durable_depth
+                .fetch_sub(n_queue, Ordering::AcqRel);
+            stats
+                .queue
+                .backpressure_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            let max = self.max_depth;
+            return Box::pin(async move {
+                Err(QueueError::Backpressure {
+                    depth,
+                    max,
+                    retry_after_s: 1,
+                })
+            });
+        }
+        let store = self.store.clone();
+        let upstream = self.upstream.clone();
+        let router = self.router.clone();
+        Box::pin(async move {
+            let events = msg.events;
+            let needs_store = events
+                .iter()
+                .any(|e| e.class == DeliveryClass::Queue || e.local);
+            let seqs = if needs_store {
+                match store
+                    .run(AcceptOp {
+                        events: events.clone(),
+                    })
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        stats
+                            .queue
+                            .durable_depth
+                            .fetch_sub(n_queue, Ordering::AcqRel);
+                        return Err(e.into());
+                    }
+                }
+            } else {
+                vec![None; events.len()]
+            };
+            if n_queue > 0 {
+                let _ = stats.queue.oldest_ms.compare_exchange(
+                    0,
+                    now_ms(),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                stats
+                    .queue
+                    .accepted_queue
+                    .fetch_add(n_queue as u64, Ordering::Relaxed);
+            }
+            let mut ephemeral = Vec::new();
+            let mut rows = Vec::new();
+            for (e, seq) in events.into_iter().zip(seqs) {
+                if let Some(seq) = seq {
+                    rows.push(InboundRow {
+                        seq,
+                        envelope: e.envelope.clone(),
+                    });
+                }
+                if e.class == DeliveryClass::Ephemeral {
+                    ephemeral.push(e);
+                }
+            }
+            stats
+                .queue
+                .accepted_ephemeral
+                .fetch_add(ephemeral.len() as u64, Ordering::Relaxed);
+            // Always wake the upstream; it reads durable events from the outbox itself.
+            upstream.do_send(Push {
+                ephemeral,
+                durable: n_queue > 0,
+            });
+            if !rows.is_empty() {
+                router.do_send(Dispatch { rows });
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! `Router`: who gets which event (SPEC §6).
+//!
+//! Owns the routing table (kind -> subscribing packs, slug -> pack) and the addresses of the
+//! pack hosts. The table is an immutable value behind an `ArcSwap`: a reload builds a new one
+//! and swaps it in one step, so every event sees either the old routes or the new ones, never a
+//! mix. Readers (the local API, [`Emitter`]) load it without going through the actor.
+//!
+//! Guarantees:
+//! - Inbound events (from the upstream or the API) are appended to the inbound log before they
+//!   are acknowledged; each subscriber then gets them at least once (`PackHost`).
+//! - Rows reach each pack in commit order.
+
+use crate::pack_host::{Deliver, PackHost};
+use crate::queue::{Accept, Accepted, DurableQueue, QueueError};
+use crate::stats::AgentStats;
+use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::kind::{is_reserved, namespace_of};
+use lumenflow_pack_sdk::{Envelope, Manifest};
+use rusqlite::{params, Connection};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Immutable routes, rebuilt on every reload.
+#[derive(Debug, Default, Clone)]
+pub struct RoutingTable {
+    pub packs: BTreeMap<String, Arc<Manifest>>,
+    pub by_slug: HashMap<String, String>,
+    pub subscribers: HashMap<String, Vec<String>>,
+}
+
+impl RoutingTable {
+    pub fn build<'a>(manifests: impl IntoIterator<Item = &'a Arc<Manifest>>) -> Self {
+        let mut t = RoutingTable::default();
+        for m in manifests {
+            t.packs.insert(m.id.clone(), m.clone());
+            t.by_slug.insert(m.slug.clone(), m.id.clone());
+            for kind in &m.subscribed_event_kinds {
+                t.subscribers
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(m.id.clone());
+            }
+        }
+        t
+    }
+
+    pub fn subscribers_of(&self, kind: &str) -> &[String] {
+        self.subscribers.get(kind).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+
+/// A committed inbound-log row on its way to a pack.
+#[derive(Debug, Clone)]
+pub struct InboundRow {
+    pub seq: i64,
+    pub envelope: Arc<Envelope>,
+}
+
+struct AppendInbound {
+    events: Vec<(Arc<Envelope>, Arc<str>)>,
+}
+
+impl StoreOp for AppendInbound {
+    type Output = Vec<i64>;
+    fn run(self, conn: &Connection) -> Result<Vec<i64>, StoreError> {
+        let now = now_ms();
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut seqs = Vec::with_capacity(self.events.len());
+        for (e, body) in &self.events {
+            stmt.execute(params![e.event_id, e.kind, e.timestamp_ms(), now, &**body])?;
+            seqs.push(conn.last_insert_rowid());
+        }
+        Ok(seqs)
+    }
+}
+
+pub struct Router {
+    table: SharedTable,
+    hosts: HashMap<String, Addr<PackHost>>,
+    store: StoreHandle,
+    stats: Arc<AgentStats>,
+}
+
+impl Router {
+    pub fn new(table: SharedTable, store: StoreHandle, stats: Arc<AgentStats>) -> Self {
+        Router {
+            table,
+            hosts: HashMap::new(),
+            store,
+            stats,
+        }
+    }
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+}
+
+impl Supervised for Router {}
+
+/// Deliver committed rows to their subscribers.
+pub struct Dispatch {
+    pub rows: Vec<InboundRow>,
+}
+impl Message for Dispatch {
+    type Result = ();
+}
+impl Handler<Dispatch> for Router {
+    type Result = ();
+    fn handle(&mut self, m: Dispatch, _: &mut Context<Self>) {
+        let table = self.table.load();
+        let mut per_pack: HashMap<&str, Vec<InboundRow>> = HashMap::new();
+        for row in m.rows {
+            for pack in table.subscribers_of(&row.envelope.kind) {
+                per_pack.entry(pack.as_str()).or_default().push(row.clone());
+            }
+        }
+        for (pack, rows) in per_pack {
+            if let Some(host) = self.hosts.get(pack) {
+                // Rows are durable: if the host is gone it reloads them from the inbound log.
+                host.do_send(Deliver { rows });
+            }
+        }
+    }
+}
+
+/// Events from the upstream or the local API (`--inbound`): log, then dispatch.
+pub struct Inbound {
+    pub events: Vec<Envelope>,
+}
+impl Message for Inbound {
+    type Result = Result<usize, StoreError>;
+}
+impl Handler<Inbound> for Router {
+    type Result = ResponseActFuture<Self, Result<usize, StoreError>>;
+    fn handle(&mut self, m: Inbound, _: &mut Context<Self>) -> Self::Result {
+        let table = self.table.load();
+        let total = m.events.len();
+        let routed: Vec<(Arc<Envelope>, Arc<str>)> = m
+            .events
+            .into_iter()
+            .filter(|e| !table.subscribers_of(&e.kind).is_empty())
+            .map(|e| {
+                let body: Arc<str> = e.to_json().into();
+                (Arc::new(e), body)
+            })
+            .collect();
+        let unrouted = total - routed.len();
+        let store = self.store.clone();
+        let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
+        let fut = async move {
+            if routed.is_empty() {
+                return Ok(Vec::new());
+            }
+            store.run(AppendInbound { events: routed }).await
+        };
+        Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+            let seqs = res?;
+            act.stats
+                .inbound_accepted
+                .fetch_add(total as u64, Ordering::Relaxed);
+            act.stats
+                .inbound_unrouted
+                .fetch_add(unrouted as u64, Ordering::Relaxed);
+            let rows = seqs
+                .into_iter()
+                .zip(envs)
+                .map(|(seq, envelope)| InboundRow { seq, envelope })
+                .collect();
+            <Self as Handler<Dispatch>>::handle(act, Dispatch { rows }, ctx);
+            Ok(total)
+        }))
+    }
+}
+
+/// Add or replace the host of a pack.
+pub struct RegisterHost {
+    pub pack: String,
+    pub addr: Addr<PackHost>,
+}
+impl Message for RegisterHost {
+    type Result = ();
+}
+impl Handler<RegisterHost> for Router {
+    type Result = ();
+    fn handle(&mut self, m: RegisterHost, _: &mut Context<Self>) {
+        self.hosts.insert(m.pack, m.addr);
+    }
+}
+
+/// Forget a pack's host (it was removed).
+pub struct UnregisterHost {
+    pub pack: String,
+}
+impl Message for UnregisterHost {
+    type Result = ();
+}
+impl Handler<UnregisterHost> for Router {
+    type Result = ();
+    fn handle(&mut self, m: UnregisterHost, _: &mut Context<Self>) {
+        self.hosts.remove(&m.pack);
+    }
+}
+
+/// Why an emit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmitError {
+    /// Event `index` of the batch is invalid; nothing of the batch was accepted.
+    #[error("{message}")]
+    Rejected { index: usize, message: String },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("agent unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Validates producers' events against their pack's manifest and hands them to the queue.
+/// Shared by the local API, the CLI's `emit`, native handlers and exec workers, so every
+/// producer gets the same checks and the same messages.
+#[derive(Clone)]
+pub struct Emitter {
+    pub table: SharedTable,
+    pub identity: Arc<str>,
+    pub queue: Addr<DurableQueue>,
+    pub router: Addr<Router>,
+}
+
+impl Emitter {
+    /// Checks every event and builds the envelopes. `pack`: the emitting pack when known (a
+    /// handler); otherwise the pack whose slug prefixes each kind.
+    pub fn prepare(
+        &self,
+        pack: Option<&str>,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<Accepted>, EmitError> {
+        let table = self.table.load();
+        let now = SystemTime::now();
+        let mut out = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let kind = item.kind().to_string();
+            let reject = |message: String| EmitError::Rejected { index, message };
+            if is_reserved(&kind) {
+                return Err(reject(format!(
+                    "Unknown kind at emit: \"{kind}\" is in a reserved namespace; packs may subscribe to it, never emit it (inject it with `emit --inbound`)"
+                )));
+            }
+            let manifest = match pack {
+                Some(p) => table.packs.get(p),
+                None => namespace_of(&kind)
+                    .and_then(|ns| table.by_slug.get(ns))
+                    .and_then(|id| table.packs.get(id)),
+            };
+            let Some(manifest) = manifest else {
+                return Err(reject(match pack {
+                    Some(p) => format!("Unknown kind at emit: pack \"{p}\" is not loaded"),
+                    None => format!(
+                        "Unknown kind at emit: no loaded pack has the slug \"{}\" (kind \"{kind}\")",
+                        namespace_of(&kind).unwrap_or(&kind)
+                    ),
+                }));
+            };
+            let class = manifest
+                .check_emit(&kind)
+                .map_err(|e| reject(e.to_string()))?;
+            let envelope = item.complete(&self.identity, now);
+            let body: Arc<str> = envelope.to_json().into();
+            out.push(Accepted {
+                local: !table.subscribers_of(&envelope.kind).is_empty(),
+                envelope: Arc::new(envelope),
+                body,
+                pack: manifest.id.clone(),
+                class,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Emits a batch; all or nothing. Returns the event ids in order.
+    pub async fn emit(
+        &self,
+        pack: Option<&str>,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<String>, EmitError> {
+        let events = self.prepare(pack, items)?;
+        let ids = events.iter().map(|e| e.envelope.event_id.clone()).collect();
+        self.queue
+            .send(Accept { events })
+            .await
+            .map_err(|e| EmitError::Unavailable(e.to_string()))??;
+        Ok(ids)
+    }
+
+    /// Injects events as if they came from the upstream.
+    pub async fn inbound(&self, events: Vec<Envelope>) -> Result<usize, EmitError> {
+        self.router
+            .send(Inbound { events })
+            .await
+            .map_err(|e| EmitError::Unavailable(e.to_string()))?
+            .map_err(|e| EmitError::Queue(QueueError::Store(e)))
+    }
+}

@@ -1,0 +1,323 @@
+//! Live counters of the agent, shared by the actors that update them and read by `status` and
+//! `/metrics` without a round trip through any actor (so a status request never waits behind
+//! a busy mailbox).
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// State of a pack (SPEC §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackState {
+    Running,
+    Restarting,
+    Crashed,
+    Invalid,
+    Stopped,
+}
+
+impl PackState {
+    fn from_u64(v: u64) -> Self {
+        match v {
+            0 => PackState::Running,
+            1 => PackState::Restarting,
+            2 => PackState::Crashed,
+            3 => PackState::Invalid,
+            _ => PackState::Stopped,
+        }
+    }
+    fn to_u64(self) -> u64 {
+        match self {
+            PackState::Running => 0,
+            PackState::Restarting => 1,
+            PackState::Crashed => 2,
+            PackState::Invalid => 3,
+            PackState::Stopped => 4,
+        }
+    }
+}
+
+fn lock_str(m: &Mutex<Option<String>>) -> Option<String> {
+    m.lock().map(|g| g.clone()).unwrap_or(None)
+}
+
+fn set_str(m: &Mutex<Option<String>>, v: Option<String>) {
+    if let Ok(mut g) = m.lock() {
+        *g = v;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PackStats {
+    state: AtomicU64,
+    pub handled: AtomicU64,
+    pub replayed: AtomicU64,
+    pub ignored: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub restarts: AtomicU64,
+    pub pending: AtomicI64,
+    last_error: Mutex<Option<String>>,
+    version: Mutex<Option<String>>,
+    manifest_hash: Mutex<Option<String>>,
+    pub loaded_at_ms: AtomicI64,
+}
+
+impl PackStats {
+    pub fn state(&self) -> PackState {
+        PackState::from_u64(self.state.load(Ordering::Relaxed))
+    }
+    pub fn set_state(&self, s: PackState) {
+        self.state.store(s.to_u64(), Ordering::Relaxed);
+    }
+    pub fn last_error(&self) -> Option<String> {
+        lock_str(&self.last_error)
+    }
+    pub fn set_last_error(&self, e: Option<String>) {
+        set_str(&self.last_error, e);
+    }
+    pub fn set_manifest(&self, version: &str, hash: &str) {
+        set_str(&self.version, Some(version.to_string()));
+        set_str(&self.manifest_hash, Some(hash.to_string()));
+        self.loaded_at_ms
+            .store(crate::store::now_ms(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Durable events waiting for the upstream.
+    pub durable_depth: AtomicI64,
+    /// Creation time (ms) of the oldest waiting durable event; 0 when empty.
+    pub oldest_ms: AtomicI64,
+    pub accepted_queue: AtomicU64,
+    pub accepted_ephemeral: AtomicU64,
+    pub ephemeral_dropped: AtomicU64,
+    pub backpressure_rejections: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    pub mode: Mutex<Option<String>>,
+    pub state: Mutex<Option<String>>,
+    pub last_error: Mutex<Option<String>>,
+    pub last_success_ms: AtomicI64,
+    pub pushed: AtomicU64,
+    pub pulled: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub count: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub last_ms: AtomicI64,
+}
+
+/// Everything `status` shows, live.
+#[derive(Debug)]
+pub struct AgentStats {
+    pub started: Instant,
+    pub started_ms: i64,
+    pub packs: RwLock<BTreeMap<String, Arc<PackStats>>>,
+    pub queue: QueueStats,
+    pub upstream: UpstreamStats,
+    pub reload: ReloadStats,
+    pub dead_letters: AtomicI64,
+    pub replay_entries: AtomicI64,
+    pub inbound_accepted: AtomicU64,
+    pub inbound_unrouted: AtomicU64,
+    pub store: Arc<crate::store::StoreStats>,
+}
+
+impl Default for AgentStats {
+    fn default() -> Self {
+        AgentStats {
+            started: Instant::now(),
+            started_ms: crate::store::now_ms(),
+            packs: RwLock::new(BTreeMap::new()),
+            queue: QueueStats::default(),
+            upstream: UpstreamStats::default(),
+            reload: ReloadStats::default(),
+            dead_letters: AtomicI64::new(0),
+            replay_entries: AtomicI64::new(0),
+            inbound_accepted: AtomicU64::new(0),
+            inbound_unrouted: AtomicU64::new(0),
+            store: Arc::new(crate::store::StoreStats::default()),
+        }
+    }
+}
+
+impl AgentStats {
+    /// The stats of one pack, created on first use.
+    pub fn pack(&self, id: &str) -> Arc<PackStats> {
+        if let Ok(map) = self.packs.read() {
+            if let Some(s) = map.get(id) {
+                return s.clone();
+            }
+        }
+        match self.packs.write() {
+            Ok(mut map) => map.entry(id.to_string()).or_default().clone(),
+            Err(_) => Arc::new(PackStats::default()),
+        }
+    }
+
+    pub fn set_upstream(&self, mode: Option<&str>, state: &str, error: Option<String>) {
+        if let Some(m) = mode {
+            set_str(&self.upstream.mode, Some(m.to_string()));
+        }
+        set_str(&self.upstream.state, Some(state.to_string()));
+        if error.is_some() {
+            set_str(&self.upstream.last_error, error);
+        }
+    }
+
+    pub fn set_reload_error(&self, e: Option<String>) {
+        set_str(&self.reload.last_error, e);
+    }
+
+    /// A consistent-enough copy for `status --json` (each counter is read once).
+    pub fn snapshot(&self) -> StatusSnapshot {
+        let now = crate::store::now_ms();
+        let packs = self
+            .packs
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, s)| PackSnapshot {
+                        id: id.clone(),
+                        version: lock_str(&s.version),
+                        state: s.state(),
+                        handled: s.handled.load(Ordering::Relaxed),
+                        replayed: s.replayed.load(Ordering::Relaxed),
+                        ignored: s.ignored.load(Ordering::Relaxed),
+                        failed: s.failed.load(Ordering::Relaxed),
+                        retried: s.retried.load(Ordering::Relaxed),
+                        dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+                        restarts: s.restarts.load(Ordering::Relaxed),
+                        pending: s.pending.load(Ordering::Relaxed).max(0),
+                        last_error: s.last_error(),
+                        manifest_hash: lock_str(&s.manifest_hash),
+                        loaded_at_ms: s.loaded_at_ms.load(Ordering::Relaxed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let oldest = self.queue.oldest_ms.load(Ordering::Relaxed);
+        let depth = self.queue.durable_depth.load(Ordering::Relaxed).max(0);
+        StatusSnapshot {
+            uptime_s: self.started.elapsed().as_secs(),
+            packs,
+            queue: QueueSnapshot {
+                durable_depth: depth,
+                oldest_age_s: if depth > 0 && oldest > 0 {
+                    ((now - oldest).max(0) as f64) / 1000.0
+                } else {
+                    0.0
+                },
+                accepted_queue: self.queue.accepted_queue.load(Ordering::Relaxed),
+                accepted_ephemeral: self.queue.accepted_ephemeral.load(Ordering::Relaxed),
+                ephemeral_dropped: self.queue.ephemeral_dropped.load(Ordering::Relaxed),
+                backpressure_rejections: self.queue.backpressure_rejections.load(Ordering::Relaxed),
+            },
+            upstream: UpstreamSnapshot {
+                mode: lock_str(&self.upstream.mode).unwrap_or_default(),
+                state: lock_str(&self.upstream.state).unwrap_or_default(),
+                last_error: lock_str(&self.upstream.last_error),
+                last_success_ms: self.upstream.last_success_ms.load(Ordering::Relaxed),
+                pushed: self.upstream.pushed.load(Ordering::Relaxed),
+                pulled: self.upstream.pulled.load(Ordering::Relaxed),
+            },
+            inbound: InboundSnapshot {
+                accepted: self.inbound_accepted.load(Ordering::Relaxed),
+                unrouted: self.inbound_unrouted.load(Ordering::Relaxed),
+            },
+            replay_log_entries: self.replay_entries.load(Ordering::Relaxed).max(0),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed).max(0),
+            reload: ReloadSnapshot {
+                count: self.reload.count.load(Ordering::Relaxed),
+                last_error: lock_str(&self.reload.last_error),
+                last_ms: self.reload.last_ms.load(Ordering::Relaxed),
+            },
+            store: StoreSnapshot {
+                commits: self.store.commits.load(Ordering::Relaxed),
+                ops: self.store.ops.load(Ordering::Relaxed),
+                failed_commits: self.store.failed_commits.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusSnapshot {
+    pub uptime_s: u64,
+    pub packs: Vec<PackSnapshot>,
+    pub queue: QueueSnapshot,
+    pub upstream: UpstreamSnapshot,
+    pub inbound: InboundSnapshot,
+    pub replay_log_entries: i64,
+    pub dead_letters: i64,
+    pub reload: ReloadSnapshot,
+    pub store: StoreSnapshot,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PackSnapshot {
+    pub id: String,
+    pub version: Option<String>,
+    pub state: PackState,
+    pub handled: u64,
+    pub replayed: u64,
+    pub ignored: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub restarts: u64,
+    pub pending: i64,
+    pub last_error: Option<String>,
+    pub manifest_hash: Option<String>,
+    pub loaded_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueSnapshot {
+    pub durable_depth: i64,
+    pub oldest_age_s: f64,
+    pub accepted_queue: u64,
+    pub accepted_ephemeral: u64,
+    pub ephemeral_dropped: u64,
+    pub backpressure_rejections: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamSnapshot {
+    pub mode: String,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub last_success_ms: i64,
+    pub pushed: u64,
+    pub pulled: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundSnapshot {
+    pub accepted: u64,
+    pub unrouted: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadSnapshot {
+    pub count: u64,
+    pub last_error: Option<String>,
+    pub last_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreSnapshot {
+    pub commits: u64,
+    pub ops: u64,
+    pub failed_commits: u64,
+}

@@ -1,0 +1,417 @@
+//! Builds and runs the actor tree for one workspace; owns start-up and shutdown.
+//!
+//! Start-up order: lock the workspace -> open and migrate the database (a corrupt or newer
+//! database is a clear error, never a crash loop) -> start the Store on its own thread -> the
+//! replay log, upstream, router, queue -> one PackHost per valid pack -> the local API, whose
+//! `api.json` (mode 0600) appears only once everything is ready.
+//!
+//! Shutdown (SIGINT/SIGTERM): stop intake (the API answers 503), let each pack finish its
+//! event in flight, let the upstream flush, then exit 0.
+//!
+//! This is also the library entry point: a Rust program can embed the agent and register
+//! native packs with [`Agent::register`].
+
+use crate::api::{self, ApiState};
+use crate::config::{AgentConfig, Durability as CfgDurability};
+use crate::packs::scan_packs;
+use crate::workspace::Workspace;
+use actix::prelude::*;
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use lumenflow_actors::pack_host::{Drain, HandlerKind, HostConfig, PackHost};
+use lumenflow_actors::queue::{outbox_depth, DurableQueue};
+use lumenflow_actors::replay_log::{count_entries, ReplayLog};
+use lumenflow_actors::router::{Emitter, RegisterHost, Router, RoutingTable};
+use lumenflow_actors::schema::{migrate, SchemaError};
+use lumenflow_actors::stats::{AgentStats, PackState};
+use lumenflow_actors::store::{open_connection, Durability, Store, StoreHandle};
+use lumenflow_actors::upstream::{IsIdle, Upstream, UpstreamMode};
+use lumenflow_pack_sdk::{Manifest, NativePack};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the agent could not start (exit 2 at the CLI).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("lumenflow-agent is already running in {workspace} (pid {pid}); stop it first, or use `lumenflow-agent status`")]
+    AlreadyRunning { workspace: String, pid: String },
+    #[error("state database {path}: {source}")]
+    Database { path: String, source: SchemaError },
+}
+
+/// An agent for one workspace, ready to run.
+pub struct Agent {
+    ws: Workspace,
+    cfg: AgentConfig,
+    native: Vec<NativePack>,
+    backoff_base: Duration,
+}
+
+impl Agent {
+    pub fn new(ws: Workspace, cfg: AgentConfig) -> Self {
+        Agent {
+            ws,
+            cfg,
+            native: Vec::new(),
+            backoff_base: Duration::from_secs(1),
+        }
+    }
+
+    /// Registers a native Rust pack (the quickstart's `packRegistry.register`).
+    pub fn register(mut self, pack: NativePack) -> Self {
+        self.native.push(pack);
+        self
+    }
+
+    /// Base of the restart and retry backoff (default 1 s).
+    pub fn backoff_base(mut self, d: Duration) -> Self {
+        self.backoff_base = d;
+        self
+    }
+
+    /// Runs in the foreground until SIGINT/SIGTERM.
+    pub fn run(self) -> anyhow::Result<()> {
+        let state_dir = self.ws.state_dir();
+        create_private_dir(&state_dir)?;
+        let _lock = lock_workspace(&self.ws)?;
+
+        let db_path = self.ws.db_file();
+        let durability = match self.cfg.durability {
+            CfgDurability::Full => Durability::Full,
+            CfgDurability::Normal => Durability::Normal,
+        };
+        let db_err = |source: SchemaError| StartError::Database {
+            path: self.ws.display(&db_path),
+            source,
+        };
+        let mut conn = open_connection(&db_path, durability)
+            .map_err(|e| db_err(SchemaError::Corrupt(e.to_string())))?;
+        let from = migrate(&mut conn).map_err(db_err)?;
+        if from != lumenflow_actors::schema::SCHEMA_VERSION {
+            tracing::info!(
+                from,
+                to = lumenflow_actors::schema::SCHEMA_VERSION,
+                "state database migrated"
+            );
+        }
+        let stats = Arc::new(AgentStats::default());
+        let (depth, oldest) = outbox_depth(&conn)?;
+        stats.queue.durable_depth.store(depth, Ordering::Relaxed);
+        stats.queue.oldest_ms.store(oldest, Ordering::Relaxed);
+        stats
+            .replay_entries
+            .store(count_entries(&conn)?, Ordering::Relaxed);
+        let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+        stats.dead_letters.store(dead, Ordering::Relaxed);
+        drop(conn);
+
+        let system = System::new();
+        let result = system.block_on(self.run_tree(db_path, durability, stats));
+        System::current().stop();
+        result
+    }
+
+    async fn run_tree(
+        self,
+        db_path: std::path::PathBuf,
+        durability: Durability,
+        stats: Arc<AgentStats>,
+    ) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        // Store on its own arbiter: SQLite's fsyncs never block routing.
+        let store_arbiter = Arbiter::new();
+        let store_stats = stats.store.clone();
+        let store_addr = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
+            Store::new(db_path, durability, store_stats)
+        });
+        let store = StoreHandle::new(store_addr);
+
+        let retention = Duration::from_secs(u64::from(cfg.replay_retention_days) * 86_400);
+        let replay = {
+            let (s, st) = (store.clone(), stats.clone());
+            Supervisor::start(move |_| ReplayLog::new(s, retention, st))
+        };
+        let upstream = match cfg.upstream.as_str() {
+            "mem:inbox" => {
+                let (s, st, batch) = (store.clone(), stats.clone(), cfg.queue_batch_max);
+                Supervisor::start(move |_| Upstream::new(UpstreamMode::MemInbox, s, batch, st))
+            }
+            other => anyhow::bail!(
+                "upstream \"{other}\": the HTTP control-plane upstream is not available in this version; use \"mem:inbox\""
+            ),
+        };
+
+        // Packs: folder packs from the packs root, then native ones registered by the embedder.
+        let scan = scan_packs(&self.ws, cfg);
+        let mut manifests: BTreeMap<String, (Arc<Manifest>, HandlerKind)> = BTreeMap::new();
+        for pack in &self.native {
+            manifests.insert(
+                pack.manifest.id.clone(),
+                (
+                    Arc::new(pack.manifest.clone()),
+                    HandlerKind::Native(pack.clone()),
+                ),
+            );
+        }
+        for load in &scan.loads {
+            let id = load
+                .manifest
+                .as_ref()
+                .map(|m| m.id.clone())
+                .unwrap_or_else(|| load.folder_name());
+            if manifests.contains_key(&id) {
+                continue; // a native registration of the same id wins
+            }
+            let pack_stats = stats.pack(&id);
+            match &load.manifest {
+                None => {
+                    let errors: Vec<String> = load.errors().map(|d| d.to_string()).collect();
+                    for e in &errors {
+                        tracing::error!(pack = %id, "{e}");
+                    }
+                    pack_stats.set_state(PackState::Invalid);
+                    pack_stats.set_last_error(errors.first().cloned());
+                }
+                Some(m) => {
+                    let msg = format!(
+                        "{}: runtime: exec packs (runtime.command) are not supported by this version of the agent",
+                        load.display
+                    );
+                    tracing::error!(pack = %m.id, "{msg}");
+                    pack_stats.set_manifest(&m.version, &m.hash);
+                    pack_stats.set_state(PackState::Invalid);
+                    pack_stats.set_last_error(Some(msg));
+                }
+            }
+            for w in load.warnings() {
+                tracing::warn!(pack = %id, "{w}");
+            }
+        }
+        for c in &scan.conflicts {
+            tracing::error!("{c}");
+        }
+
+        let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
+            manifests.values().map(|(m, _)| m),
+        )));
+        let router = {
+            let (t, s, st) = (table.clone(), store.clone(), stats.clone());
+            Supervisor::start(move |_| Router::new(t, s, st))
+        };
+        let queue = {
+            let (s, u, r, st, max) = (
+                store.clone(),
+                upstream.clone(),
+                router.clone(),
+                stats.clone(),
+                cfg.queue_max_depth,
+            );
+            Supervisor::start(move |_| DurableQueue::new(s, u, r, max, st))
+        };
+        let emitter = Emitter {
+            table: table.clone(),
+            identity: cfg.identity.clone().into(),
+            queue,
+            router: router.clone(),
+        };
+        let host_cfg = HostConfig {
+            max_attempts: cfg.max_attempts,
+            max_restarts: cfg.max_restarts,
+            window: Duration::from_secs(cfg.window_s),
+            handler_timeout: Duration::from_millis(cfg.handler_timeout_ms),
+            backoff_base: self.backoff_base,
+            backoff_cap: Duration::from_secs(60),
+        };
+        let mut hosts = Vec::new();
+        for (id, (manifest, handler)) in manifests {
+            let (hc, s, rp, em, st) = (
+                host_cfg.clone(),
+                store.clone(),
+                replay.clone(),
+                emitter.clone(),
+                stats.clone(),
+            );
+            let addr =
+                Supervisor::start(move |_| PackHost::new(manifest, handler, hc, s, rp, em, st));
+            router.do_send(RegisterHost {
+                pack: id.clone(),
+                addr: addr.clone(),
+            });
+            tracing::info!(pack = %id, "pack started");
+            hosts.push(addr);
+        }
+
+        let token = random_token();
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (agent.json api.listen)",
+                    cfg.api_listen
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        let state = ApiState::new(
+            emitter,
+            stats.clone(),
+            token.clone(),
+            self.ws.root.display().to_string(),
+            cfg.identity.clone(),
+            cfg.upstream.clone(),
+        );
+        let shutdown = state.shutdown.clone();
+        let api_file = self.ws.api_file();
+        write_private_json(
+            &api_file,
+            &serde_json::json!({"url": format!("http://{addr}"), "token": token, "pid": std::process::id()}),
+        )?;
+        tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
+
+        let server = actix::spawn(api::serve(listener, state));
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing events in flight");
+        shutdown.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&api_file);
+        let drain_deadline = Duration::from_millis(cfg.handler_timeout_ms.min(30_000) + 1000);
+        let drains = futures_util::future::join_all(hosts.iter().map(|h| h.send(Drain)));
+        if tokio::time::timeout(drain_deadline, drains).await.is_err() {
+            tracing::warn!(
+                "a handler did not finish in time; its event will be redelivered at the next start"
+            );
+        }
+        let flush_until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < flush_until {
+            if upstream.send(IsIdle).await.unwrap_or(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.abort();
+        store_arbiter.stop();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Writes JSON to `path` with mode 0600, atomically (temp file + rename).
+pub fn write_private_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(value.to_string().as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Takes the workspace lock (held until the process exits) and records our pid in it.
+fn lock_workspace(ws: &Workspace) -> anyhow::Result<File> {
+    use std::io::{Read, Seek, Write};
+    let path = ws.lock_file();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if !try_lock(&f) {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(StartError::AlreadyRunning {
+            workspace: ws.root.display().to_string(),
+            pid: pid.trim().to_string(),
+        }
+        .into());
+    }
+    f.set_len(0)?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    write!(f, "{}", std::process::id())?;
+    f.sync_all()?;
+    Ok(f)
+}
+
+#[cfg(unix)]
+fn try_lock(f: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the call.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(not(unix))]
+fn try_lock(_f: &File) -> bool {
+    true
+}
+
+/// Is the workspace lock held by a running agent? Returns its pid if so.
+pub fn running_pid(ws: &Workspace) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ws.lock_file())
+        .ok()?;
+    if try_lock(&f) {
+        // Nobody holds it. Release: closing the file drops our lock.
+        return None;
+    }
+    let mut pid = String::new();
+    let _ = f.read_to_string(&mut pid);
+    Some(pid.trim().to_string())
+}

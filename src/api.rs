@@ -1,0 +1,373 @@
+//! The local API (SPEC §10): the `http` surface packs may require.
+//!
+//! HTTP on loopback; every request needs `Authorization: Bearer <token>` (the token is in
+//! `.lumenflow/state/agent/api.json`, mode 0600) and a loopback `Host` header (so a web page
+//! cannot reach it through DNS rebinding).
+//!
+//! - `POST /api/v1/events` — the control plane's push endpoint, so an existing LumenFlow sync
+//!   port pointed at the agent just works: `{workspace_id, events}` -> `{accepted}`. Events
+//!   are attributed to the pack whose slug prefixes their kind and checked against its
+//!   manifest. A batch is accepted whole or not at all.
+//! - `POST /v1/inbound` — inject events as if they came from the upstream (`emit --inbound`).
+//! - `POST /api/v1/heartbeat`, `GET /v1/status`, `GET /metrics` (Prometheus text).
+//!
+//! Errors are `{"error": {"message": …}}` with 400 (malformed JSON), 401 (token), 403 (Host),
+//! 413 (body or batch too large), 422 (an invalid event, named by index), 429 + Retry-After
+//! (durable queue full), 503 (shutting down or storage unavailable).
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use lumenflow_actors::queue::QueueError;
+use lumenflow_actors::router::{EmitError, Emitter};
+use lumenflow_actors::stats::AgentStats;
+use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::Envelope;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Most events accepted in one request.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// Deepest JSON nesting accepted (serde_json itself stops at 128).
+pub const MAX_DEPTH: usize = 64;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub emitter: Emitter,
+    pub stats: Arc<AgentStats>,
+    token: Arc<str>,
+    workspace: Arc<str>,
+    identity: Arc<str>,
+    upstream: Arc<str>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl ApiState {
+    pub fn new(
+        emitter: Emitter,
+        stats: Arc<AgentStats>,
+        token: String,
+        workspace: String,
+        identity: String,
+        upstream: String,
+    ) -> Self {
+        ApiState {
+            emitter,
+            stats,
+            token: token.into(),
+            workspace: workspace.into(),
+            identity: identity.into(),
+            upstream: upstream.into(),
+            shutdown: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"message": message.into()}})),
+    )
+        .into_response()
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/events", post(post_events))
+        .route("/v1/inbound", post(post_inbound))
+        .route("/api/v1/heartbeat", post(heartbeat))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "Not found: see SPEC §10 for the endpoints",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
+    if let Err(e) = axum::serve(listener, router(state)).await {
+        tracing::error!(error = %e, "local API stopped");
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn loopback_host(headers: &HeaderMap) -> Result<(), String> {
+    let Some(host) = headers.get(header::HOST) else {
+        return Ok(());
+    };
+    let host = host
+        .to_str()
+        .map_err(|_| "Host header is not text".to_string())?;
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    if matches!(name, "127.0.0.1" | "localhost" | "::1") {
+        Ok(())
+    } else {
+        Err(format!(
+            "Forbidden: Host \"{host}\" is not a loopback address"
+        ))
+    }
+}
+
+async fn guard(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Err(m) = loopback_host(req.headers()) {
+        return error(StatusCode::FORBIDDEN, m);
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => error(StatusCode::UNAUTHORIZED, "Unauthorized: missing \"Authorization: Bearer <token>\" (the token is in .lumenflow/state/agent/api.json)"),
+        Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
+            error(StatusCode::UNAUTHORIZED, "Unauthorized: wrong token (the token is in .lumenflow/state/agent/api.json)")
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Reads and parses a `{events: [...]}` body, enforcing the limits.
+async fn read_events(body: Body) -> Result<Vec<Value>, Response> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")))?;
+    if json_depth(&v) > MAX_DEPTH {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("Malformed request: JSON nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    let Value::Object(mut obj) = v else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Malformed request: expected an object {\"workspace_id\": …, \"events\": [...]}",
+        ));
+    };
+    match obj.remove("events") {
+        Some(Value::Array(events)) => {
+            if events.len() > MAX_BATCH_EVENTS {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "Batch too large: {} events; at most {MAX_BATCH_EVENTS} per request",
+                        events.len()
+                    ),
+                ));
+            }
+            Ok(events)
+        }
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "Malformed request: \"events\" must be an array",
+        )),
+        None => Err(error(
+            StatusCode::BAD_REQUEST,
+            "Malformed request: missing \"events\"",
+        )),
+    }
+}
+
+fn emit_error(e: EmitError) -> Response {
+    match e {
+        EmitError::Rejected { index, message } => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("events[{index}]: {message}"),
+        ),
+        EmitError::Queue(QueueError::Backpressure { retry_after_s, .. }) => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, e.to_string());
+            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+/// The refusal to send while shutting down, if we are.
+fn refusal_if_stopping(state: &ApiState) -> Option<Response> {
+    state.shutdown.load(Ordering::SeqCst).then(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Shutting down: the agent accepts no new events",
+        )
+    })
+}
+
+async fn post_events(State(state): State<ApiState>, req: Request) -> Response {
+    if let Some(r) = refusal_if_stopping(&state) {
+        return r;
+    }
+    let events = match read_events(req.into_body()).await {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let mut items = Vec::with_capacity(events.len());
+    for (i, v) in events.into_iter().enumerate() {
+        match Incoming::from_value(v) {
+            Ok(item) => items.push(item),
+            Err(e) => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("events[{i}]: invalid event: {e}"),
+                )
+            }
+        }
+    }
+    let n = items.len();
+    match state.emitter.emit(None, items).await {
+        Ok(ids) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
+        Err(e) => emit_error(e),
+    }
+}
+
+async fn post_inbound(State(state): State<ApiState>, req: Request) -> Response {
+    if let Some(r) = refusal_if_stopping(&state) {
+        return r;
+    }
+    let events = match read_events(req.into_body()).await {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let now = SystemTime::now();
+    let mut envs: Vec<Envelope> = Vec::with_capacity(events.len());
+    for (i, v) in events.into_iter().enumerate() {
+        match Incoming::from_value(v) {
+            Ok(item) => envs.push(item.complete(&state.identity, now)),
+            Err(e) => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("events[{i}]: invalid event: {e}"),
+                )
+            }
+        }
+    }
+    let ids: Vec<String> = envs.iter().map(|e| e.event_id.clone()).collect();
+    match state.emitter.inbound(envs).await {
+        Ok(n) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
+        Err(e) => emit_error(e),
+    }
+}
+
+async fn heartbeat(State(state): State<ApiState>) -> Response {
+    let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
+    axum::Json(json!({"status": "ok", "server_time": now, "workspace_id": &*state.identity}))
+        .into_response()
+}
+
+/// The `status --json` document.
+pub fn status_json(state: &ApiState) -> Value {
+    let s = state.stats.snapshot();
+    json!({
+        "agent": {
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "workspace": &*state.workspace,
+            "identity": &*state.identity,
+            "uptime_s": s.uptime_s,
+            "started_ms": state.stats.started_ms,
+            "running": true,
+        },
+        "packs": s.packs,
+        "queue": s.queue,
+        "upstream": {
+            "mode": s.upstream.mode,
+            "endpoint": &*state.upstream,
+            "state": s.upstream.state,
+            "last_error": s.upstream.last_error,
+            "last_success_ms": s.upstream.last_success_ms,
+            "pushed": s.upstream.pushed,
+            "pulled": s.upstream.pulled,
+        },
+        "inbound": s.inbound,
+        "replay_log": {"entries": s.replay_log_entries},
+        "dead_letters": s.dead_letters,
+        "reload": s.reload,
+        "store": s.store,
+    })
+}
+
+async fn status(State(state): State<ApiState>) -> Response {
+    axum::Json(status_json(&state)).into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(crate::metrics::StatsCollector(
+        state.stats.clone(),
+    )));
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics encoding failed: {e}"),
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_check() {
+        let mut h = HeaderMap::new();
+        for ok in ["127.0.0.1:8080", "localhost", "[::1]:9", "localhost:1"] {
+            h.insert(header::HOST, HeaderValue::from_static(ok));
+            assert!(loopback_host(&h).is_ok(), "{ok}");
+        }
+        for bad in ["evil.example:80", "10.0.0.1:8080", "127.0.0.1.evil.com"] {
+            h.insert(header::HOST, HeaderValue::from_static(bad));
+            assert!(loopback_host(&h).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

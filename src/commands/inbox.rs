@@ -1,0 +1,48 @@
+//! `lumenflow-agent inbox [--json]`: what reached the embedded `mem:inbox` upstream. Reads
+//! SQLite directly (WAL lets it read while the agent writes).
+
+use crate::workspace::Workspace;
+use lumenflow_actors::store::open_reader;
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub fn run(workspace: Option<&Path>, as_json: bool, limit: u32) -> anyhow::Result<u8> {
+    let ws = Workspace::locate(workspace)?;
+    let path = ws.db_file();
+    let mut rows: Vec<Value> = Vec::new();
+    if path.exists() {
+        let c = open_reader(&path)?;
+        let mut stmt = c.prepare(
+            "SELECT seq, received_ms, body FROM (SELECT * FROM mem_inbox ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+        )?;
+        for r in stmt.query_map([limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })? {
+            let (seq, received_ms, body) = r?;
+            let event: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+            rows.push(json!({"seq": seq, "received_ms": received_ms, "event": event}));
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("mem:inbox is empty");
+    }
+    for r in &rows {
+        let e = &r["event"];
+        println!(
+            "{}  {}  {}  {}",
+            e["timestamp"].as_str().unwrap_or("?"),
+            e["event_id"].as_str().unwrap_or("?"),
+            e["kind"].as_str().unwrap_or("?"),
+            e["payload"]
+        );
+    }
+    Ok(0)
+}

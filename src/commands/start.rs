@@ -1,0 +1,27 @@
+//! `lumenflow-agent start`: runs the agent in the foreground.
+
+use super::exit;
+use crate::agent::Agent;
+use crate::config::AgentConfig;
+use crate::workspace::Workspace;
+use lumenflow_pack_sdk::NativePack;
+use std::path::Path;
+use std::time::Duration;
+
+pub fn run(workspace: Option<&Path>, native: Vec<NativePack>) -> anyhow::Result<u8> {
+    let ws = Workspace::locate(workspace)?;
+    let cfg = AgentConfig::load(&ws.name(), &ws.config_file())?;
+    let mut agent = Agent::new(ws, cfg);
+    for p in native {
+        agent = agent.register(p);
+    }
+    // For tests and benchmarks: a shorter restart backoff than the production 1 s.
+    if let Some(ms) = std::env::var("LUMENFLOW_AGENT_BACKOFF_BASE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        agent = agent.backoff_base(Duration::from_millis(ms));
+    }
+    agent.run()?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,182 @@
+//! `lumenflow-agent status [--json]`: the live state of the running agent; when none runs,
+//! says so (exit 3) and shows the durable state read from SQLite.
+
+use super::exit;
+use crate::client::{ApiClient, ClientError};
+use crate::workspace::Workspace;
+use lumenflow_actors::store::open_reader;
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub fn run(workspace: Option<&Path>, as_json: bool) -> anyhow::Result<u8> {
+    let ws = Workspace::locate(workspace)?;
+    let live = ApiClient::connect(&ws).and_then(|c| c.get("/v1/status", &ws));
+    match live {
+        Ok(reply) if reply.status == 200 => {
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&reply.body)?);
+            } else {
+                print_live(&reply.body);
+            }
+            Ok(exit::OK)
+        }
+        Ok(reply) => anyhow::bail!("the agent answered {}: {}", reply.status, reply.message()),
+        Err(ClientError::NotRunning(_)) => {
+            let durable = durable_state(&ws);
+            let pid = crate::agent::running_pid(&ws);
+            if as_json {
+                let doc = json!({"agent": {"running": false, "workspace": ws.root.display().to_string(), "lock_held_by_pid": pid}, "durable": durable});
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                match &pid {
+                    Some(p) => println!("lumenflow-agent holds the lock in {} (pid {p}) but its API does not answer", ws.root.display()),
+                    None => println!("lumenflow-agent is not running in {}", ws.root.display()),
+                }
+                print_durable(&durable);
+            }
+            Ok(exit::NOT_RUNNING)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What SQLite holds, read without the agent.
+pub fn durable_state(ws: &Workspace) -> Value {
+    let path = ws.db_file();
+    if !path.exists() {
+        return json!({"database": null, "note": "no state yet: the agent has never run here"});
+    }
+    let read = || -> Result<Value, Box<dyn std::error::Error>> {
+        let c = open_reader(&path)?;
+        let one =
+            |sql: &str| -> Result<i64, rusqlite::Error> { c.query_row(sql, [], |r| r.get(0)) };
+        let mut packs = Vec::new();
+        let mut stmt = c.prepare("SELECT pack, cursor FROM pack_cursor ORDER BY pack")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (pack, cursor) = row?;
+            let pending: i64 = c.query_row(
+                "SELECT count(*) FROM inbound WHERE seq > ?1",
+                [cursor],
+                |r| r.get(0),
+            )?;
+            packs.push(json!({"id": pack, "cursor": cursor, "inbound_after_cursor": pending}));
+        }
+        let now = lumenflow_actors::store::now_ms();
+        let oldest = one("SELECT coalesce(min(created_ms), 0) FROM outbox")?;
+        Ok(json!({
+            "database": ws.display(&path),
+            "queue": {"durable_depth": one("SELECT count(*) FROM outbox")?, "oldest_age_s": if oldest > 0 { (now - oldest) as f64 / 1000.0 } else { 0.0 }},
+            "inbound_log": one("SELECT count(*) FROM inbound")?,
+            "replay_log": {"entries": one("SELECT count(*) FROM replay_log")?},
+            "dead_letters": one("SELECT count(*) FROM dead_letters")?,
+            "mem_inbox": one("SELECT count(*) FROM mem_inbox")?,
+            "packs": packs,
+        }))
+    };
+    read().unwrap_or_else(|e| json!({"database": ws.display(&path), "error": e.to_string()}))
+}
+
+fn print_durable(d: &Value) {
+    if let Some(e) = d.get("error") {
+        println!(
+            "durable state: cannot read {}: {e}",
+            d["database"].as_str().unwrap_or("?")
+        );
+        return;
+    }
+    if d["database"].is_null() {
+        println!("durable state: none yet (the agent has never run here)");
+        return;
+    }
+    println!("durable state ({}):", d["database"].as_str().unwrap_or(""));
+    println!(
+        "  queue: {} durable events waiting for the upstream (oldest {:.1} s)",
+        d["queue"]["durable_depth"],
+        d["queue"]["oldest_age_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  dead letters: {}   replay log: {} entries   mem:inbox: {} events",
+        d["dead_letters"], d["replay_log"]["entries"], d["mem_inbox"]
+    );
+    for p in d["packs"].as_array().into_iter().flatten() {
+        println!(
+            "  pack {}: {} inbound events after its cursor",
+            p["id"].as_str().unwrap_or(""),
+            p["inbound_after_cursor"]
+        );
+    }
+}
+
+fn dash(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_live(s: &Value) {
+    let a = &s["agent"];
+    let up = a["uptime_s"].as_u64().unwrap_or(0);
+    println!(
+        "lumenflow-agent {} running (pid {}, up {}h{:02}m{:02}s) in {}",
+        dash(&a["version"]),
+        a["pid"],
+        up / 3600,
+        (up / 60) % 60,
+        up % 60,
+        dash(&a["workspace"])
+    );
+    let u = &s["upstream"];
+    println!(
+        "identity {}   upstream {} ({}){}",
+        dash(&a["identity"]),
+        dash(&u["endpoint"]),
+        dash(&u["state"]),
+        u["last_error"]
+            .as_str()
+            .map(|e| format!("   last error: {e}"))
+            .unwrap_or_default()
+    );
+    println!();
+    println!(
+        "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>8}  LAST ERROR",
+        "PACK", "VERSION", "STATE", "HANDLED", "REPLAYED", "IGNORED", "FAILED", "RESTARTS"
+    );
+    let packs = s["packs"].as_array().cloned().unwrap_or_default();
+    if packs.is_empty() {
+        println!("(no packs)");
+    }
+    for p in &packs {
+        println!(
+            "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>8}  {}",
+            dash(&p["id"]),
+            dash(&p["version"]),
+            dash(&p["state"]),
+            dash(&p["handled"]),
+            dash(&p["replayed"]),
+            dash(&p["ignored"]),
+            dash(&p["failed"]),
+            dash(&p["restarts"]),
+            dash(&p["last_error"])
+        );
+    }
+    println!();
+    let q = &s["queue"];
+    println!("queue: {} durable waiting (oldest {:.1} s), {} ephemeral dropped, {} backpressure refusals",
+        q["durable_depth"], q["oldest_age_s"].as_f64().unwrap_or(0.0), q["ephemeral_dropped"], q["backpressure_rejections"]);
+    println!(
+        "upstream: {} pushed   inbound: {} accepted",
+        u["pushed"], s["inbound"]["accepted"]
+    );
+    println!(
+        "replay log: {} entries   dead letters: {}   reloads: {}{}",
+        s["replay_log"]["entries"],
+        s["dead_letters"],
+        s["reload"]["count"],
+        s["reload"]["last_error"]
+            .as_str()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
+}

@@ -1,0 +1,256 @@
+//! Helpers for end-to-end tests: a temporary workspace, the real binary as a child process,
+//! its API, and polling with a deadline (never a bare sleep as synchronisation).
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lumenflow-agent");
+pub const TEST_AGENT: &str = env!("CARGO_BIN_EXE_lumenflow-test-agent");
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub bin: &'static str,
+    pub child: Option<Child>,
+    pub packs: String,
+}
+
+impl Workspace {
+    /// A workspace with `.lumenflow/agent.json` = `config`, run by the test agent with `packs`.
+    pub fn new(config: Value, packs: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join(".lumenflow")).unwrap();
+        std::fs::write(dir.path().join(".lumenflow/agent.json"), config.to_string()).unwrap();
+        Workspace {
+            dir,
+            bin: TEST_AGENT,
+            child: None,
+            packs: packs.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn effects_file(&self) -> PathBuf {
+        self.path().join("effects.log")
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(self.bin);
+        c.current_dir(self.path())
+            .env("LUMENFLOW_AGENT_NO_USER_CONFIG", "1")
+            .env("LUMENFLOW_TEST_PACKS", &self.packs)
+            .env("LUMENFLOW_TEST_EFFECTS", self.effects_file())
+            .env("LUMENFLOW_AGENT_BACKOFF_BASE_MS", "50")
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    /// Runs a CLI command to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run agent command")
+    }
+
+    /// Starts `start` in the background and waits for `api.json`.
+    pub fn start(&mut self) {
+        let _ = std::fs::remove_file(self.api_file());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join("agent.log"))
+            .unwrap();
+        let child = self
+            .cmd()
+            .arg("start")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+        let api = self.api_file();
+        wait_for("api.json", Duration::from_secs(20), || {
+            api.exists().then_some(())
+        });
+    }
+
+    pub fn api_file(&self) -> PathBuf {
+        self.path().join(".lumenflow/state/agent/api.json")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn api(&self) -> Api {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.api_file()).unwrap()).unwrap();
+        Api {
+            url: v["url"].as_str().unwrap().to_string(),
+            token: v["token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("agent did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self.run(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("status --json: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    pub fn pack_status(&self, id: &str) -> Value {
+        self.status()["packs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// The mem:inbox contents.
+    pub fn inbox(&self) -> Vec<Value> {
+        let out = self.run(&["inbox", "--json", "--limit", "10000000"]);
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("inbox --json")
+    }
+
+    /// Lines of the recorder pack's effects file.
+    pub fn effects(&self) -> Vec<String> {
+        std::fs::read_to_string(self.effects_file())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Api {
+    pub url: String,
+    pub token: String,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Api {
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    pub fn post_raw(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> Reply {
+        let mut req = Self::agent()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        Self::reply(req.send(body))
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        self.post_raw(path, body.to_string().into_bytes(), Some(&self.token))
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        let r = Self::agent()
+            .get(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
+        Self::reply(r)
+    }
+
+    fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+        Self::try_reply(r).expect("request")
+    }
+
+    fn try_reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Option<Reply> {
+        let mut r = r.ok()?;
+        let status = r.status().as_u16();
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Some(Reply {
+            status,
+            body,
+            headers,
+        })
+    }
+
+    /// Like [`Api::emit`], but `None` when the agent is gone.
+    pub fn try_emit(&self, events: Vec<Value>) -> Option<Reply> {
+        let body = json!({"workspace_id": "ws-test", "events": events}).to_string();
+        let r = Self::agent()
+            .post(format!("{}/api/v1/events", self.url))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", self.token))
+            .send(body);
+        Self::try_reply(r)
+    }
+
+    /// Posts drafts `{kind, payload}` to /api/v1/events.
+    pub fn emit(&self, events: Vec<Value>) -> Reply {
+        self.post(
+            "/api/v1/events",
+            &json!({"workspace_id": "ws-test", "events": events}),
+        )
+    }
+}

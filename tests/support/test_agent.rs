@@ -1,0 +1,97 @@
+//! `lumenflow-test-agent`: the agent's CLI with native test packs registered, for the
+//! end-to-end tests and the benchmark. Packs are chosen with `LUMENFLOW_TEST_PACKS`
+//! (comma-separated; default: all).
+//!
+//! - `recorder` subscribes to `conductor:recovery_requested`, `emitter:job_completed` and
+//!   `emitter:tick`. Its effect is a line `<kind> <event_id> attempt=<n>` appended to
+//!   `$LUMENFLOW_TEST_EFFECTS` (default `effects.log` in the working directory), so tests
+//!   count effects. The payload steers it: `{"panic": true}` panics, `{"sleep_ms": n}`
+//!   sleeps, `{"outcome": "retry"|"failed"|"ignored"}` returns that status,
+//!   `{"panic_until_attempt": n}` panics on attempts below n.
+//! - `emitter` emits `emitter:job_completed` (queue) and `emitter:tick` (ephemeral).
+//! - `sink` subscribes to `bench:ping` and does nothing (for throughput benchmarks).
+//! - `bench` emits `bench:ping` (queue) and `bench:pulse` (ephemeral).
+
+use lumenflow_agent::sdk::Envelope;
+use lumenflow_agent::sdk::{HandlerCtx, HandlerOutcome, NativePack};
+use std::io::Write;
+
+const RECORDER: &str = r#"{"id":"recorder","version":"0.1.0",
+  "subscribed_event_kinds":["conductor:recovery_requested","emitter:job_completed","emitter:tick"]}"#;
+const EMITTER: &str = r#"{"id":"emitter","version":"0.1.0",
+  "emitted_event_kinds":["emitter:job_completed","emitter:tick"],
+  "backpressure_policy":{"emitter:job_completed":"queue","emitter:tick":"ephemeral"}}"#;
+const SINK: &str = r#"{"id":"sink","version":"0.1.0","subscribed_event_kinds":["bench:ping"]}"#;
+const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
+  "emitted_event_kinds":["bench:ping","bench:pulse"],
+  "backpressure_policy":{"bench:ping":"queue","bench:pulse":"ephemeral"}}"#;
+
+async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
+    let p = &e.payload;
+    if let Some(ms) = p.get("sleep_ms").and_then(|v| v.as_u64()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if p.get("panic").and_then(|v| v.as_bool()) == Some(true) {
+        panic!("poison payload in {}", e.event_id);
+    }
+    if let Some(n) = p.get("panic_until_attempt").and_then(|v| v.as_u64()) {
+        if u64::from(ctx.attempt) < n {
+            panic!("flaky: attempt {} of {}", ctx.attempt, e.event_id);
+        }
+    }
+    match p.get("outcome").and_then(|v| v.as_str()) {
+        Some("retry") => return HandlerOutcome::retry("asked"),
+        Some("failed") => return HandlerOutcome::failed("asked"),
+        Some("ignored") => return HandlerOutcome::ignored("asked"),
+        _ => {}
+    }
+    let path = std::env::var("LUMENFLOW_TEST_EFFECTS").unwrap_or_else(|_| "effects.log".into());
+    let line = format!("{} {} attempt={}\n", e.kind, e.event_id, ctx.attempt);
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    match written {
+        Ok(()) => HandlerOutcome::handled("recorded"),
+        Err(err) => HandlerOutcome::retry(format!("cannot write {path}: {err}")),
+    }
+}
+
+fn packs() -> Vec<NativePack> {
+    let wanted =
+        std::env::var("LUMENFLOW_TEST_PACKS").unwrap_or_else(|_| "recorder,emitter".into());
+    let mut out = Vec::new();
+    for name in wanted.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let built = match name {
+            "recorder" => NativePack::builder(RECORDER)
+                .on("conductor:recovery_requested", record)
+                .on("emitter:job_completed", record)
+                .on("emitter:tick", record)
+                .build(),
+            "emitter" => NativePack::builder(EMITTER).build(),
+            "sink" => NativePack::builder(SINK)
+                .on("bench:ping", |_e, _ctx| async {
+                    HandlerOutcome::handled("ok")
+                })
+                .build(),
+            "bench" => NativePack::builder(BENCH).build(),
+            other => {
+                eprintln!("unknown test pack {other}");
+                std::process::exit(2);
+            }
+        };
+        match built {
+            Ok(p) => out.push(p),
+            Err(e) => {
+                eprintln!("{e:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    out
+}
+
+fn main() -> std::process::ExitCode {
+    lumenflow_agent::run::cli_main(packs())
+}
