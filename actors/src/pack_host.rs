@@ -443,7 +443,15 @@ impl PackHost {
     fn accept_rows(&mut self, rows: Vec<InboundRow>) {
         for row in rows {
             if row.seq <= self.high_water {
-                continue; // already queued, or loaded from the log
+                // Already queued or loaded from the log, unless rows arrived out of order:
+                // then fall back to the log, which is the truth.
+                let known = row.seq <= self.cursor
+                    || self.queue.binary_search_by_key(&row.seq, |p| p.seq).is_ok();
+                if !known {
+                    tracing::warn!(pack = %self.id, seq = row.seq, "row arrived out of order; reloading from the inbound log");
+                    self.overflow = true;
+                }
+                continue;
             }
             if self.overflow || self.queue.len() >= MEMORY_QUEUE_MAX {
                 // Durable already: read it from the log when the queue drains.

@@ -11,11 +11,11 @@
 //!   nothing is half-accepted.
 //! - `ephemeral` kinds never touch the disk on the way upstream: they go to the upstream's
 //!   memory ring, which drops and counts them when it is disconnected.
-//! - After the commit, local subscribers are dispatched through the `Router` in commit order.
+//! - Local subscribers are dispatched from the Store's commit hook: in commit order, always.
 
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
-use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
 use crate::upstream::{Push, Upstream};
 use actix::prelude::*;
 use lumenflow_pack_sdk::{DeliveryClass, Envelope};
@@ -184,25 +184,44 @@ impl Handler<Accept> for DurableQueue {
             let needs_store = events
                 .iter()
                 .any(|e| e.class == DeliveryClass::Queue || e.local);
-            let seqs = if needs_store {
-                match store
-                    .run(AcceptOp {
-                        events: events.clone(),
-                    })
+            if needs_store {
+                // Local subscribers get the committed rows from the Store's commit hook, so
+                // they arrive in commit order whatever order these futures finish in.
+                let local: Vec<Arc<Envelope>> = events
+                    .iter()
+                    .filter(|e| e.local)
+                    .map(|e| e.envelope.clone())
+                    .collect();
+                let on_commit: OnCommit<Vec<Option<i64>>> = Box::new(move |seqs| {
+                    let rows: Vec<InboundRow> = seqs
+                        .iter()
+                        .flatten()
+                        .zip(local)
+                        .map(|(seq, envelope)| InboundRow {
+                            seq: *seq,
+                            envelope,
+                        })
+                        .collect();
+                    if !rows.is_empty() {
+                        router.do_send(Dispatch { rows });
+                    }
+                });
+                if let Err(e) = store
+                    .run_then(
+                        AcceptOp {
+                            events: events.clone(),
+                        },
+                        Some(on_commit),
+                    )
                     .await
                 {
-                    Ok(s) => s,
-                    Err(e) => {
-                        stats
-                            .queue
-                            .durable_depth
-                            .fetch_sub(n_queue, Ordering::AcqRel);
-                        return Err(e.into());
-                    }
+                    stats
+                        .queue
+                        .durable_depth
+                        .fetch_sub(n_queue, Ordering::AcqRel);
+                    return Err(e.into());
                 }
-            } else {
-                vec![None; events.len()]
-            };
+            }
             if n_queue > 0 {
                 let _ = stats.queue.oldest_ms.compare_exchange(
                     0,
@@ -215,19 +234,10 @@ impl Handler<Accept> for DurableQueue {
                     .accepted_queue
                     .fetch_add(n_queue as u64, Ordering::Relaxed);
             }
-            let mut ephemeral = Vec::new();
-            let mut rows = Vec::new();
-            for (e, seq) in events.into_iter().zip(seqs) {
-                if let Some(seq) = seq {
-                    rows.push(InboundRow {
-                        seq,
-                        envelope: e.envelope.clone(),
-                    });
-                }
-                if e.class == DeliveryClass::Ephemeral {
-                    ephemeral.push(e);
-                }
-            }
+            let ephemeral: Vec<Accepted> = events
+                .into_iter()
+                .filter(|e| e.class == DeliveryClass::Ephemeral)
+                .collect();
             stats
                 .queue
                 .accepted_ephemeral
@@ -237,9 +247,6 @@ impl Handler<Accept> for DurableQueue {
                 ephemeral,
                 durable: n_queue > 0,
             });
-            if !rows.is_empty() {
-                router.do_send(Dispatch { rows });
-            }
             Ok(())
         })
     }

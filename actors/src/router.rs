@@ -8,12 +8,13 @@
 //! Guarantees:
 //! - Inbound events (from the upstream or the API) are appended to the inbound log before they
 //!   are acknowledged; each subscriber then gets them at least once (`PackHost`).
-//! - Rows reach each pack in commit order.
+//! - Rows reach each pack in commit order: they are dispatched from the Store's commit hook
+//!   (never from the futures that wait for the commit, which actix may poll in any order).
 
 use crate::pack_host::{Deliver, PackHost};
 use crate::queue::{Accept, Accepted, DurableQueue, QueueError};
 use crate::stats::AgentStats;
-use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use lumenflow_pack_sdk::envelope::Incoming;
@@ -141,8 +142,8 @@ impl Message for Inbound {
     type Result = Result<usize, StoreError>;
 }
 impl Handler<Inbound> for Router {
-    type Result = ResponseActFuture<Self, Result<usize, StoreError>>;
-    fn handle(&mut self, m: Inbound, _: &mut Context<Self>) -> Self::Result {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, m: Inbound, ctx: &mut Context<Self>) -> Self::Result {
         let table = self.table.load();
         let total = m.events.len();
         let routed: Vec<(Arc<Envelope>, Arc<str>)> = m
@@ -156,29 +157,35 @@ impl Handler<Inbound> for Router {
             .collect();
         let unrouted = total - routed.len();
         let store = self.store.clone();
+        let stats = self.stats.clone();
+        let me = ctx.address();
         let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
-        let fut = async move {
-            if routed.is_empty() {
-                return Ok(Vec::new());
+        Box::pin(async move {
+            if !routed.is_empty() {
+                // Dispatched from the commit hook: packs see rows in commit order.
+                let on_commit: OnCommit<Vec<i64>> = Box::new(move |seqs| {
+                    let rows = seqs
+                        .iter()
+                        .zip(envs)
+                        .map(|(seq, envelope)| InboundRow {
+                            seq: *seq,
+                            envelope,
+                        })
+                        .collect();
+                    me.do_send(Dispatch { rows });
+                });
+                store
+                    .run_then(AppendInbound { events: routed }, Some(on_commit))
+                    .await?;
             }
-            store.run(AppendInbound { events: routed }).await
-        };
-        Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
-            let seqs = res?;
-            act.stats
+            stats
                 .inbound_accepted
                 .fetch_add(total as u64, Ordering::Relaxed);
-            act.stats
+            stats
                 .inbound_unrouted
                 .fetch_add(unrouted as u64, Ordering::Relaxed);
-            let rows = seqs
-                .into_iter()
-                .zip(envs)
-                .map(|(seq, envelope)| InboundRow { seq, envelope })
-                .collect();
-            <Self as Handler<Dispatch>>::handle(act, Dispatch { rows }, ctx);
             Ok(total)
-        }))
+        })
     }
 }
 

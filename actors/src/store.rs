@@ -13,6 +13,8 @@
 //!   is rolled back alone and answered with its error; the others commit.
 //! - A failed commit answers every operation of the batch with the error; nothing is reported
 //!   as stored that is not.
+//! - Commit hooks ([`OnCommit`]) run on this thread, after the commit, in operation order: what
+//!   they send on (rows to dispatch) leaves in exactly the order it was written.
 //!
 //! The operations themselves ([`StoreOp`]) live beside the actor that owns each table.
 
@@ -65,8 +67,12 @@ pub trait StoreOp: Send + 'static {
     fn run(self, conn: &Connection) -> Result<Self::Output, StoreError>;
 }
 
+/// Runs on the Store's thread right after the commit that holds the operation, in operation
+/// order. Used to hand committed rows on (dispatch) in exactly the order they were written.
+pub type OnCommit<T> = Box<dyn FnOnce(&T) + Send>;
+
 /// Message wrapper for any [`StoreOp`].
-pub struct Exec<O: StoreOp>(pub O);
+pub struct Exec<O: StoreOp>(pub O, pub Option<OnCommit<O::Output>>);
 
 impl<O: StoreOp> Message for Exec<O> {
     type Result = Result<O::Output, StoreError>;
@@ -215,7 +221,7 @@ const MAX_OPS_PER_COMMIT: usize = 2048;
 impl<O: StoreOp> Handler<Exec<O>> for Store {
     type Result = ResponseFuture<Result<O::Output, StoreError>>;
 
-    fn handle(&mut self, Exec(op): Exec<O>, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Exec(op, on_commit): Exec<O>, ctx: &mut Context<Self>) -> Self::Result {
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
         let outcome = (|| {
             let in_tx = self.in_tx;
@@ -245,6 +251,9 @@ impl<O: StoreOp> Handler<Exec<O>> for Store {
             Ok(value) => {
                 self.pending
                     .push(Box::new(move |commit: Result<(), StoreError>| {
+                        if let (Ok(()), Some(f)) = (&commit, on_commit) {
+                            f(&value);
+                        }
                         let _ = tx.send(commit.map(|()| value));
                     }));
             }
@@ -274,7 +283,16 @@ impl StoreHandle {
     }
 
     pub async fn run<O: StoreOp>(&self, op: O) -> Result<O::Output, StoreError> {
-        match self.addr.send(Exec(op)).await {
+        self.run_then(op, None).await
+    }
+
+    /// Like [`StoreHandle::run`], with a hook run right after the commit, in commit order.
+    pub async fn run_then<O: StoreOp>(
+        &self,
+        op: O,
+        on_commit: Option<OnCommit<O::Output>>,
+    ) -> Result<O::Output, StoreError> {
+        match self.addr.send(Exec(op, on_commit)).await {
             Ok(r) => r,
             Err(e) => Err(StoreError::Unavailable(format!("store mailbox: {e}"))),
         }
