@@ -106,6 +106,22 @@ impl Agent {
             .store(count_entries(&conn)?, Ordering::Relaxed);
         let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
         stats.dead_letters.store(dead, Ordering::Relaxed);
+        // A pack seen for the first time starts at the end of the inbound log. Fix that point
+        // now, before any event can arrive: an exec pack's first load happens only after its
+        // worker's handshake, and events accepted meanwhile must not fall before its cursor.
+        let mut ids: Vec<String> = self.native.iter().map(|p| p.manifest.id.clone()).collect();
+        ids.extend(
+            scan_packs(&self.ws, &self.cfg)
+                .loads
+                .iter()
+                .filter_map(|l| l.manifest.as_ref().map(|m| m.id.clone())),
+        );
+        for id in ids {
+            conn.execute(
+                "INSERT OR IGNORE INTO pack_cursor(pack, cursor) SELECT ?1, coalesce(max(seq), 0) FROM inbound",
+                [&id],
+            )?;
+        }
         drop(conn);
 
         let system = System::new();
@@ -152,7 +168,7 @@ impl Agent {
                 pack.manifest.id.clone(),
                 (
                     Arc::new(pack.manifest.clone()),
-                    HandlerKind::Native(pack.clone()),
+                    HandlerKind::Native(Box::new(pack.clone())),
                 ),
             );
         }
@@ -176,14 +192,13 @@ impl Agent {
                     pack_stats.set_last_error(errors.first().cloned());
                 }
                 Some(m) => {
-                    let msg = format!(
-                        "{}: runtime: exec packs (runtime.command) are not supported by this version of the agent",
-                        load.display
-                    );
-                    tracing::error!(pack = %m.id, "{msg}");
-                    pack_stats.set_manifest(&m.version, &m.hash);
-                    pack_stats.set_state(PackState::Invalid);
-                    pack_stats.set_last_error(Some(msg));
+                    let handler = match &m.runtime {
+                        Some(_) => HandlerKind::Exec {
+                            dir: load.dir.clone(),
+                        },
+                        None => HandlerKind::EmitOnly,
+                    };
+                    manifests.insert(id.clone(), (Arc::new(m.clone()), handler));
                 }
             }
             for w in load.warnings() {
@@ -224,6 +239,8 @@ impl Agent {
             handler_timeout: Duration::from_millis(cfg.handler_timeout_ms),
             backoff_base: self.backoff_base,
             backoff_cap: Duration::from_secs(60),
+            workspace: self.ws.root.clone(),
+            identity: cfg.identity.clone(),
         };
         let mut hosts = Vec::new();
         for (id, (manifest, handler)) in manifests {

@@ -56,6 +56,10 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
             inbound,
         } => commands::emit::run(ws, kind, payload, idempotency_key.as_deref(), *inbound),
         Command::Inbox { json, limit } => commands::inbox::run(ws, *json, *limit),
+        Command::Conformance { pack_dir } => commands::conformance::run(pack_dir),
+        Command::New {
+            what: crate::cli::NewWhat::Pack { name, lang },
+        } => commands::new_pack::run(ws, name, *lang),
         other => {
             eprintln!("error: `{}` is not implemented yet", command_name(other));
             Ok(exit::USAGE)

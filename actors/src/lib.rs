@@ -10,6 +10,7 @@
 //! Upstream     mem:inbox (embedded) ; ephemeral ring
 //! Router       kind -> packs; inbound log; dispatch in commit order
 //! PackHost     one per pack: in-order delivery, dedupe, crash -> restart, dead letters
+//!   ExecWorker   (owned by a PackHost) a handler program spoken to in JSON-RPC over stdio
 //! ```
 //!
 //! Every actor runs under an actix `Supervisor`. actix restarts an actor only when it
@@ -17,6 +18,7 @@
 //! task and a panic there becomes a stop (see `pack_host`), with restart intensity counted in
 //! [`supervision`].
 
+pub mod exec_worker;
 pub mod pack_host;
 pub mod queue;
 pub mod replay_log;

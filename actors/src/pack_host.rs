@@ -16,6 +16,7 @@
 //!   `crashed` with backoff; other packs are never affected.
 //! - `retry` redelivers with backoff (same attempt budget); `failed` dead-letters at once.
 
+use crate::exec_worker::{ExecWorker, WorkerError};
 use crate::replay_log::{event_key, record, ReplayLog, Seen};
 use crate::router::{Emitter, InboundRow};
 use crate::stats::{AgentStats, PackState, PackStats};
@@ -23,10 +24,12 @@ use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use crate::supervision::{backoff, Decision, RestartIntensity};
 use actix::prelude::*;
 use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::manifest::check_handlers;
 use lumenflow_pack_sdk::native::{BoxFuture, HandlerCtx, NativePack, PackServices, ServiceError};
 use lumenflow_pack_sdk::{Envelope, EventDraft, HandlerOutcome, Manifest, OutcomeStatus};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +42,12 @@ const MEMORY_QUEUE_MAX: usize = 10_000;
 /// How a pack's handlers run.
 #[derive(Clone)]
 pub enum HandlerKind {
-    Native(NativePack),
+    /// Rust handlers registered through the library.
+    Native(Box<NativePack>),
+    /// `runtime.command` started in the pack folder (JSON-RPC over stdio).
+    Exec { dir: PathBuf },
+    /// A pack that only emits (no subscriptions, no runtime).
+    EmitOnly,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +58,9 @@ pub struct HostConfig {
     pub handler_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// Sent to exec workers in `initialize`.
+    pub workspace: PathBuf,
+    pub identity: String,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +223,7 @@ impl StoreOp for CompleteChunk {
 enum Crash {
     Panic(String),
     Timeout(Duration),
+    Worker(WorkerError),
 }
 
 impl std::fmt::Display for Crash {
@@ -219,6 +231,10 @@ impl std::fmt::Display for Crash {
         match self {
             Crash::Panic(m) => write!(f, "handler panicked: {m}"),
             Crash::Timeout(d) => write!(f, "handler timed out after {} ms", d.as_millis()),
+            Crash::Worker(WorkerError::Timeout { ms, .. }) => {
+                write!(f, "handler timed out after {ms} ms")
+            }
+            Crash::Worker(e) => write!(f, "{e}"),
         }
     }
 }
@@ -352,6 +368,9 @@ pub struct PackHost {
     paused: bool,
     intensity: RestartIntensity,
     healthy_since: Instant,
+    worker: Option<Arc<ExecWorker>>,
+    /// The pack cannot run as configured (e.g. `Missing handler`); waits for a new manifest.
+    invalid: bool,
 }
 
 impl PackHost {
@@ -390,7 +409,63 @@ impl PackHost {
             paused: false,
             intensity,
             healthy_since: Instant::now(),
+            worker: None,
+            invalid: false,
         }
+    }
+
+    fn services(&self) -> Arc<dyn PackServices> {
+        Arc::new(HostServices {
+            pack: self.id.clone(),
+            replay: self.replay.clone(),
+            emitter: self.emitter.clone(),
+        })
+    }
+
+    /// Starts the exec worker and checks its handshake, then loads the pending events.
+    fn start_worker(&mut self, dir: PathBuf, ctx: &mut Context<Self>) {
+        let worker = match ExecWorker::spawn(&self.manifest, &dir, self.services()) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                tracing::error!(pack = %self.id, error = %e, "cannot start the pack's worker");
+                self.crashed(e.to_string(), ctx);
+                return;
+            }
+        };
+        tracing::info!(pack = %self.id, pid = worker.pid().unwrap_or(0), command = %self.manifest.runtime.as_ref().map(|r| r.command.join(" ")).unwrap_or_default(), "worker started");
+        self.worker = Some(worker.clone());
+        let manifest = self.manifest.clone();
+        let (root, identity) = (self.cfg.workspace.clone(), self.cfg.identity.clone());
+        let timeout = self.timeout().min(Duration::from_secs(30));
+        let fut = async move {
+            worker
+                .initialize(&manifest, &root, &identity, timeout)
+                .await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(handles) => {
+                let file = format!("{}/manifest", dir.display());
+                let missing = check_handlers(&act.manifest, &handles, &file);
+                if let Some(first) = missing.first() {
+                    for d in &missing {
+                        tracing::error!(pack = %act.id, "{}", d.message);
+                    }
+                    act.invalid = true;
+                    act.stats.set_state(PackState::Invalid);
+                    act.stats.set_last_error(Some(first.message.clone()));
+                    if let Some(w) = act.worker.take() {
+                        w.kill();
+                    }
+                    return;
+                }
+                act.reload(ctx);
+            }
+            Err(e) => {
+                let why = format!("worker failed its initialize handshake: {e}");
+                tracing::error!(pack = %act.id, "{why}");
+                act.crashed(why, ctx);
+            }
+        }));
     }
 
     fn timeout(&self) -> Duration {
@@ -427,6 +502,9 @@ impl PackHost {
                 }
                 act.overflow = loaded.truncated;
                 act.loaded = true;
+                if act.stats.state() == PackState::Restarting {
+                    act.stats.set_state(PackState::Running);
+                }
                 let early = std::mem::take(&mut act.early);
                 act.accept_rows(early);
                 act.stats.pending.store(act.queue.len() as i64, Ordering::Relaxed);
@@ -471,7 +549,7 @@ impl PackHost {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy.load(Ordering::Acquire) || self.paused || !self.loaded {
+        if self.busy.load(Ordering::Acquire) || self.paused || !self.loaded || self.invalid {
             return;
         }
         if self.queue.is_empty() {
@@ -497,13 +575,10 @@ impl PackHost {
         let replay = self.replay.clone();
         let store = self.store.clone();
         let handler = self.handler.clone();
+        let worker = self.worker.clone();
         let timeout = self.timeout();
         let max_attempts = self.cfg.max_attempts;
-        let services: Arc<dyn PackServices> = Arc::new(HostServices {
-            pack: pack.clone(),
-            replay: replay.clone(),
-            emitter: self.emitter.clone(),
-        });
+        let services = self.services();
         async move {
             let mut r = ChunkResult::default();
             let keys: Vec<String> = chunk
@@ -532,6 +607,16 @@ impl PackHost {
             let mut cleared = Vec::new();
             let mut stopped_at = None;
             let mut in_chunk: HashSet<&str> = HashSet::new();
+            // Exec packs: send every handle request of the chunk now (pipelined); the worker
+            // handles them one at a time, in order.
+            let mut sent: Vec<Option<_>> = Vec::with_capacity(chunk.len());
+            if let (HandlerKind::Exec { .. }, Some(w)) = (&handler, &worker) {
+                let mut first_seen: HashSet<&str> = HashSet::new();
+                for (i, p) in chunk.iter().enumerate() {
+                    let fresh = !seen[i] && first_seen.insert(keys[i].as_str());
+                    sent.push(fresh.then(|| w.send_handle(&p.envelope, p.attempts + 1)));
+                }
+            }
             for (i, p) in chunk.iter().enumerate() {
                 let key = keys[i].as_str();
                 if seen[i] || in_chunk.contains(key) {
@@ -542,10 +627,20 @@ impl PackHost {
                 }
                 let attempt = p.attempts + 1;
                 let ctx = HandlerCtx::new(pack.clone(), attempt, services.clone());
-                let outcome = match &handler {
-                    HandlerKind::Native(np) => {
+                let outcome = match (&handler, &worker) {
+                    (HandlerKind::Native(np), _) => {
                         call_native(np, p.envelope.clone(), ctx, timeout).await
                     }
+                    (HandlerKind::Exec { .. }, Some(w)) => {
+                        match sent.get_mut(i).and_then(Option::take) {
+                            Some(rx) => w.outcome(rx, timeout).await.map_err(Crash::Worker),
+                            None => Err(Crash::Worker(WorkerError::Exited("not running".into()))),
+                        }
+                    }
+                    (HandlerKind::Exec { .. }, None) => {
+                        Err(Crash::Worker(WorkerError::Exited("not running".into())))
+                    }
+                    (HandlerKind::EmitOnly, _) => Ok(HandlerOutcome::ignored("no-handler")),
                 };
                 match outcome {
                     Err(crash) => {
@@ -723,8 +818,16 @@ impl Actor for PackHost {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(256);
         self.paused = false;
-        self.stats.set_state(PackState::Running);
-        self.reload(ctx);
+        self.invalid = false;
+        // After a crash the pack stays `restarting` until it can take events again (its worker
+        // answered `initialize` and its pending events are loaded).
+        if self.stats.restarts.load(Ordering::Relaxed) == 0 {
+            self.stats.set_state(PackState::Running);
+        }
+        match self.handler.clone() {
+            HandlerKind::Exec { dir } => self.start_worker(dir, ctx),
+            _ => self.reload(ctx),
+        }
     }
 }
 
@@ -736,6 +839,9 @@ impl Supervised for PackHost {
         self.early.clear();
         self.loaded = false;
         self.high_water = 0;
+        if let Some(w) = self.worker.take() {
+            w.kill();
+        }
     }
 }
 
@@ -769,9 +875,13 @@ impl Handler<Drain> for PackHost {
         self.paused = true;
         self.stats.set_state(PackState::Stopped);
         let busy = self.busy.clone();
+        let worker = self.worker.take();
         Box::pin(async move {
             while busy.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if let Some(w) = worker {
+                w.shutdown(Duration::from_secs(2)).await;
             }
         })
     }

@@ -1,8 +1,10 @@
 //! One module per CLI command. Each returns the process exit code, or an error that the CLI
 //! edge prints (exit 2: usage or environment).
 
+pub mod conformance;
 pub mod emit;
 pub mod inbox;
+pub mod new_pack;
 pub mod start;
 pub mod status;
 pub mod validate;

@@ -1,0 +1,556 @@
+//! `ExecWorker`: a pack's handler program, spoken to in JSON-RPC 2.0 over its stdio, one
+//! message per line (SPEC §11; the framing of MCP's stdio transport). Owned by the pack's
+//! `PackHost`; not an actor of its own (it lives and dies with its host's incarnation).
+//!
+//! - agent -> worker: `initialize {protocol_version, pack, workspace}` -> `{handles: [kind]}`;
+//!   `handle {event, delivery: {attempt, redelivered}}` -> outcome; `shutdown`.
+//! - worker -> agent: `emit {kind, payload, idempotency_key?}` -> `{event_id}` (or an error
+//!   carrying the validation message); `replay.has {key}` -> bool; `replay.put {key}`;
+//!   notification `log {level, message}`.
+//!
+//! Requests are pipelined: `handle` writes its request at once and returns a future for the
+//! reply, so throughput is not bound by one round trip per event. The worker's stderr is its
+//! log, forwarded with the pack id.
+//!
+//! Anything that breaks the protocol (a line that is not JSON-RPC, a reply to an unknown id, a
+//! line over [`MAX_LINE`]) or a worker exit fails every request in flight with the reason, and
+//! the worker is killed: the host treats it as a crash.
+
+use lumenflow_pack_sdk::envelope::EventDraft;
+use lumenflow_pack_sdk::native::{PackServices, ServiceError};
+use lumenflow_pack_sdk::{Envelope, HandlerOutcome, Manifest};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+
+/// Version of this protocol, sent in `initialize`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest line accepted from a worker.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// Why a worker call did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start worker `{command}` in {dir}: {error}")]
+    Spawn {
+        command: String,
+        dir: String,
+        error: String,
+    },
+    #[error("worker exited ({0})")]
+    Exited(String),
+    #[error("broken protocol: {0}")]
+    Protocol(String),
+    #[error("no reply to `{method}` within {ms} ms")]
+    Timeout { method: String, ms: u64 },
+    /// The handler answered with a JSON-RPC error (a thrown exception).
+    #[error("handler error: {0}")]
+    Handler(String),
+}
+
+type Reply = Result<Value, WorkerError>;
+
+struct Shared {
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    dead: Option<WorkerError>,
+}
+
+pub struct ExecWorker {
+    pack: String,
+    out: mpsc::UnboundedSender<String>,
+    shared: Arc<Mutex<Shared>>,
+    next_id: Mutex<u64>,
+    child: Mutex<Option<Child>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fails every pending request with `why` and marks the worker dead (first reason wins).
+fn fail_all(shared: &Mutex<Shared>, why: WorkerError) {
+    let mut s = lock(shared);
+    if s.dead.is_none() {
+        s.dead = Some(why.clone());
+    }
+    let reason = s.dead.clone().unwrap_or(why);
+    for (_, tx) in s.pending.drain() {
+        let _ = tx.send(Err(reason.clone()));
+    }
+}
+
+/// Reads one line of at most `max` bytes; `Ok(None)` at end of stream.
+async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut line = Vec::new();
+    loop {
+        let buf = r.fill_buf().await.map_err(|e| e.to_string())?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if line.len() + chunk.len() > max {
+            return Err(format!("a line longer than {max} bytes"));
+        }
+        line.extend_from_slice(chunk);
+        let consumed = done.unwrap_or(buf.len());
+        r.consume(consumed);
+        if done.is_some() {
+            return Ok(Some(line));
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut end = n;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn rpc_error(id: &Value, code: i64, message: String, data: Option<Value>) -> String {
+    let mut err = json!({"code": code, "message": message});
+    if let Some(d) = data {
+        err["data"] = d;
+    }
+    json!({"jsonrpc": "2.0", "id": id, "error": err}).to_string()
+}
+
+/// Serves one request from the worker (emit, replay.has, replay.put).
+async fn serve_request(
+    services: Arc<dyn PackServices>,
+    id: Value,
+    method: String,
+    params: Value,
+) -> String {
+    let key = || {
+        params
+            .get("key")
+            .and_then(|k| k.as_str())
+            .map(str::to_string)
+    };
+    let result: Result<Value, (i64, String, Option<Value>)> = match method.as_str() {
+        "replay.has" => match key() {
+            None => Err((-32602, "replay.has needs {\"key\": string}".into(), None)),
+            Some(k) => services
+                .replay_has(k)
+                .await
+                .map(Value::Bool)
+                .map_err(service_error),
+        },
+        "replay.put" => match key() {
+            None => Err((-32602, "replay.put needs {\"key\": string}".into(), None)),
+            Some(k) => services
+                .replay_put(k)
+                .await
+                .map(|()| Value::Bool(true))
+                .map_err(service_error),
+        },
+        "emit" => {
+            let mut obj = match params {
+                Value::Object(o) => o,
+                _ => Map::new(),
+            };
+            // `idempotency_key: null` (JS `undefined` keys are dropped, null is not) means none.
+            if obj.get("idempotency_key").is_some_and(Value::is_null) {
+                obj.remove("idempotency_key");
+            }
+            match EventDraft::from_value(Value::Object(obj)) {
+                Err(e) => Err((-32602, format!("invalid emit: {e}"), None)),
+                Ok(draft) => services
+                    .emit(draft)
+                    .await
+                    .map(|id| json!({"event_id": id}))
+                    .map_err(service_error),
+            }
+        }
+        other => Err((-32601, format!("method not found: {other}"), None)),
+    };
+    match result {
+        Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}).to_string(),
+        Err((code, message, data)) => rpc_error(&id, code, message, data),
+    }
+}
+
+fn service_error(e: ServiceError) -> (i64, String, Option<Value>) {
+    match e {
+        ServiceError::Rejected(m) => (1001, m, None),
+        ServiceError::Backpressure { retry_after_ms } => (
+            1002,
+            e.to_string(),
+            Some(json!({"retry_after_ms": retry_after_ms})),
+        ),
+        ServiceError::Unavailable(m) => (1003, m, None),
+    }
+}
+
+impl ExecWorker {
+    /// Starts `runtime.command` in the pack folder.
+    pub fn spawn(
+        manifest: &Manifest,
+        pack_dir: &Path,
+        services: Arc<dyn PackServices>,
+    ) -> Result<ExecWorker, WorkerError> {
+        let runtime = manifest
+            .runtime
+            .as_ref()
+            .ok_or_else(|| WorkerError::Spawn {
+                command: String::new(),
+                dir: pack_dir.display().to_string(),
+                error: "the manifest has no runtime.command".into(),
+            })?;
+        let argv = &runtime.command;
+        let program: PathBuf = if argv[0].contains('/') && !Path::new(&argv[0]).is_absolute() {
+            pack_dir.join(&argv[0])
+        } else {
+            PathBuf::from(&argv[0])
+        };
+        let mut cmd = Command::new(&program);
+        cmd.args(&argv[1..])
+            .current_dir(pack_dir)
+            .envs(&runtime.env)
+            .env("LUMENFLOW_PACK_ID", &manifest.id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
+            command: argv.join(" "),
+            dir: pack_dir.display().to_string(),
+            error: e.to_string(),
+        })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(WorkerError::Protocol("worker stdio not available".into()));
+        };
+        let pack = manifest.id.clone();
+        let shared = Arc::new(Mutex::new(Shared {
+            pending: HashMap::new(),
+            dead: None,
+        }));
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+
+        // Writer: batches whatever is queued into one write + flush.
+        let w_shared = shared.clone();
+        actix::spawn(async move {
+            let mut stdin = tokio::io::BufWriter::new(stdin);
+            while let Some(line) = out_rx.recv().await {
+                let mut ok = stdin.write_all(line.as_bytes()).await.is_ok()
+                    && stdin.write_all(b"\n").await.is_ok();
+                while ok {
+                    match out_rx.try_recv() {
+                        Ok(more) => {
+                            ok = stdin.write_all(more.as_bytes()).await.is_ok()
+                                && stdin.write_all(b"\n").await.is_ok()
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !ok || stdin.flush().await.is_err() {
+                    fail_all(&w_shared, WorkerError::Exited("its stdin closed".into()));
+                    break;
+                }
+            }
+        });
+
+        // Stderr: the worker's log.
+        let e_pack = pack.clone();
+        actix::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(pack = %e_pack, "worker: {}", truncate(&line, 4096));
+            }
+        });
+
+        // Stdout: replies to our requests, and the worker's own requests.
+        let r_shared = shared.clone();
+        let r_out = out_tx.clone();
+        let r_pack = pack.clone();
+        actix::spawn(async move {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let line = match read_line_limited(&mut reader, MAX_LINE).await {
+                    Ok(Some(l)) => l,
+                    Ok(None) => {
+                        fail_all(&r_shared, WorkerError::Exited("its stdout closed".into()));
+                        break;
+                    }
+                    Err(e) => {
+                        fail_all(
+                            &r_shared,
+                            WorkerError::Protocol(format!("worker wrote {e}")),
+                        );
+                        break;
+                    }
+                };
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line);
+                let msg: Value = match serde_json::from_slice(&line) {
+                    Ok(Value::Object(m)) => Value::Object(m),
+                    _ => {
+                        fail_all(
+                            &r_shared,
+                            WorkerError::Protocol(format!(
+                                "worker wrote a line that is not a JSON-RPC message: {}",
+                                truncate(&text, 200)
+                            )),
+                        );
+                        break;
+                    }
+                };
+                if let Some(method) = msg.get("method").and_then(|m| m.as_str()) {
+                    let params = msg.get("params").cloned().unwrap_or(Value::Null);
+                    match msg.get("id") {
+                        None if method == "log" => {
+                            let m = params.get("message").and_then(|v| v.as_str()).unwrap_or("");
+                            match params
+                                .get("level")
+                                .and_then(|v| v.as_str())
+                                .unwrap_or("info")
+                            {
+                                "error" => tracing::error!(pack = %r_pack, "{}", truncate(m, 4096)),
+                                "warn" => tracing::warn!(pack = %r_pack, "{}", truncate(m, 4096)),
+                                "debug" => tracing::debug!(pack = %r_pack, "{}", truncate(m, 4096)),
+                                _ => tracing::info!(pack = %r_pack, "{}", truncate(m, 4096)),
+                            }
+                        }
+                        None => {
+                            tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
+                        }
+                        Some(id) => {
+                            let (services, out, id, method) = (
+                                services.clone(),
+                                r_out.clone(),
+                                id.clone(),
+                                method.to_string(),
+                            );
+                            actix::spawn(async move {
+                                let reply = serve_request(services, id, method, params).await;
+                                let _ = out.send(reply);
+                            });
+                        }
+                    }
+                    continue;
+                }
+                let id = msg.get("id").and_then(|v| v.as_u64());
+                let tx = id.and_then(|id| lock(&r_shared).pending.remove(&id));
+                let Some(tx) = tx else {
+                    fail_all(
+                        &r_shared,
+                        WorkerError::Protocol(format!(
+                            "worker answered an unknown request id: {}",
+                            truncate(&text, 200)
+                        )),
+                    );
+                    break;
+                };
+                let reply = match (msg.get("result"), msg.get("error")) {
+                    (_, Some(err)) => Err(WorkerError::Handler(
+                        err.get("message")
+                            .and_then(|m| m.as_str())
+                            .map(|m| truncate(m, 2000))
+                            .unwrap_or_else(|| err.to_string()),
+                    )),
+                    (Some(result), None) => Ok(result.clone()),
+                    (None, None) => Err(WorkerError::Protocol(format!(
+                        "reply has neither result nor error: {}",
+                        truncate(&text, 200)
+                    ))),
+                };
+                let _ = tx.send(reply);
+            }
+        });
+
+        Ok(ExecWorker {
+            pack,
+            out: out_tx,
+            shared,
+            next_id: Mutex::new(1),
+            child: Mutex::new(Some(child)),
+        })
+    }
+
+    /// Sends a request now; the returned receiver yields its reply.
+    fn request(&self, method: &str, params: Value) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut n = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
+            let id = *n;
+            *n += 1;
+            id
+        };
+        {
+            let mut s = lock(&self.shared);
+            if let Some(why) = &s.dead {
+                let _ = tx.send(Err(why.clone()));
+                return rx;
+            }
+            s.pending.insert(id, tx);
+        }
+        let line =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        if self.out.send(line).is_err() {
+            fail_all(&self.shared, WorkerError::Exited("its stdin closed".into()));
+        }
+        rx
+    }
+
+    async fn await_reply(
+        &self,
+        rx: oneshot::Receiver<Reply>,
+        method: &str,
+        timeout: Duration,
+    ) -> Reply {
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => {
+                let e = WorkerError::Timeout {
+                    method: method.into(),
+                    ms: timeout.as_millis() as u64,
+                };
+                fail_all(&self.shared, e.clone());
+                self.kill();
+                Err(e)
+            }
+            Ok(Err(_)) => Err(lock(&self.shared)
+                .dead
+                .clone()
+                .unwrap_or(WorkerError::Exited("unknown".into()))),
+            Ok(Ok(r)) => {
+                if let Err(e @ (WorkerError::Exited(_) | WorkerError::Protocol(_))) = &r {
+                    let e = e.clone();
+                    self.kill();
+                    return Err(self.exit_detail(e).await);
+                }
+                r
+            }
+        }
+    }
+
+    /// Adds the exit status to an `Exited` reason when the process is gone.
+    async fn exit_detail(&self, e: WorkerError) -> WorkerError {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut child) = child else { return e };
+        let status = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
+        match (e, status) {
+            (WorkerError::Exited(_), Ok(Ok(s))) => WorkerError::Exited(s.to_string()),
+            (e, _) => e,
+        }
+    }
+
+    /// The handshake: returns the kinds the worker handles.
+    pub async fn initialize(
+        &self,
+        manifest: &Manifest,
+        workspace: &Path,
+        identity: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, WorkerError> {
+        let params = json!({
+            "protocol_version": PROTOCOL_VERSION,
+            "pack": {"id": manifest.id, "slug": manifest.slug, "version": manifest.version,
+                     "subscribed_event_kinds": manifest.subscribed_event_kinds,
+                     "emitted_event_kinds": manifest.emitted_event_kinds},
+            "workspace": {"root": workspace.display().to_string(), "identity": identity},
+        });
+        let rx = self.request("initialize", params);
+        let result = self.await_reply(rx, "initialize", timeout).await?;
+        let handles = result
+            .get("handles")
+            .and_then(|h| h.as_array())
+            .ok_or_else(|| {
+                WorkerError::Protocol(format!(
+                    "initialize reply must be {{\"handles\": [kind, …]}}, got {}",
+                    truncate(&result.to_string(), 200)
+                ))
+            })?;
+        Ok(handles
+            .iter()
+            .filter_map(|h| h.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Sends a `handle` request now (pipelined); await the result with [`ExecWorker::outcome`].
+    pub fn send_handle(&self, event: &Envelope, attempt: u32) -> oneshot::Receiver<Reply> {
+        self.request(
+            "handle",
+            json!({"event": event.to_value(), "delivery": {"attempt": attempt, "redelivered": attempt > 1}}),
+        )
+    }
+
+    /// Waits for one `handle` reply and reads it as an outcome.
+    pub async fn outcome(
+        &self,
+        rx: oneshot::Receiver<Reply>,
+        timeout: Duration,
+    ) -> Result<HandlerOutcome, WorkerError> {
+        let v = self.await_reply(rx, "handle", timeout).await?;
+        serde_json::from_value::<HandlerOutcome>(v.clone()).map_err(|_| {
+            let e = WorkerError::Protocol(format!(
+                "handle reply must be {{\"status\": \"handled\"|\"replayed\"|\"ignored\"|\"retry\"|\"failed\", \"action\": …}}, got {}",
+                truncate(&v.to_string(), 200)
+            ));
+            fail_all(&self.shared, e.clone());
+            self.kill();
+            e
+        })
+    }
+
+    /// Asks the worker to exit; kills it if it does not within `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        let rx = self.request("shutdown", Value::Null);
+        let _ = tokio::time::timeout(grace, rx).await;
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut c) = child {
+            if tokio::time::timeout(grace, c.wait()).await.is_err() {
+                let _ = c.start_kill();
+            }
+        }
+    }
+
+    pub fn kill(&self) {
+        if let Some(c) = self
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            let _ = c.start_kill();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|c| c.id())
+    }
+
+    pub fn pack(&self) -> &str {
+        &self.pack
+    }
+}
+
+impl Drop for ExecWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

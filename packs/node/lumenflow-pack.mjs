@@ -1,0 +1,148 @@
+// lumenflow-pack.mjs: the dependency-free Node helper for lumenflow-agent exec packs.
+//
+// A pack's handler program imports it and calls runPack({ handlers }). The helper speaks the
+// agent's protocol (JSON-RPC 2.0 over stdin/stdout, one message per line) so a handler is
+// written exactly like the quickstart's:
+//
+//   export const onRecoveryRequested = async (event, ctx) => {
+//     if (await ctx.replayLog.has(key)) return { status: 'replayed', action: 'noop' };
+//     ...
+//     await ctx.emit('acme-demo:job_completed', { job_id }, { idempotencyKey: `${job_id}:completed` });
+//     await ctx.replayLog.put(key);
+//     return { status: 'handled', action: 'recovered' };
+//   };
+//   runPack({ handlers: { 'conductor:recovery_requested': onRecoveryRequested } });
+//
+// Events are handled one at a time, in the order the agent sends them. stdout belongs to the
+// protocol: console.log is redirected to stderr, which the agent forwards to its log.
+
+import { createInterface } from 'node:readline';
+
+export const PROTOCOL_VERSION = 1;
+
+export function runPack({ handlers = {}, onStart } = {}) {
+  const out = process.stdout;
+  // Keep stdout for the protocol.
+  console.log = (...args) => console.error(...args);
+  console.info = (...args) => console.error(...args);
+
+  let nextId = 1;
+  const pending = new Map();
+  let queue = Promise.resolve();
+  let shuttingDown = false;
+  let pack = null;
+
+  const send = (msg) => out.write(JSON.stringify({ jsonrpc: '2.0', ...msg }) + '\n');
+  const reply = (id, result) => send({ id, result });
+  const replyError = (id, code, message) => send({ id, error: { code, message } });
+
+  const call = (method, params) =>
+    new Promise((resolve, reject) => {
+      const id = `w${nextId++}`;
+      pending.set(id, { resolve, reject });
+      send({ id, method, params });
+    });
+
+  const log = (level) => (...parts) =>
+    send({ method: 'log', params: { level, message: parts.map(String).join(' ') } });
+
+  const baseCtx = {
+    replayLog: {
+      has: (key) => call('replay.has', { key: String(key) }),
+      put: async (key) => {
+        await call('replay.put', { key: String(key) });
+      },
+    },
+    emit: async (kind, payload = {}, { idempotencyKey } = {}) => {
+      const params = { kind, payload };
+      if (idempotencyKey !== undefined) params.idempotency_key = String(idempotencyKey);
+      const r = await call('emit', params);
+      return r.event_id;
+    },
+    log: { debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error') },
+  };
+
+  const onMessage = (msg) => {
+    if (msg.method === undefined) {
+      const p = pending.get(msg.id);
+      if (!p) return;
+      pending.delete(msg.id);
+      if (msg.error) {
+        const e = new Error(msg.error.message);
+        e.code = msg.error.code;
+        e.data = msg.error.data;
+        p.reject(e);
+      } else {
+        p.resolve(msg.result);
+      }
+      return;
+    }
+    const { id, method, params } = msg;
+    switch (method) {
+      case 'initialize': {
+        pack = params.pack;
+        baseCtx.pack = pack;
+        baseCtx.workspace = params.workspace;
+        reply(id, { handles: Object.keys(handlers) });
+        if (onStart) {
+          queue = queue.then(() => onStart({ ...baseCtx })).catch((e) => log('error')(`onStart failed: ${e?.stack ?? e}`));
+        }
+        return;
+      }
+      case 'handle': {
+        queue = queue.then(async () => {
+          const { event, delivery } = params;
+          const handler = handlers[event.kind];
+          if (!handler) {
+            reply(id, { status: 'ignored', action: 'no-handler' });
+            return;
+          }
+          try {
+            const ctx = { ...baseCtx, attempt: delivery.attempt, redelivered: delivery.redelivered };
+            const outcome = await handler(event, ctx);
+            reply(id, normalize(outcome));
+          } catch (e) {
+            replyError(id, -32000, String(e?.stack ?? e));
+          }
+        });
+        return;
+      }
+      case 'shutdown': {
+        shuttingDown = true;
+        queue.then(() => {
+          reply(id, null);
+          process.exit(0);
+        });
+        return;
+      }
+      default:
+        if (id !== undefined) replyError(id, -32601, `method not found: ${method}`);
+    }
+  };
+
+  const rl = createInterface({ input: process.stdin, crlfDelay: Infinity });
+  rl.on('line', (line) => {
+    if (!line.trim()) return;
+    let msg;
+    try {
+      msg = JSON.parse(line);
+    } catch {
+      log('error')('the agent sent a line that is not JSON');
+      return;
+    }
+    onMessage(msg);
+  });
+  rl.on('close', () => {
+    if (!shuttingDown) queue.then(() => process.exit(0));
+  });
+}
+
+function normalize(outcome) {
+  const statuses = ['handled', 'replayed', 'ignored', 'retry', 'failed'];
+  if (outcome === undefined || outcome === null) return { status: 'handled' };
+  if (typeof outcome === 'string' && statuses.includes(outcome)) return { status: outcome };
+  if (typeof outcome === 'object' && statuses.includes(outcome.status)) {
+    return outcome.action === undefined ? { status: outcome.status } : { status: outcome.status, action: String(outcome.action) };
+  }
+  throw new Error(`a handler must return {status: ${statuses.join('|')}, action?}, got ${JSON.stringify(outcome)}`);
+}

@@ -1,0 +1,328 @@
+//! Exec packs end to end: real Node workers speaking JSON-RPC over stdio, started by the real
+//! agent binary in temporary workspaces.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A workspace with the repository's acme-demo pack and the Node helper.
+fn acme_workspace(packs: &str) -> Workspace {
+    let ws = Workspace::new(json!({"identity": "ws-test"}), packs);
+    copy_dir(
+        &repo().join("packs/acme-demo"),
+        &ws.path().join("packs/acme-demo"),
+    );
+    copy_dir(&repo().join("packs/node"), &ws.path().join("packs/node"));
+    ws
+}
+
+/// A pack folder with a manifest and a raw worker script (no helper), for protocol abuse.
+fn raw_pack(ws: &Workspace, id: &str, script: &str, extra: Value) {
+    let dir = ws.path().join("packs").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut m = json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": ["conductor:recovery_requested"],
+        "runtime": {"command": ["node", "worker.mjs"]}});
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    std::fs::write(dir.join("worker.mjs"), script).unwrap();
+}
+
+const ANSWER_INIT: &str = r#"
+import { createInterface } from 'node:readline';
+const send = (m) => process.stdout.write(JSON.stringify({jsonrpc: '2.0', ...m}) + '\n');
+createInterface({ input: process.stdin }).on('line', (line) => {
+  const msg = JSON.parse(line);
+  if (msg.method === 'initialize') return send({ id: msg.id, result: { handles: ['conductor:recovery_requested'] } });
+  if (msg.method === 'handle') return onHandle(msg);
+});
+"#;
+
+#[test]
+fn quickstart_pack_handles_dedupes_ignores_and_emits() {
+    let mut ws = acme_workspace("");
+    ws.start();
+    let inbound = |wu: &str, key: Option<&str>| {
+        let mut args = vec![
+            "emit",
+            "conductor:recovery_requested",
+            "--inbound",
+            "--payload",
+        ];
+        let payload = format!(r#"{{"wu_id":"{wu}"}}"#);
+        args.push(&payload);
+        if let Some(k) = key {
+            args.extend(["--idempotency-key", k]);
+        }
+        let out = ws.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Sent right after start, while Node may still be starting: none may be skipped.
+    inbound("acme-job-1", Some("rec-1"));
+    inbound("acme-job-1", Some("rec-1"));
+    inbound("other-job-9", None);
+    let p = wait_for("three deliveries", T, || {
+        let p = ws.pack_status("acme-demo");
+        (p["handled"].as_u64().unwrap_or(0)
+            + p["replayed"].as_u64().unwrap_or(0)
+            + p["ignored"].as_u64().unwrap_or(0)
+            == 3)
+            .then_some(p)
+    });
+    assert_eq!(
+        (
+            p["handled"].clone(),
+            p["replayed"].clone(),
+            p["ignored"].clone()
+        ),
+        (json!(1), json!(1), json!(1)),
+        "{p}"
+    );
+    let inbox = wait_for("job_completed upstream", T, || {
+        let i = ws.inbox();
+        (!i.is_empty()).then_some(i)
+    });
+    assert_eq!(inbox.len(), 1);
+    let e = &inbox[0]["event"];
+    assert_eq!(e["kind"], "acme-demo:job_completed");
+    assert_eq!(
+        e["payload"],
+        json!({"job_id": "acme-job-1", "result": "recovered"})
+    );
+    assert_eq!(e["from"], "ws-test");
+    // The id the pack built: UUIDv5 over (from, kind, idempotency key).
+    let expected = lumenflow_agent::sdk::envelope::idempotent_event_id(
+        "ws-test",
+        "acme-demo:job_completed",
+        "acme-job-1:completed",
+    );
+    assert_eq!(e["event_id"], expected.to_string());
+    assert_eq!(ws.terminate(), Some(0));
+}
+
+#[test]
+fn a_worker_writing_garbage_crashes_only_its_pack() {
+    let mut ws = Workspace::new(
+        json!({"supervision": {"max_restarts": 1, "window_s": 60}}),
+        "recorder",
+    );
+    raw_pack(
+        &ws,
+        "garbage",
+        "process.stdout.write('hello, I am not JSON-RPC\\n'); setInterval(() => {}, 1000);",
+        json!({}),
+    );
+    ws.start();
+    let p = wait_for("garbage pack to fail", T, || {
+        let p = ws.pack_status("garbage");
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a JSON-RPC message"))
+            .then_some(p)
+    });
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("hello, I am not JSON-RPC"),
+        "{p}"
+    );
+    wait_for("crashed after restarts", T, || {
+        (ws.pack_status("garbage")["state"] == "crashed").then_some(())
+    });
+    // The agent and the other pack are unaffected.
+    let out = ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    wait_for("recorder handled", T, || {
+        (ws.pack_status("recorder")["handled"] == 1).then_some(())
+    });
+    assert!(ws.log().contains("broken protocol"), "{}", ws.log());
+}
+
+#[test]
+fn worker_exiting_during_initialize_or_never_answering() {
+    let mut ws = Workspace::new(json!({}), "recorder");
+    raw_pack(
+        &ws,
+        "dies",
+        "console.error('boom: missing config'); process.exit(3);",
+        json!({}),
+    );
+    raw_pack(
+        &ws,
+        "silent",
+        "setInterval(() => {}, 1000);",
+        json!({"runtime": {"command": ["node", "worker.mjs"], "timeout_ms": 300}}),
+    );
+    ws.start();
+    let p = wait_for("dies to fail", T, || {
+        let p = ws.pack_status("dies");
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("initialize"))
+            .then_some(p)
+    });
+    assert!(
+        p["last_error"].as_str().unwrap().contains("worker exited"),
+        "{p}"
+    );
+    let p = wait_for("silent to time out", T, || {
+        let p = ws.pack_status("silent");
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no reply to `initialize` within 300 ms"))
+            .then_some(p)
+    });
+    assert_ne!(p["state"], "running");
+    assert!(
+        ws.log().contains("boom: missing config"),
+        "worker stderr is forwarded to the log"
+    );
+    let out = ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    wait_for("recorder handled", T, || {
+        (ws.pack_status("recorder")["handled"] == 1).then_some(())
+    });
+}
+
+#[test]
+fn a_reply_to_an_unknown_id_is_a_protocol_error_and_the_event_is_redelivered() {
+    let mut ws = Workspace::new(json!({}), "");
+    let script = format!(
+        "{ANSWER_INIT}\nimport {{ appendFileSync, existsSync }} from 'node:fs';\nfunction onHandle(msg) {{\n  if (!existsSync('lied')) {{ appendFileSync('lied', 'x'); return send({{ id: 987654, result: {{ status: 'handled' }} }}); }}\n  appendFileSync('handled.log', msg.params.event.event_id + '\\n');\n  send({{ id: msg.id, result: {{ status: 'handled', action: 'ok' }} }});\n}}\n"
+    );
+    raw_pack(&ws, "liar", &script, json!({}));
+    ws.start();
+    let out = ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        "{}",
+    ]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let p = wait_for("handled after restart", T, || {
+        let p = ws.pack_status("liar");
+        (p["handled"] == 1).then_some(p)
+    });
+    assert_eq!(p["restarts"], 1, "{p}");
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown request id"),
+        "{p}"
+    );
+    let handled = std::fs::read_to_string(ws.path().join("packs/liar/handled.log")).unwrap();
+    assert_eq!(handled.trim(), id);
+}
+
+#[test]
+fn an_undeclared_emit_from_a_worker_gets_the_validation_error_and_nothing_is_routed() {
+    let mut ws = Workspace::new(json!({}), "");
+    copy_dir(&repo().join("packs/node"), &ws.path().join("packs/node"));
+    let dir = ws.path().join("packs/emitty");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"id": "emitty", "version": "0.1.0", "subscribed_event_kinds": ["conductor:recovery_requested"],
+            "emitted_event_kinds": ["emitty:done"], "backpressure_policy": {"emitty:done": "queue"},
+            "runtime": {"command": ["node", "handler.mjs"]}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("handler.mjs"),
+        r#"import { runPack } from '../node/lumenflow-pack.mjs';
+import { writeFileSync } from 'node:fs';
+runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
+  try { await ctx.emit('emitty:not_declared', {}); writeFileSync('result.txt', 'accepted'); }
+  catch (e) { writeFileSync('result.txt', `${e.code} ${e.message}`); }
+  return { status: 'handled', action: 'tried' };
+} } });
+"#,
+    )
+    .unwrap();
+    ws.start();
+    ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        "{}",
+    ]);
+    wait_for("handled", T, || {
+        (ws.pack_status("emitty")["handled"] == 1).then_some(())
+    });
+    let result = std::fs::read_to_string(dir.join("result.txt")).unwrap();
+    assert_eq!(
+        result,
+        r#"1001 Unknown kind at emit: pack "emitty" does not declare "emitty:not_declared" in emitted_event_kinds"#
+    );
+    assert_eq!(ws.status()["queue"]["accepted_queue"], 0);
+    assert!(ws.inbox().is_empty());
+}
+
+#[test]
+fn missing_handler_in_the_handshake_marks_the_pack_invalid() {
+    let mut ws = Workspace::new(json!({}), "");
+    raw_pack(
+        &ws,
+        "partial",
+        r#"import { createInterface } from 'node:readline';
+createInterface({ input: process.stdin }).on('line', (line) => {
+  const msg = JSON.parse(line);
+  if (msg.method === 'initialize') process.stdout.write(JSON.stringify({jsonrpc: '2.0', id: msg.id, result: { handles: [] }}) + '\n');
+});"#,
+        json!({}),
+    );
+    ws.start();
+    let p = wait_for("invalid", T, || {
+        let p = ws.pack_status("partial");
+        (p["state"] == "invalid").then_some(p)
+    });
+    assert_eq!(
+        p["last_error"],
+        r#"Missing handler: subscribed kind "conductor:recovery_requested" has no registered handler"#
+    );
+}
