@@ -38,8 +38,8 @@ use std::time::Duration;
 pub enum StartError {
     #[error("lumenflow-agent is already running in {workspace} (pid {pid}); stop it first, or use `lumenflow-agent status`")]
     AlreadyRunning { workspace: String, pid: String },
-    #[error("state database {path}: {source}")]
-    Database { path: String, source: SchemaError },
+    #[error("state database {path}: {reason}")]
+    Database { path: String, reason: SchemaError },
 }
 
 /// An agent for one workspace, ready to run.
@@ -83,9 +83,9 @@ impl Agent {
             CfgDurability::Full => Durability::Full,
             CfgDurability::Normal => Durability::Normal,
         };
-        let db_err = |source: SchemaError| StartError::Database {
+        let db_err = |reason: SchemaError| StartError::Database {
             path: self.ws.display(&db_path),
-            source,
+            reason,
         };
         let mut conn = open_connection(&db_path, durability)
             .map_err(|e| db_err(SchemaError::Corrupt(e.to_string())))?;

@@ -540,3 +540,57 @@ fn concurrent_inbound_batches_are_each_handled_exactly_once() {
         "rows reached the pack out of commit order"
     );
 }
+
+#[test]
+fn a_corrupt_database_is_a_clear_error_with_a_way_out_not_a_crash_loop() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    ws.start();
+    assert_eq!(
+        ws.api()
+            .emit(vec![
+                json!({"kind": "emitter:job_completed", "payload": {}})
+            ])
+            .status,
+        200
+    );
+    assert_eq!(ws.terminate(), Some(0));
+    let db = ws.path().join(".lumenflow/state/agent/agent.db");
+    // Overwrite the middle of the file: the header survives, the pages do not.
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 8192, "{}", bytes.len());
+    for b in bytes[4096..].iter_mut() {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let _ = std::fs::remove_file(db.with_extension("db-wal"));
+    let out = ws.run(&["start"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state database .lumenflow/state/agent/agent.db")
+            && err.contains("corrupt")
+            && err.contains("move it aside"),
+        "{err}"
+    );
+    // Truncated to garbage: the same clear error.
+    std::fs::write(&db, b"this is not a database").unwrap();
+    let out = ws.run(&["start"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("move it aside"));
+    // The way out works.
+    std::fs::rename(&db, db.with_extension("db.corrupt")).unwrap();
+    ws.start();
+    assert_eq!(
+        ws.api()
+            .emit(vec![
+                json!({"kind": "emitter:job_completed", "payload": {}})
+            ])
+            .status,
+        200
+    );
+}

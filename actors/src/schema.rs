@@ -99,7 +99,7 @@ const MIGRATIONS: &[&str] = &[
 pub enum SchemaError {
     #[error("the state database has schema version {found}, newer than this agent's {SCHEMA_VERSION}: use a newer lumenflow-agent, or move the database aside to start with empty state")]
     TooNew { found: i64 },
-    #[error("the state database is corrupt ({0}): move it aside (e.g. `mv agent.db agent.db.corrupt`) and start again; the agent then starts with empty state")]
+    #[error("the state database is corrupt ({0}): move it aside (`mv .lumenflow/state/agent/agent.db .lumenflow/state/agent/agent.db.corrupt`) and start again; the agent then starts with empty state")]
     Corrupt(String),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),

@@ -141,6 +141,17 @@ impl Agent {
             .unwrap_or(0)
     }
 
+    /// CPU time (user + system) the agent process has used, in seconds.
+    fn cpu_s(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+
     fn stop(mut self) {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
@@ -381,6 +392,48 @@ fn main() {
             unit: "events/s",
             baseline: None,
             target: if prefill > 0 { ">= 100k/s" } else { "" },
+        });
+        agent.stop();
+    }
+
+    {
+        // Inbound -> one Node exec pack (the repository's helper; the handler returns at once).
+        let ws = workspace(json!({"durability": "normal"}));
+        let dir = ws.path().join("packs/node-sink");
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        std::fs::copy(
+            root.join("packs/node/lumenflow-pack.mjs"),
+            dir.join("lumenflow-pack.mjs"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("manifest.json"), json!({"id": "node-sink", "version": "0.1.0",
+            "subscribed_event_kinds": ["bench:ping"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string()).unwrap();
+        std::fs::write(dir.join("handler.mjs"), "import { runPack } from './lumenflow-pack.mjs';\nrunPack({ handlers: { 'bench:ping': async () => ({ status: 'handled' }) } });\n").unwrap();
+        let agent = Agent::start(&bin, ws.path(), "");
+        let total = n / 2;
+        let cpu0 = agent.cpu_s();
+        let t0 = Instant::now();
+        blast(&agent, "/v1/inbound", "bench:ping", total, 100, 4);
+        agent.wait_until("node-sink handled all", |s| {
+            s["packs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == "node-sink" && p["handled"].as_u64().unwrap() >= total as u64)
+        });
+        let rate = total as f64 / t0.elapsed().as_secs_f64();
+        let cpu_us = (agent.cpu_s() - cpu0) * 1e6 / total as f64;
+        eprintln!("inbound -> node exec: {rate:.0}/s, agent CPU {cpu_us:.1} us/event");
+        rows.push(Row {
+            scenario: format!(
+                "inbound -> Node exec pack (pipelined JSON-RPC), agent CPU {cpu_us:.1} µs/event"
+            ),
+            durability: "WAL, no fsync; recorded with the cursor",
+            value: rate,
+            unit: "events/s",
+            baseline: None,
+            target: ">= 20k/s",
         });
         agent.stop();
     }
