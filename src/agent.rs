@@ -273,6 +273,7 @@ impl Agent {
         let addr = listener.local_addr()?;
         let state = ApiState::new(
             emitter,
+            store.clone(),
             stats.clone(),
             token.clone(),
             self.ws.root.display().to_string(),

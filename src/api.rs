@@ -22,9 +22,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use lumenflow_actors::dead_letters::PurgeOp;
 use lumenflow_actors::queue::QueueError;
+use lumenflow_actors::router::RetryDeadLetters;
 use lumenflow_actors::router::{EmitError, Emitter};
 use lumenflow_actors::stats::AgentStats;
+use lumenflow_actors::store::{StoreError, StoreHandle};
 use lumenflow_pack_sdk::envelope::Incoming;
 use lumenflow_pack_sdk::Envelope;
 use serde_json::{json, Value};
@@ -42,6 +45,7 @@ pub const MAX_DEPTH: usize = 64;
 #[derive(Clone)]
 pub struct ApiState {
     pub emitter: Emitter,
+    pub store: StoreHandle,
     pub stats: Arc<AgentStats>,
     token: Arc<str>,
     workspace: Arc<str>,
@@ -53,6 +57,7 @@ pub struct ApiState {
 impl ApiState {
     pub fn new(
         emitter: Emitter,
+        store: StoreHandle,
         stats: Arc<AgentStats>,
         token: String,
         workspace: String,
@@ -61,6 +66,7 @@ impl ApiState {
     ) -> Self {
         ApiState {
             emitter,
+            store,
             stats,
             token: token.into(),
             workspace: workspace.into(),
@@ -86,6 +92,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/heartbeat", post(heartbeat))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/v1/dlq/retry", post(dlq_retry))
+        .route("/v1/dlq/purge", post(dlq_purge))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -287,6 +295,50 @@ async fn heartbeat(State(state): State<ApiState>) -> Response {
     let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
     axum::Json(json!({"status": "ok", "server_time": now, "workspace_id": &*state.identity}))
         .into_response()
+}
+
+/// `{"id": N}` or `{"all": true}`: redeliver dead letters to the pack that failed them.
+async fn dlq_retry(State(state): State<ApiState>, req: Request) -> Response {
+    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
+        Ok(b) => b,
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
+    };
+    let v: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
+    };
+    let ids = match (
+        v.get("id").and_then(Value::as_i64),
+        v.get("all").and_then(Value::as_bool),
+    ) {
+        (Some(id), _) => Some(vec![id]),
+        (None, Some(true)) => None,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Malformed request: expected {\"id\": N} or {\"all\": true}",
+            )
+        }
+    };
+    match state.emitter.router.send(RetryDeadLetters { ids }).await {
+        Ok(Ok(n)) => axum::Json(json!({"retried": n})).into_response(),
+        Ok(Err(StoreError::Invalid(m))) => error(StatusCode::NOT_FOUND, m),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn dlq_purge(State(state): State<ApiState>) -> Response {
+    match state.store.run(PurgeOp).await {
+        Ok(n) => {
+            state
+                .stats
+                .dead_letters
+                .fetch_sub(n as i64, Ordering::Relaxed);
+            axum::Json(json!({"purged": n})).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 /// The `status --json` document.

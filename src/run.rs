@@ -57,6 +57,7 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
         } => commands::emit::run(ws, kind, payload, idempotency_key.as_deref(), *inbound),
         Command::Inbox { json, limit } => commands::inbox::run(ws, *json, *limit),
         Command::Conformance { pack_dir } => commands::conformance::run(pack_dir),
+        Command::Dlq { action } => commands::dlq::run(ws, action),
         Command::New {
             what: crate::cli::NewWhat::Pack { name, lang },
         } => commands::new_pack::run(ws, name, *lang),

@@ -18,6 +18,7 @@
 //! task and a panic there becomes a stop (see `pack_host`), with restart intensity counted in
 //! [`supervision`].
 
+pub mod dead_letters;
 pub mod exec_worker;
 pub mod pack_host;
 pub mod queue;

@@ -119,7 +119,8 @@ impl StoreOp for LoadPending {
         let sql = format!(
             "SELECT i.seq, i.body, coalesce(a.attempts, 0) FROM inbound i
              LEFT JOIN attempts a ON a.pack = ?1 AND a.seq = i.seq
-             WHERE i.seq > ?2 AND i.kind IN ({placeholders}) ORDER BY i.seq LIMIT {}",
+             WHERE i.seq > ?2 AND i.kind IN ({placeholders}) AND (i.target IS NULL OR i.target = ?1)
+             ORDER BY i.seq LIMIT {}",
             self.limit + 1
         );
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -241,6 +242,8 @@ impl std::fmt::Display for Crash {
 
 #[derive(Default)]
 struct ChunkResult {
+    /// Dead-lettered events: (event_id, kind, error, attempts), for `agent:` events.
+    dead: Vec<(String, String, String, u32)>,
     /// Number of queue entries finished (popped), and their statuses for the counters.
     finished: usize,
     statuses: Vec<OutcomeStatus>,
@@ -656,11 +659,18 @@ impl PackHost {
                         break;
                     }
                     Ok(o) if o.status == OutcomeStatus::Failed => {
+                        let error = format!("handler failed: {}", o.action.unwrap_or_default());
+                        r.dead.push((
+                            p.envelope.event_id.clone(),
+                            p.envelope.kind.clone(),
+                            error.clone(),
+                            attempt,
+                        ));
                         dead_letters.push(DeadLetter {
                             seq: p.seq,
                             envelope: p.envelope.clone(),
                             attempts: attempt,
-                            error: format!("handler failed: {}", o.action.unwrap_or_default()),
+                            error,
                         });
                         r.dead_lettered += 1;
                         r.statuses.push(OutcomeStatus::Failed);
@@ -689,6 +699,19 @@ impl PackHost {
             match store.run(op).await {
                 Ok(c) => {
                     r.recorded = c.recorded;
+                    if let (Some((attempts, true)), Some(p)) = (c.stopped, chunk.get(r.finished)) {
+                        let error = r
+                            .crash
+                            .as_ref()
+                            .map(|c| c.0.clone())
+                            .unwrap_or_else(|| "handler asked to retry".into());
+                        r.dead.push((
+                            p.envelope.event_id.clone(),
+                            p.envelope.kind.clone(),
+                            error,
+                            attempts,
+                        ));
+                    }
                     if let Some((attempts, dead)) = c.stopped {
                         if let Some(crash) = &mut r.crash {
                             crash.1 = attempts;
@@ -732,6 +755,12 @@ impl PackHost {
         self.agent
             .replay_entries
             .fetch_add(r.recorded as i64, Ordering::Relaxed);
+        for (event_id, kind, error, attempts) in &r.dead {
+            self.agent_event(
+                "agent:event_dead_lettered",
+                serde_json::json!({"pack": self.id, "event_id": event_id, "kind": kind, "error": error, "attempts": attempts}),
+            );
+        }
         self.add_dead_letters(r.dead_lettered as u64);
         for _ in 0..r.finished {
             self.queue.pop_front();
@@ -787,11 +816,37 @@ impl PackHost {
         }
     }
 
+    /// Publishes one of the agent's own events (`agent:*`) to the packs that subscribe.
+    /// Detached from this actor's context, which may be about to stop.
+    fn agent_event(&self, kind: &str, payload: serde_json::Value) {
+        let serde_json::Value::Object(payload) = payload else {
+            return;
+        };
+        let envelope =
+            EventDraft::new(kind, payload).build(&self.cfg.identity, std::time::SystemTime::now());
+        let emitter = self.emitter.clone();
+        actix::spawn(async move {
+            if let Err(e) = emitter.inbound(vec![envelope]).await {
+                tracing::warn!(error = %e, "could not publish an agent: event");
+            }
+        });
+    }
+
     /// A handler crashed: restart through the supervisor, or wait in `crashed`.
     fn crashed(&mut self, error: String, ctx: &mut Context<Self>) {
         self.stats.set_last_error(Some(error.clone()));
         self.healthy_since = Instant::now();
-        match self.intensity.record(Instant::now()) {
+        let decision = self.intensity.record(Instant::now());
+        let (state, backoff_ms) = match decision {
+            Decision::Restart => ("restarting", 0),
+            Decision::Crashed(wait) => ("crashed", wait.as_millis() as u64),
+        };
+        self.agent_event(
+            "agent:pack_crashed",
+            serde_json::json!({"pack": self.id, "error": error, "state": state, "backoff_ms": backoff_ms,
+                "restarts": self.stats.restarts.load(Ordering::Relaxed)}),
+        );
+        match decision {
             Decision::Restart => {
                 tracing::warn!(pack = %self.id, error = %error, "handler crashed; restarting the pack");
                 self.stats.set_state(PackState::Restarting);

@@ -200,6 +200,7 @@ impl Handler<Accept> for DurableQueue {
                         .map(|(seq, envelope)| InboundRow {
                             seq: *seq,
                             envelope,
+                            target: None,
                         })
                         .collect();
                     if !rows.is_empty() {

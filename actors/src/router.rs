@@ -62,6 +62,8 @@ pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 pub struct InboundRow {
     pub seq: i64,
     pub envelope: Arc<Envelope>,
+    /// Only this pack (a retried dead letter); `None`: every subscriber.
+    pub target: Option<String>,
 }
 
 struct AppendInbound {
@@ -122,7 +124,9 @@ impl Handler<Dispatch> for Router {
         let mut per_pack: HashMap<&str, Vec<InboundRow>> = HashMap::new();
         for row in m.rows {
             for pack in table.subscribers_of(&row.envelope.kind) {
-                per_pack.entry(pack.as_str()).or_default().push(row.clone());
+                if row.target.as_deref().is_none_or(|t| t == pack) {
+                    per_pack.entry(pack.as_str()).or_default().push(row.clone());
+                }
             }
         }
         for (pack, rows) in per_pack {
@@ -170,6 +174,7 @@ impl Handler<Inbound> for Router {
                         .map(|(seq, envelope)| InboundRow {
                             seq: *seq,
                             envelope,
+                            target: None,
                         })
                         .collect();
                     me.do_send(Dispatch { rows });
@@ -185,6 +190,44 @@ impl Handler<Inbound> for Router {
                 .inbound_unrouted
                 .fetch_add(unrouted as u64, Ordering::Relaxed);
             Ok(total)
+        })
+    }
+}
+
+/// Put dead letters back into the inbound log for their pack, and deliver them.
+pub struct RetryDeadLetters {
+    pub ids: Option<Vec<i64>>,
+}
+impl Message for RetryDeadLetters {
+    type Result = Result<usize, StoreError>;
+}
+impl Handler<RetryDeadLetters> for Router {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+    fn handle(&mut self, m: RetryDeadLetters, ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let stats = self.stats.clone();
+        let me = ctx.address();
+        Box::pin(async move {
+            let on_commit: OnCommit<Vec<crate::dead_letters::Retried>> = Box::new(move |retried| {
+                let rows = retried
+                    .iter()
+                    .filter_map(|r| {
+                        Envelope::parse(r.body.as_bytes()).ok().map(|e| InboundRow {
+                            seq: r.seq,
+                            envelope: Arc::new(e),
+                            target: Some(r.pack.clone()),
+                        })
+                    })
+                    .collect();
+                me.do_send(Dispatch { rows });
+            });
+            let retried = store
+                .run_then(crate::dead_letters::RetryOp { ids: m.ids }, Some(on_commit))
+                .await?;
+            stats
+                .dead_letters
+                .fetch_sub(retried.len() as i64, Ordering::Relaxed);
+            Ok(retried.len())
         })
     }
 }

@@ -30,13 +30,15 @@ const MIGRATIONS: &[&str] = &[
     );
 
     -- Events to deliver to local packs (from the upstream, the API, or other packs).
+    -- `target`: deliver to that pack only (a dead letter retried); NULL: every subscriber.
     CREATE TABLE IF NOT EXISTS inbound (
         seq         INTEGER PRIMARY KEY,
         event_id    TEXT NOT NULL,
         kind        TEXT NOT NULL,
         event_ms    INTEGER NOT NULL,
         received_ms INTEGER NOT NULL,
-        body        TEXT NOT NULL
+        body        TEXT NOT NULL,
+        target      TEXT
     );
 
     -- Per-pack progress through `inbound`: every row with seq <= cursor is done for the pack.

@@ -2,6 +2,7 @@
 //! edge prints (exit 2: usage or environment).
 
 pub mod conformance;
+pub mod dlq;
 pub mod emit;
 pub mod inbox;
 pub mod new_pack;

@@ -71,6 +71,11 @@ impl Workspace {
 
     /// Starts `start` in the background and waits for `api.json`.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Like [`Workspace::start`], with extra environment variables.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         let _ = std::fs::remove_file(self.api_file());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -79,6 +84,7 @@ impl Workspace {
             .unwrap();
         let child = self
             .cmd()
+            .envs(env.iter().copied())
             .arg("start")
             .stdout(Stdio::null())
             .stderr(log)

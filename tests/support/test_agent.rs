@@ -8,6 +8,9 @@
 //!   count effects. The payload steers it: `{"panic": true}` panics, `{"sleep_ms": n}`
 //!   sleeps, `{"outcome": "retry"|"failed"|"ignored"}` returns that status,
 //!   `{"panic_until_attempt": n}` panics on attempts below n.
+//!   `{"panic_while_exists": "/path"}` panics while that file exists (delete it to "fix").
+//! - `observer` subscribes to `agent:pack_crashed` and `agent:event_dead_lettered` and appends
+//!   them to `$LUMENFLOW_TEST_EFFECTS.agent`.
 //! - `emitter` emits `emitter:job_completed` (queue) and `emitter:tick` (ephemeral).
 //! - `sink` subscribes to `bench:ping` and does nothing (for throughput benchmarks).
 //! - `bench` emits `bench:ping` (queue) and `bench:pulse` (ephemeral).
@@ -21,6 +24,8 @@ const RECORDER: &str = r#"{"id":"recorder","version":"0.1.0",
 const EMITTER: &str = r#"{"id":"emitter","version":"0.1.0",
   "emitted_event_kinds":["emitter:job_completed","emitter:tick"],
   "backpressure_policy":{"emitter:job_completed":"queue","emitter:tick":"ephemeral"}}"#;
+const OBSERVER: &str = r#"{"id":"observer","version":"0.1.0",
+  "subscribed_event_kinds":["agent:pack_crashed","agent:event_dead_lettered"]}"#;
 const SINK: &str = r#"{"id":"sink","version":"0.1.0","subscribed_event_kinds":["bench:ping"]}"#;
 const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
   "emitted_event_kinds":["bench:ping","bench:pulse"],
@@ -33,6 +38,11 @@ async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     }
     if p.get("panic").and_then(|v| v.as_bool()) == Some(true) {
         panic!("poison payload in {}", e.event_id);
+    }
+    if let Some(flag) = p.get("panic_while_exists").and_then(|v| v.as_str()) {
+        if std::path::Path::new(flag).exists() {
+            panic!("poison: {flag} exists");
+        }
     }
     if let Some(n) = p.get("panic_until_attempt").and_then(|v| v.as_u64()) {
         if u64::from(ctx.attempt) < n {
@@ -58,6 +68,19 @@ async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     }
 }
 
+/// The observer pack: appends `<kind> <payload>` to `$LUMENFLOW_TEST_EFFECTS.agent`.
+async fn observe(e: Envelope, _ctx: HandlerCtx) -> HandlerOutcome {
+    let path =
+        std::env::var("LUMENFLOW_TEST_EFFECTS").unwrap_or_else(|_| "effects.log".into()) + ".agent";
+    let line = format!("{} {}\n", e.kind, serde_json::Value::Object(e.payload));
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    HandlerOutcome::handled("observed")
+}
+
 fn packs() -> Vec<NativePack> {
     let wanted =
         std::env::var("LUMENFLOW_TEST_PACKS").unwrap_or_else(|_| "recorder,emitter".into());
@@ -70,6 +93,10 @@ fn packs() -> Vec<NativePack> {
                 .on("emitter:tick", record)
                 .build(),
             "emitter" => NativePack::builder(EMITTER).build(),
+            "observer" => NativePack::builder(OBSERVER)
+                .on("agent:pack_crashed", observe)
+                .on("agent:event_dead_lettered", observe)
+                .build(),
             "sink" => NativePack::builder(SINK)
                 .on("bench:ping", |_e, _ctx| async {
                     HandlerOutcome::handled("ok")

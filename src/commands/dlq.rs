@@ -1,0 +1,99 @@
+//! `lumenflow-agent dlq list | retry ID|--all | purge`.
+//!
+//! `list` reads SQLite directly. `retry` and `purge` go through the running agent (so its
+//! counters stay right and retried events are delivered at once); when no agent runs they
+//! write the database directly, and the next `start` delivers what was retried.
+
+use super::exit;
+use crate::cli::DlqAction;
+use crate::client::{ApiClient, ClientError};
+use crate::workspace::Workspace;
+use lumenflow_actors::dead_letters;
+use lumenflow_actors::store::{open_connection, open_reader, Durability};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
+    let ws = Workspace::locate(workspace)?;
+    let db = ws.db_file();
+    match action {
+        DlqAction::List { json } => {
+            let rows = if db.exists() {
+                dead_letters::list(&open_reader(&db)?, 1_000_000)?
+            } else {
+                Vec::new()
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:>5}  {:<20} {:<34} {:<38} {:>8}  ERROR",
+                    "ID", "PACK", "KIND", "EVENT ID", "ATTEMPTS"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>5}  {:<20} {:<34} {:<38} {:>8}  {}",
+                        r.id, r.pack, r.kind, r.event_id, r.attempts, r.error
+                    );
+                }
+                println!(
+                    "{} dead letter(s); `lumenflow-agent dlq retry ID|--all` delivers them again",
+                    rows.len()
+                );
+            }
+            Ok(exit::OK)
+        }
+        DlqAction::Retry { id, all } => {
+            if id.is_none() && !*all {
+                anyhow::bail!("name a dead letter (`dlq retry ID`) or use `dlq retry --all`");
+            }
+            let body = match id {
+                Some(id) => json!({"id": id}),
+                None => json!({"all": true}),
+            };
+            match via_agent(&ws, "/v1/dlq/retry", &body)? {
+                Some(v) => println!("retried {} dead letter(s)", v["retried"]),
+                None => {
+                    let ids = id.map(|i| vec![i]);
+                    let conn = open_connection(&db, Durability::Full)?;
+                    let tx = conn.unchecked_transaction()?;
+                    let n = dead_letters::retry(&tx, ids.as_deref())?.len();
+                    tx.commit()?;
+                    println!("retried {n} dead letter(s); the agent is not running: they are delivered at the next `lumenflow-agent start`");
+                }
+            }
+            Ok(exit::OK)
+        }
+        DlqAction::Purge => {
+            match via_agent(&ws, "/v1/dlq/purge", &json!({}))? {
+                Some(v) => println!("purged {} dead letter(s)", v["purged"]),
+                None => {
+                    let n = if db.exists() {
+                        dead_letters::purge(&open_connection(&db, Durability::Full)?)?
+                    } else {
+                        0
+                    };
+                    println!("purged {n} dead letter(s)");
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// `Some(reply)` from the running agent, `None` when none runs.
+fn via_agent(ws: &Workspace, path: &str, body: &Value) -> anyhow::Result<Option<Value>> {
+    let client = match ApiClient::connect(ws) {
+        Ok(c) => c,
+        Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match client.post(path, body, ws) {
+        Ok(r) if r.status == 200 => Ok(Some(r.body)),
+        Ok(r) => anyhow::bail!("{}", r.message()),
+        Err(ClientError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
