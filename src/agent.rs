@@ -18,16 +18,17 @@ use crate::workspace::Workspace;
 use actix::prelude::*;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use lumenflow_actors::pack_host::{Drain, HandlerKind, HostConfig, PackHost};
+use lumenflow_actors::pack_host::HostConfig;
+use lumenflow_actors::pack_registry::{DrainAll, HostDeps, PackRegistry, StartAll};
 use lumenflow_actors::queue::{outbox_depth, DurableQueue};
 use lumenflow_actors::replay_log::{count_entries, ReplayLog};
-use lumenflow_actors::router::{Emitter, RegisterHost, Router, RoutingTable};
+use lumenflow_actors::router::{Emitter, Router, RoutingTable};
 use lumenflow_actors::schema::{migrate, SchemaError};
-use lumenflow_actors::stats::{AgentStats, PackState};
+use lumenflow_actors::stats::AgentStats;
 use lumenflow_actors::store::{open_connection, Durability, Store, StoreHandle};
 use lumenflow_actors::upstream::{IsIdle, Upstream, UpstreamMode};
-use lumenflow_pack_sdk::{Manifest, NativePack};
-use std::collections::BTreeMap;
+use lumenflow_actors::watcher::Watcher;
+use lumenflow_pack_sdk::NativePack;
 use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -160,58 +161,8 @@ impl Agent {
             ),
         };
 
-        // Packs: folder packs from the packs root, then native ones registered by the embedder.
-        let scan = scan_packs(&self.ws, cfg);
-        let mut manifests: BTreeMap<String, (Arc<Manifest>, HandlerKind)> = BTreeMap::new();
-        for pack in &self.native {
-            manifests.insert(
-                pack.manifest.id.clone(),
-                (
-                    Arc::new(pack.manifest.clone()),
-                    HandlerKind::Native(Box::new(pack.clone())),
-                ),
-            );
-        }
-        for load in &scan.loads {
-            let id = load
-                .manifest
-                .as_ref()
-                .map(|m| m.id.clone())
-                .unwrap_or_else(|| load.folder_name());
-            if manifests.contains_key(&id) {
-                continue; // a native registration of the same id wins
-            }
-            let pack_stats = stats.pack(&id);
-            match &load.manifest {
-                None => {
-                    let errors: Vec<String> = load.errors().map(|d| d.to_string()).collect();
-                    for e in &errors {
-                        tracing::error!(pack = %id, "{e}");
-                    }
-                    pack_stats.set_state(PackState::Invalid);
-                    pack_stats.set_last_error(errors.first().cloned());
-                }
-                Some(m) => {
-                    let handler = match &m.runtime {
-                        Some(_) => HandlerKind::Exec {
-                            dir: load.dir.clone(),
-                        },
-                        None => HandlerKind::EmitOnly,
-                    };
-                    manifests.insert(id.clone(), (Arc::new(m.clone()), handler));
-                }
-            }
-            for w in load.warnings() {
-                tracing::warn!(pack = %id, "{w}");
-            }
-        }
-        for c in &scan.conflicts {
-            tracing::error!("{c}");
-        }
-
-        let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
-            manifests.values().map(|(m, _)| m),
-        )));
+        let table: lumenflow_actors::router::SharedTable =
+            Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let router = {
             let (t, s, st) = (table.clone(), store.clone(), stats.clone());
             Supervisor::start(move |_| Router::new(t, s, st))
@@ -242,24 +193,32 @@ impl Agent {
             workspace: self.ws.root.clone(),
             identity: cfg.identity.clone(),
         };
-        let mut hosts = Vec::new();
-        for (id, (manifest, handler)) in manifests {
-            let (hc, s, rp, em, st) = (
-                host_cfg.clone(),
-                store.clone(),
-                replay.clone(),
-                emitter.clone(),
-                stats.clone(),
+        let deps = HostDeps {
+            store: store.clone(),
+            replay: replay.clone(),
+            emitter: emitter.clone(),
+            router: router.clone(),
+            table: table.clone(),
+            cfg: host_cfg,
+            stats: stats.clone(),
+        };
+        let packs_root = self.ws.root.join(&cfg.packs_dir);
+        let config_check = config_checker(&self.ws, cfg);
+        let registry = {
+            let (root, ws_root, native) = (
+                packs_root.clone(),
+                self.ws.root.clone(),
+                self.native.clone(),
             );
-            let addr =
-                Supervisor::start(move |_| PackHost::new(manifest, handler, hc, s, rp, em, st));
-            router.do_send(RegisterHost {
-                pack: id.clone(),
-                addr: addr.clone(),
-            });
-            tracing::info!(pack = %id, "pack started");
-            hosts.push(addr);
-        }
+            let mut check = Some(config_check);
+            Supervisor::start(move |_| PackRegistry::new(deps, root, ws_root, native, check.take()))
+        };
+        let started = registry.send(StartAll).await.unwrap_or(0);
+        tracing::debug!(packs = started, "packs started");
+        let _watcher = {
+            let (root, dir, reg) = (packs_root, self.ws.lumenflow_dir(), registry.clone());
+            Supervisor::start(move |_| Watcher::new(root, dir, reg))
+        };
 
         let token = random_token();
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
@@ -294,8 +253,10 @@ impl Agent {
         shutdown.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&api_file);
         let drain_deadline = Duration::from_millis(cfg.handler_timeout_ms.min(30_000) + 1000);
-        let drains = futures_util::future::join_all(hosts.iter().map(|h| h.send(Drain)));
-        if tokio::time::timeout(drain_deadline, drains).await.is_err() {
+        if tokio::time::timeout(drain_deadline, registry.send(DrainAll))
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "a handler did not finish in time; its event will be redelivered at the next start"
             );
@@ -312,6 +273,31 @@ impl Agent {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Re-reads agent.json after a change: which settings differ from the running ones (they take
+/// effect at the next start), or the error.
+fn config_checker(
+    ws: &Workspace,
+    running: &AgentConfig,
+) -> lumenflow_actors::pack_registry::ConfigCheck {
+    let (name, file, running) = (ws.name(), ws.config_file(), running.clone());
+    Box::new(move || {
+        let now = AgentConfig::load(&name, &file).map_err(|e| e.to_string())?;
+        let (a, b) = (
+            serde_json::to_value(&running).unwrap_or_default(),
+            serde_json::to_value(&now).unwrap_or_default(),
+        );
+        let mut changed = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, v) in b {
+                if a.get(k) != Some(v) {
+                    changed.push(k.clone());
+                }
+            }
+        }
+        Ok(changed)
+    })
 }
 
 async fn wait_for_signal() {

@@ -9,6 +9,8 @@
 //! DurableQueue admission: durable before ack, backpressure at max depth
 //! Upstream     mem:inbox (embedded) ; ephemeral ring
 //! Router       kind -> packs; inbound log; dispatch in commit order
+//! PackRegistry which packs run; validated hot reloads, atomic route swaps
+//! Watcher      notify + debouncer on the packs root and agent.json
 //! PackHost     one per pack: in-order delivery, dedupe, crash -> restart, dead letters
 //!   ExecWorker   (owned by a PackHost) a handler program spoken to in JSON-RPC over stdio
 //! ```
@@ -21,6 +23,7 @@
 pub mod dead_letters;
 pub mod exec_worker;
 pub mod pack_host;
+pub mod pack_registry;
 pub mod queue;
 pub mod replay_log;
 pub mod router;
@@ -29,3 +32,4 @@ pub mod stats;
 pub mod store;
 pub mod supervision;
 pub mod upstream;
+pub mod watcher;

@@ -919,6 +919,22 @@ impl Handler<Deliver> for PackHost {
     }
 }
 
+/// Stop for good (the pack was removed or replaced). Sent after the last other address of
+/// the host is gone, so the supervisor does not restart it.
+pub struct Stop;
+impl Message for Stop {
+    type Result = ();
+}
+impl Handler<Stop> for PackHost {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        if let Some(w) = self.worker.take() {
+            w.kill();
+        }
+        ctx.stop();
+    }
+}
+
 /// Finish the event in flight and take no more (shutdown or removal).
 pub struct Drain;
 impl Message for Drain {

@@ -278,6 +278,69 @@ fn prefill_replay(dir: &Path, pack: &str, n: usize) {
     tx.commit().unwrap();
 }
 
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Posts one inbound event and waits until its id appears in `effects`; milliseconds.
+fn time_to_effect(
+    agent: &Agent,
+    http: &ureq::Agent,
+    kind: &str,
+    payload: Value,
+    effects: &Path,
+) -> f64 {
+    let t = Instant::now();
+    let (status, text) = agent.post(
+        http,
+        "/v1/inbound",
+        json!({"events": [{"kind": kind, "payload": payload}]}).to_string(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let id = serde_json::from_str::<Value>(&text).unwrap()["event_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    loop {
+        if std::fs::read_to_string(effects)
+            .unwrap_or_default()
+            .contains(&id)
+        {
+            return t.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no effect for {id}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Time for `node handler.mjs` to start and answer `initialize` (what an exec restart costs).
+fn node_start_ms(dir: &Path) -> f64 {
+    use std::io::{BufRead, Write};
+    let mut times: Vec<f64> = (0..10)
+        .map(|_| {
+            let t = Instant::now();
+            let mut child = Command::new("node")
+                .arg("handler.mjs")
+                .current_dir(dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("node");
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocol_version":1,"pack":{{}},"workspace":{{}}}}}}"#).unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let _ = child.kill();
+            let _ = child.wait();
+            ms
+        })
+        .collect();
+    median(&mut times)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n: usize = if quick { 40_000 } else { 200_000 };
@@ -434,6 +497,102 @@ fn main() {
             unit: "events/s",
             baseline: None,
             target: ">= 20k/s",
+        });
+        agent.stop();
+    }
+
+    {
+        // Crash -> next event handled. Native: the recorder panics on attempt 1 of an event
+        // and handles attempt 2; the cost is the median latency of such an event minus that of
+        // a normal one. Exec: a Node worker that exits on attempt 1.
+        let ws = workspace(json!({"supervision": {"max_restarts": 1000, "window_s": 1}}));
+        let dir = ws.path().join("packs/flaky");
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        std::fs::copy(
+            root.join("packs/node/lumenflow-pack.mjs"),
+            dir.join("lumenflow-pack.mjs"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("manifest.json"), json!({"id": "flaky", "version": "0.1.0",
+            "subscribed_event_kinds": ["conductor:job_poked"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string()).unwrap();
+        std::fs::write(dir.join("handler.mjs"), "import { runPack } from './lumenflow-pack.mjs';\nimport { appendFileSync } from 'node:fs';\nrunPack({ handlers: { 'conductor:job_poked': async (e, ctx) => { if (e.payload.crash && ctx.attempt === 1) process.exit(1); appendFileSync('../../effects.log', e.event_id + '\\n'); return { status: 'handled' }; } } });\n").unwrap();
+        let agent = Agent::start(&bin, ws.path(), "recorder");
+        let http = Agent::http();
+        let effects = ws.path().join("effects.log");
+        let samples = if quick { 10 } else { 30 };
+        let lat = |kind: &str, payload: Value| -> f64 {
+            let mut v: Vec<f64> = (0..samples)
+                .map(|_| time_to_effect(&agent, &http, kind, payload.clone(), &effects))
+                .collect();
+            median(&mut v)
+        };
+        let native_ok = lat("conductor:recovery_requested", json!({}));
+        let native_crash = lat(
+            "conductor:recovery_requested",
+            json!({"panic_until_attempt": 2}),
+        );
+        let exec_ok = lat("conductor:job_poked", json!({}));
+        let exec_crash = lat("conductor:job_poked", json!({"crash": true}));
+        let node_ms = node_start_ms(&dir);
+        eprintln!("crash->next: native {native_ok:.2} -> {native_crash:.2} ms; exec {exec_ok:.2} -> {exec_crash:.2} ms (node start {node_ms:.1} ms)");
+        rows.push(Row { scenario: format!("crash -> event handled, native (panic, restart, redeliver; median, normal event {native_ok:.2} ms)"), durability: "", value: native_crash - native_ok, unit: "ms", baseline: None, target: "<= 10 ms" });
+        rows.push(Row { scenario: format!("crash -> event handled, Node exec (worker exit, restart, handshake; worker start {node_ms:.1} ms)"), durability: "", value: exec_crash - exec_ok, unit: "ms", baseline: None, target: "<= worker start + 20 ms" });
+        agent.stop();
+    }
+
+    {
+        // Hot reload: save (write temp + rename) -> new manifest active, per status.
+        let ws = workspace(json!({}));
+        let dir = ws.path().join("packs/hot");
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = |v: &str| {
+            json!({"id": "hot", "version": v, "emitted_event_kinds": ["hot:done"], "backpressure_policy": {"hot:done": "queue"}}).to_string()
+        };
+        std::fs::write(dir.join("manifest.json"), m("0.0.0")).unwrap();
+        let agent = Agent::start(&bin, ws.path(), "");
+        let http = Agent::http();
+        let samples = if quick { 10 } else { 30 };
+        let mut times: Vec<f64> = (1..=samples)
+            .map(|i| {
+                let version = format!("0.0.{i}");
+                let t = Instant::now();
+                std::fs::write(dir.join(".manifest.json.tmp"), m(&version)).unwrap();
+                std::fs::rename(dir.join(".manifest.json.tmp"), dir.join("manifest.json")).unwrap();
+                loop {
+                    let s = agent.status(&http);
+                    if s["packs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["version"] == version.as_str())
+                    {
+                        break t.elapsed().as_secs_f64() * 1000.0;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            })
+            .collect();
+        let p50 = percentile(&mut times, 0.5);
+        let p99 = percentile(&mut times, 0.99);
+        eprintln!("hot reload: p50 {p50:.1} ms, p99 {p99:.1} ms");
+        rows.push(Row {
+            scenario: format!(
+                "hot reload, save -> new manifest active, p50 ({samples} saves; debounce 40 ms)"
+            ),
+            durability: "",
+            value: p50,
+            unit: "ms",
+            baseline: None,
+            target: "<= 100 ms",
+        });
+        rows.push(Row {
+            scenario: format!("hot reload, save -> new manifest active, p99 ({samples} saves)"),
+            durability: "",
+            value: p99,
+            unit: "ms",
+            baseline: None,
+            target: "<= 200 ms",
         });
         agent.stop();
     }

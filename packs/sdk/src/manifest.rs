@@ -991,5 +991,54 @@ pub fn load_pack_dir(
     Some(load)
 }
 
+/// Every pack folder of a packs root, loaded and validated.
+#[derive(Debug, Clone, Default)]
+pub struct PackScan {
+    pub loads: Vec<PackLoad>,
+    /// Problems between packs (two packs with one slug).
+    pub conflicts: Vec<String>,
+    pub root_missing: bool,
+}
+
+/// Loads every folder of `root` that has a manifest (folders without one, and hidden ones, are
+/// skipped: a library the packs share, for example).
+pub fn scan_packs_root(root: &Path, display_base: &Path) -> PackScan {
+    let mut scan = PackScan::default();
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(_) => {
+            scan.root_missing = true;
+            return scan;
+        }
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        if let Some(load) = load_pack_dir(&dir, display_base, None) {
+            scan.loads.push(load);
+        }
+    }
+    let mut slugs: BTreeMap<String, String> = BTreeMap::new();
+    for load in &scan.loads {
+        if let Some(m) = &load.manifest {
+            if let Some(other) = slugs.insert(m.slug.clone(), load.display.clone()) {
+                scan.conflicts.push(format!(
+                    "{}: slug: Duplicate slug: \"{}\" is already used by {other}; event kinds would be ambiguous",
+                    load.display, m.slug
+                ));
+            }
+        }
+    }
+    scan
+}
+
 #[cfg(test)]
 mod tests;

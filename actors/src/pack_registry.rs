@@ -1,0 +1,439 @@
+//! `PackRegistry`: which packs run, with which manifest (SPEC §8).
+//!
+//! Owns the set of running pack hosts and the routing table they are reached through. It
+//! starts every pack at boot and applies hot reloads, one at a time:
+//!
+//! - a reload re-reads the changed pack folders and validates them *first*; only a valid
+//!   manifest whose content changed replaces a running pack;
+//! - a replaced pack finishes its event in flight, then its new host (and, for an exec pack,
+//!   a new worker with the new command) takes over from the old one's cursor; the routing table
+//!   is swapped in one step;
+//! - an invalid edit never replaces a working version: the old one keeps running and the error
+//!   shows in the log and in `status` until a valid version arrives;
+//! - a new folder starts a pack at the end of the inbound log; a removed folder stops its pack
+//!   (state `stopped`); its durable data (cursor, dead letters, replay log) is kept.
+//!
+//! Native packs registered through the library are fixed for the agent's lifetime.
+
+use crate::pack_host::{Drain, HandlerKind, HostConfig, PackHost, Stop};
+use crate::replay_log::ReplayLog;
+use crate::router::{Emitter, RegisterHost, Router, RoutingTable, SharedTable, UnregisterHost};
+use crate::stats::{AgentStats, PackState};
+use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use actix::prelude::*;
+use lumenflow_pack_sdk::manifest::{load_pack_dir, scan_packs_root, PackLoad};
+use lumenflow_pack_sdk::{Manifest, NativePack};
+use rusqlite::Connection;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Checks the agent's config file after it changed: `Ok(settings that changed)` or the error.
+pub type ConfigCheck = Box<dyn Fn() -> Result<Vec<String>, String>>;
+
+/// What a pack host needs, shared by every host the registry starts.
+#[derive(Clone)]
+pub struct HostDeps {
+    pub store: StoreHandle,
+    pub replay: Addr<ReplayLog>,
+    pub emitter: Emitter,
+    pub router: Addr<Router>,
+    pub table: SharedTable,
+    pub cfg: HostConfig,
+    pub stats: Arc<AgentStats>,
+}
+
+struct Running {
+    manifest: Arc<Manifest>,
+    addr: Addr<PackHost>,
+    /// The folder it was loaded from; `None` for a native pack.
+    folder: Option<String>,
+}
+
+/// Creates a pack's cursor at the end of the inbound log if it has none.
+struct InitCursor {
+    pack: String,
+}
+
+impl StoreOp for InitCursor {
+    type Output = ();
+    fn run(self, conn: &Connection) -> Result<(), StoreError> {
+        conn.execute(
+            "INSERT OR IGNORE INTO pack_cursor(pack, cursor) SELECT ?1, coalesce(max(seq), 0) FROM inbound",
+            [&self.pack],
+        )?;
+        Ok(())
+    }
+}
+
+pub struct PackRegistry {
+    deps: HostDeps,
+    packs_root: PathBuf,
+    workspace_root: PathBuf,
+    native: BTreeMap<String, NativePack>,
+    running: BTreeMap<String, Running>,
+    /// Outstanding reload errors per pack folder.
+    errors: BTreeMap<String, String>,
+    config_check: Option<ConfigCheck>,
+}
+
+impl PackRegistry {
+    pub fn new(
+        deps: HostDeps,
+        packs_root: PathBuf,
+        workspace_root: PathBuf,
+        native: Vec<NativePack>,
+        config_check: Option<ConfigCheck>,
+    ) -> Self {
+        PackRegistry {
+            deps,
+            packs_root,
+            workspace_root,
+            native: native
+                .into_iter()
+                .map(|p| (p.manifest.id.clone(), p))
+                .collect(),
+            running: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            config_check,
+        }
+    }
+
+    fn publish_table(&self) {
+        let table = RoutingTable::build(self.running.values().map(|r| &r.manifest));
+        self.deps.table.store(Arc::new(table));
+    }
+
+    fn start_host(
+        &mut self,
+        manifest: Arc<Manifest>,
+        handler: HandlerKind,
+        folder: Option<String>,
+    ) {
+        let d = self.deps.clone();
+        let m = manifest.clone();
+        let addr = Supervisor::start(move |_| {
+            PackHost::new(m, handler, d.cfg, d.store, d.replay, d.emitter, d.stats)
+        });
+        self.deps.router.do_send(RegisterHost {
+            pack: manifest.id.clone(),
+            addr: addr.clone(),
+        });
+        self.running.insert(
+            manifest.id.clone(),
+            Running {
+                manifest,
+                addr,
+                folder,
+            },
+        );
+    }
+
+    fn handler_for(load: &PackLoad, m: &Manifest) -> HandlerKind {
+        match &m.runtime {
+            Some(_) => HandlerKind::Exec {
+                dir: load.dir.clone(),
+            },
+            None => HandlerKind::EmitOnly,
+        }
+    }
+
+    fn record_error(&mut self, folder: &str, id: &str, message: String, keep_running: bool) {
+        tracing::error!(pack = %id, "{message}");
+        let stats = self.deps.stats.pack(id);
+        stats.set_last_error(Some(message.clone()));
+        if !keep_running {
+            stats.set_state(PackState::Invalid);
+        }
+        self.deps.stats.set_reload_error(Some(message.clone()));
+        self.errors.insert(folder.to_string(), message);
+    }
+
+    fn clear_error(&mut self, folder: &str) {
+        if self.errors.remove(folder).is_some() {
+            self.deps
+                .stats
+                .set_reload_error(self.errors.values().last().cloned());
+        }
+    }
+
+    /// Valid loads and their ids, after checking slugs against the other running packs.
+    fn slug_conflict(&self, m: &Manifest) -> Option<String> {
+        self.running
+            .values()
+            .find(|r| r.manifest.id != m.id && r.manifest.slug == m.slug)
+            .map(|r| format!("Duplicate slug: \"{}\" is already used by pack \"{}\"; event kinds would be ambiguous", m.slug, r.manifest.id))
+    }
+}
+
+impl Actor for PackRegistry {
+    type Context = Context<Self>;
+}
+
+impl Supervised for PackRegistry {}
+
+/// Starts every pack (at boot). Answers when all hosts are started.
+pub struct StartAll;
+impl Message for StartAll {
+    type Result = usize;
+}
+impl Handler<StartAll> for PackRegistry {
+    type Result = usize;
+    fn handle(&mut self, _: StartAll, _: &mut Context<Self>) -> usize {
+        for pack in self.native.values().cloned().collect::<Vec<_>>() {
+            self.start_host(
+                Arc::new(pack.manifest.clone()),
+                HandlerKind::Native(Box::new(pack)),
+                None,
+            );
+        }
+        let scan = scan_packs_root(&self.packs_root, &self.workspace_root);
+        for load in &scan.loads {
+            let folder = load.folder_name();
+            let id = load
+                .manifest
+                .as_ref()
+                .map(|m| m.id.clone())
+                .unwrap_or_else(|| folder.clone());
+            for w in load.warnings() {
+                tracing::warn!(pack = %id, "{w}");
+            }
+            if self.native.contains_key(&id) {
+                continue; // a native registration of the same id wins
+            }
+            match &load.manifest {
+                None => {
+                    let msg = load
+                        .errors()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    self.record_error(&folder, &id, msg, false);
+                }
+                Some(m) => {
+                    if let Some(conflict) = self.slug_conflict(m) {
+                        self.record_error(
+                            &folder,
+                            &id,
+                            format!("{}: slug: {conflict}", load.display),
+                            false,
+                        );
+                        continue;
+                    }
+                    let handler = Self::handler_for(load, m);
+                    self.start_host(Arc::new(m.clone()), handler, Some(folder));
+                }
+            }
+        }
+        self.publish_table();
+        for (id, r) in &self.running {
+            tracing::info!(pack = %id, version = %r.manifest.version, "pack started");
+        }
+        self.running.len()
+    }
+}
+
+/// Re-reads pack folders (`None`: all of them) and applies what changed.
+pub struct ReloadPacks {
+    pub folders: Option<Vec<String>>,
+}
+impl Message for ReloadPacks {
+    type Result = ();
+}
+
+enum Change {
+    Start(Arc<Manifest>, HandlerKind, String),
+    Replace(Arc<Manifest>, HandlerKind, String),
+    Remove(String),
+}
+
+impl Handler<ReloadPacks> for PackRegistry {
+    type Result = ();
+    fn handle(&mut self, m: ReloadPacks, ctx: &mut Context<Self>) {
+        let folders: Vec<String> = match m.folders {
+            Some(f) => f,
+            None => {
+                let mut all: Vec<String> = scan_packs_root(&self.packs_root, &self.workspace_root)
+                    .loads
+                    .iter()
+                    .map(|l| l.folder_name())
+                    .collect();
+                all.extend(self.running.values().filter_map(|r| r.folder.clone()));
+                all.sort();
+                all.dedup();
+                all
+            }
+        };
+        let mut changes = Vec::new();
+        for folder in folders {
+            let running_id = self
+                .running
+                .iter()
+                .find(|(_, r)| r.folder.as_deref() == Some(&folder))
+                .map(|(id, _)| id.clone());
+            let load = load_pack_dir(&self.packs_root.join(&folder), &self.workspace_root, None);
+            let Some(load) = load else {
+                if let Some(id) = running_id {
+                    changes.push(Change::Remove(id));
+                }
+                self.clear_error(&folder);
+                continue;
+            };
+            let id = load
+                .manifest
+                .as_ref()
+                .map(|m| m.id.clone())
+                .unwrap_or_else(|| folder.clone());
+            if self.native.contains_key(&id) {
+                continue;
+            }
+            let Some(manifest) = load.manifest.clone() else {
+                let msg = load
+                    .errors()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let keep = running_id.is_some();
+                let msg = if keep {
+                    format!("{msg} (the previous version keeps running)")
+                } else {
+                    msg
+                };
+                self.record_error(&folder, &running_id.unwrap_or(id), msg, keep);
+                continue;
+            };
+            if let Some(conflict) = self.slug_conflict(&manifest) {
+                self.record_error(
+                    &folder,
+                    &id,
+                    format!("{}: slug: {conflict}", load.display),
+                    running_id.is_some(),
+                );
+                continue;
+            }
+            let had_error = self.errors.contains_key(&folder);
+            self.clear_error(&folder);
+            let handler = Self::handler_for(&load, &manifest);
+            match running_id {
+                Some(rid) if rid != id => {
+                    changes.push(Change::Remove(rid));
+                    changes.push(Change::Start(Arc::new(manifest), handler, folder));
+                }
+                Some(rid) => {
+                    let same = self
+                        .running
+                        .get(&rid)
+                        .is_some_and(|r| r.manifest.hash == manifest.hash);
+                    if !same {
+                        changes.push(Change::Replace(Arc::new(manifest), handler, folder));
+                    } else if had_error {
+                        // Back to the running content: the reload error is gone.
+                        self.deps.stats.pack(&rid).set_last_error(None);
+                    }
+                }
+                None => changes.push(Change::Start(Arc::new(manifest), handler, folder)),
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        // Apply with the mailbox paused: one reload at a time, in order.
+        let store = self.deps.store.clone();
+        let router = self.deps.router.clone();
+        let stopping: Vec<(String, Addr<PackHost>)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Replace(m, ..) => self
+                    .running
+                    .get(&m.id)
+                    .map(|r| (m.id.clone(), r.addr.clone())),
+                Change::Remove(id) => self.running.get(id).map(|r| (id.clone(), r.addr.clone())),
+                Change::Start(..) => None,
+            })
+            .collect();
+        let starting: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Start(m, ..) => Some(m.id.clone()),
+                _ => None,
+            })
+            .collect();
+        for (id, _) in &stopping {
+            self.running.remove(id);
+        }
+        let fut = async move {
+            for (id, addr) in stopping {
+                // Finish the event in flight, then forget the host (its last address goes).
+                let _ = addr.send(Drain).await;
+                let _ = router.send(UnregisterHost { pack: id }).await;
+                addr.do_send(Stop);
+            }
+            for id in starting {
+                if let Err(e) = store.run(InitCursor { pack: id.clone() }).await {
+                    tracing::error!(pack = %id, error = %e, "cannot create the pack's cursor");
+                }
+            }
+        };
+        ctx.wait(fut.into_actor(self).map(move |(), act, _| {
+            for c in changes {
+                let (m, handler, folder, verb) = match c {
+                    Change::Start(m, h, f) => (m, h, f, "started"),
+                    Change::Replace(m, h, f) => (m, h, f, "reloaded"),
+                    Change::Remove(id) => {
+                        act.deps.stats.pack(&id).set_state(PackState::Stopped);
+                        act.deps.stats.reload.count.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(pack = %id, "pack folder removed: pack stopped (its queued data is kept)");
+                        continue;
+                    }
+                };
+                tracing::info!(pack = %m.id, version = %m.version, hash = %&m.hash[..12], "pack {verb}");
+                act.deps.stats.pack(&m.id).set_last_error(None);
+                act.start_host(m, handler, Some(folder));
+                act.deps.stats.reload.count.fetch_add(1, Ordering::Relaxed);
+            }
+            act.deps.stats.reload.last_ms.store(now_ms(), Ordering::Relaxed);
+            act.publish_table();
+        }));
+    }
+}
+
+/// The agent's config file changed.
+pub struct ReloadConfig;
+impl Message for ReloadConfig {
+    type Result = ();
+}
+impl Handler<ReloadConfig> for PackRegistry {
+    type Result = ();
+    fn handle(&mut self, _: ReloadConfig, _: &mut Context<Self>) {
+        let Some(check) = &self.config_check else {
+            return;
+        };
+        match check() {
+            Ok(changed) if changed.is_empty() => {}
+            Ok(changed) => {
+                let msg = format!(".lumenflow/agent.json changed ({}): these settings take effect at the next start", changed.join(", "));
+                tracing::warn!("{msg}");
+            }
+            Err(e) => {
+                tracing::error!("{e} (the running configuration is unchanged)");
+                self.deps.stats.set_reload_error(Some(e));
+            }
+        }
+    }
+}
+
+/// Drains every running pack (shutdown).
+pub struct DrainAll;
+impl Message for DrainAll {
+    type Result = ();
+}
+impl Handler<DrainAll> for PackRegistry {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: DrainAll, _: &mut Context<Self>) -> Self::Result {
+        let addrs: Vec<Addr<PackHost>> = self.running.values().map(|r| r.addr.clone()).collect();
+        Box::pin(async move {
+            futures_util::future::join_all(addrs.iter().map(|a| a.send(Drain))).await;
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! `Watcher`: turns file-system changes under the packs root and `.lumenflow/` into reload
+//! requests (SPEC §8).
+//!
+//! Owns the notify debouncer. It watches *directories*, never files: editors save by writing a
+//! temporary file and renaming it over the old one, which would end a file watch after the
+//! first save. Events are debounced (`DEBOUNCE`), so one save (truncate + write, or write +
+//! rename) and a burst of saves become one reload. A rescan or an error from the OS watcher
+//! reloads everything, since events may have been lost.
+
+use crate::pack_registry::{PackRegistry, ReloadConfig, ReloadPacks};
+use actix::prelude::*;
+use lumenflow_pack_sdk::manifest::MANIFEST_FILES;
+use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use std::collections::BTreeSet;
+use std::path::{Component, PathBuf};
+use std::time::Duration;
+
+/// Quiet time before a change is acted on.
+pub const DEBOUNCE: Duration = Duration::from_millis(40);
+
+pub struct Watcher {
+    packs_root: PathBuf,
+    config_dir: PathBuf,
+    registry: Addr<PackRegistry>,
+    debouncer:
+        Option<Debouncer<notify_debouncer_full::notify::RecommendedWatcher, RecommendedCache>>,
+}
+
+impl Watcher {
+    pub fn new(packs_root: PathBuf, config_dir: PathBuf, registry: Addr<PackRegistry>) -> Self {
+        Watcher {
+            packs_root,
+            config_dir,
+            registry,
+            debouncer: None,
+        }
+    }
+}
+
+/// What one batch of debounced events asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Pack folder names that changed.
+    pub packs: BTreeSet<String>,
+    pub all_packs: bool,
+    pub config: bool,
+}
+
+/// Maps changed paths to pack folders (the first component under the packs root).
+pub fn classify(
+    packs_root: &std::path::Path,
+    config_file: &std::path::Path,
+    paths: &[PathBuf],
+    rescan: bool,
+) -> Changes {
+    let mut c = Changes {
+        all_packs: rescan,
+        ..Changes::default()
+    };
+    for p in paths {
+        if p == config_file {
+            c.config = true;
+        } else if let Ok(rel) = p.strip_prefix(packs_root) {
+            let parts: Vec<String> = rel
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect();
+            match parts.as_slice() {
+                [] => c.all_packs = true, // the packs root itself
+                // A pack folder appeared or went away, or its manifest changed. Other files
+                // (handler code, a worker's own output, editor swap files) are not manifests.
+                [folder] | [folder, _]
+                    if !folder.starts_with('.')
+                        && (parts.len() == 1 || MANIFEST_FILES.contains(&parts[1].as_str())) =>
+                {
+                    c.packs.insert(folder.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    c
+}
+
+struct FsChanged(DebounceEventResult);
+impl Message for FsChanged {
+    type Result = ();
+}
+
+impl Actor for Watcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let me = ctx.address();
+        let debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
+            me.do_send(FsChanged(res))
+        });
+        let mut debouncer = match debouncer {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch for manifest changes; hot reload is off");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&self.packs_root) {
+            tracing::warn!(error = %e, root = %self.packs_root.display(), "cannot create the packs root");
+        }
+        for (dir, mode) in [
+            (&self.packs_root, RecursiveMode::Recursive),
+            (&self.config_dir, RecursiveMode::NonRecursive),
+        ] {
+            if let Err(e) = debouncer.watch(dir, mode) {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot watch; hot reload is off for it");
+            }
+        }
+        tracing::debug!(root = %self.packs_root.display(), "watching for manifest changes");
+        self.debouncer = Some(debouncer);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(d) = self.debouncer.take() {
+            d.stop_nonblocking();
+        }
+    }
+}
+
+impl Supervised for Watcher {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        if let Some(d) = self.debouncer.take() {
+            d.stop_nonblocking();
+        }
+    }
+}
+
+impl Handler<FsChanged> for Watcher {
+    type Result = ();
+    fn handle(&mut self, FsChanged(res): FsChanged, _: &mut Context<Self>) {
+        let (paths, rescan) = match res {
+            Ok(events) => {
+                let rescan = events.iter().any(|e| e.need_rescan());
+                (
+                    events
+                        .into_iter()
+                        .flat_map(|e| e.event.paths)
+                        .collect::<Vec<_>>(),
+                    rescan,
+                )
+            }
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!(error = %e, "file watcher error; reloading every pack");
+                }
+                (Vec::new(), true)
+            }
+        };
+        let changes = classify(
+            &self.packs_root,
+            &self.config_dir.join("agent.json"),
+            &paths,
+            rescan,
+        );
+        if changes.config {
+            self.registry.do_send(ReloadConfig);
+        }
+        if changes.all_packs {
+            self.registry.do_send(ReloadPacks { folders: None });
+        } else if !changes.packs.is_empty() {
+            self.registry.do_send(ReloadPacks {
+                folders: Some(changes.packs.into_iter().collect()),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn classify_paths() {
+        let root = Path::new("/ws/packs");
+        let cfg = Path::new("/ws/.lumenflow/agent.json");
+        let p = |s: &str| PathBuf::from(s);
+        let c = classify(
+            root,
+            cfg,
+            &[
+                p("/ws/packs/acme/manifest.json"),
+                p("/ws/packs/acme/.manifest.json.swp"),
+                p("/ws/packs/billing/manifest.yaml"),
+                p("/ws/packs/new-one"),
+            ],
+            false,
+        );
+        assert_eq!(
+            c.packs.into_iter().collect::<Vec<_>>(),
+            vec!["acme", "billing", "new-one"]
+        );
+        assert!(!c.all_packs && !c.config);
+        let c = classify(
+            root,
+            cfg,
+            &[
+                p("/ws/packs/acme/handler.mjs"),
+                p("/ws/packs/acme/x/manifest.json"),
+                p("/ws/packs/.hidden/manifest.json"),
+            ],
+            false,
+        );
+        assert!(c.packs.is_empty(), "{:?}", c.packs);
+        let c = classify(
+            root,
+            cfg,
+            &[p("/ws/.lumenflow/agent.json"), p("/ws/packs")],
+            false,
+        );
+        assert!(c.config && c.all_packs);
+        assert!(classify(root, cfg, &[], true).all_packs);
+    }
+}
