@@ -18,6 +18,7 @@ use crate::workspace::Workspace;
 use actix::prelude::*;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use lumenflow_actors::http_upstream::{load_pull_cursor, HttpConfig, HttpUpstream};
 use lumenflow_actors::pack_host::HostConfig;
 use lumenflow_actors::pack_registry::{DrainAll, HostDeps, PackRegistry, StartAll};
 use lumenflow_actors::queue::{outbox_depth, DurableQueue};
@@ -26,7 +27,7 @@ use lumenflow_actors::router::{Emitter, Router, RoutingTable};
 use lumenflow_actors::schema::{migrate, SchemaError};
 use lumenflow_actors::stats::AgentStats;
 use lumenflow_actors::store::{open_connection, Durability, Store, StoreHandle};
-use lumenflow_actors::upstream::{IsIdle, Upstream, UpstreamMode};
+use lumenflow_actors::upstream::{IsIdle, Push, Upstream, UpstreamMode};
 use lumenflow_actors::watcher::Watcher;
 use lumenflow_pack_sdk::NativePack;
 use std::fs::File;
@@ -43,12 +44,20 @@ pub enum StartError {
     Database { path: String, reason: SchemaError },
 }
 
+#[derive(Clone)]
+enum UpstreamChoice {
+    MemInbox,
+    Http(HttpConfig),
+}
+
 /// An agent for one workspace, ready to run.
 pub struct Agent {
     ws: Workspace,
     cfg: AgentConfig,
     native: Vec<NativePack>,
     backoff_base: Duration,
+    upstream: UpstreamChoice,
+    pull_cursor: Option<String>,
 }
 
 impl Agent {
@@ -58,6 +67,8 @@ impl Agent {
             cfg,
             native: Vec::new(),
             backoff_base: Duration::from_secs(1),
+            upstream: UpstreamChoice::MemInbox,
+            pull_cursor: None,
         }
     }
 
@@ -74,7 +85,37 @@ impl Agent {
     }
 
     /// Runs in the foreground until SIGINT/SIGTERM.
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(mut self) -> anyhow::Result<()> {
+        // Conductor mode: the enrollment wins over agent.json's upstream, and its subject is
+        // the workspace identity.
+        match crate::enrollment::Enrollment::load(&self.ws)? {
+            Some(e) => {
+                self.cfg.identity = e.subject.clone();
+                self.cfg.upstream = e.endpoint.clone();
+                self.upstream = UpstreamChoice::Http(HttpConfig {
+                    endpoint: e.endpoint.trim_end_matches('/').to_string(),
+                    token: e.token,
+                    workspace_id: e.subject,
+                    batch_max: self.cfg.queue_batch_max,
+                    enrollment_file: Some(self.ws.enrollment_file()),
+                });
+            }
+            None if self.cfg.upstream != "mem:inbox" => {
+                let var = "LUMENFLOW_CONTROL_PLANE_TOKEN";
+                let token = std::env::var(var).map_err(|_| anyhow::anyhow!(
+                    "upstream {}: no enrollment and no token; run `lumenflow-agent enroll --endpoint {} --token-env VAR`, or set {var}",
+                    self.cfg.upstream, self.cfg.upstream
+                ))?;
+                self.upstream = UpstreamChoice::Http(HttpConfig {
+                    endpoint: self.cfg.upstream.trim_end_matches('/').to_string(),
+                    token,
+                    workspace_id: self.cfg.identity.clone(),
+                    batch_max: self.cfg.queue_batch_max,
+                    enrollment_file: None,
+                });
+            }
+            None => {}
+        }
         let state_dir = self.ws.state_dir();
         create_private_dir(&state_dir)?;
         let _lock = lock_workspace(&self.ws)?;
@@ -123,6 +164,7 @@ impl Agent {
                 [&id],
             )?;
         }
+        self.pull_cursor = load_pull_cursor(&conn)?;
         drop(conn);
 
         let system = System::new();
@@ -151,26 +193,36 @@ impl Agent {
             let (s, st) = (store.clone(), stats.clone());
             Supervisor::start(move |_| ReplayLog::new(s, retention, st))
         };
-        let upstream = match cfg.upstream.as_str() {
-            "mem:inbox" => {
-                let (s, st, batch) = (store.clone(), stats.clone(), cfg.queue_batch_max);
-                Supervisor::start(move |_| Upstream::new(UpstreamMode::MemInbox, s, batch, st))
-            }
-            other => anyhow::bail!(
-                "upstream \"{other}\": the HTTP control-plane upstream is not available in this version; use \"mem:inbox\""
-            ),
-        };
-
         let table: lumenflow_actors::router::SharedTable =
             Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let router = {
             let (t, s, st) = (table.clone(), store.clone(), stats.clone());
             Supervisor::start(move |_| Router::new(t, s, st))
         };
+        // The upstream: the embedded mem:inbox, or the control plane over HTTP.
+        let (push, idle): (Recipient<Push>, Recipient<IsIdle>) = match &self.upstream {
+            UpstreamChoice::MemInbox => {
+                let (s, st, batch) = (store.clone(), stats.clone(), cfg.queue_batch_max);
+                let addr =
+                    Supervisor::start(move |_| Upstream::new(UpstreamMode::MemInbox, s, batch, st));
+                (addr.clone().recipient(), addr.recipient())
+            }
+            UpstreamChoice::Http(http) => {
+                let (h, s, r, st, c) = (
+                    http.clone(),
+                    store.clone(),
+                    router.clone(),
+                    stats.clone(),
+                    self.pull_cursor.clone(),
+                );
+                let addr = Supervisor::start(move |_| HttpUpstream::new(h, s, r, st, c));
+                (addr.clone().recipient(), addr.recipient())
+            }
+        };
         let queue = {
             let (s, u, r, st, max) = (
                 store.clone(),
-                upstream.clone(),
+                push,
                 router.clone(),
                 stats.clone(),
                 cfg.queue_max_depth,
@@ -263,7 +315,7 @@ impl Agent {
         }
         let flush_until = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < flush_until {
-            if upstream.send(IsIdle).await.unwrap_or(true) {
+            if idle.send(IsIdle).await.unwrap_or(true) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

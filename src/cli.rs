@@ -91,8 +91,15 @@ pub enum Command {
         #[arg(long)]
         endpoint: String,
         /// Name of the environment variable holding the token.
+        #[arg(
+            long,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token_env: Option<String>,
+        /// A file holding the token.
         #[arg(long)]
-        token_env: String,
+        token_file: Option<PathBuf>,
         /// Workspace identity at the conductor (default: the configured identity).
         #[arg(long)]
         subject: Option<String>,
@@ -138,7 +145,37 @@ pub enum ConductorAction {
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
         listen: String,
+        /// Bearer token clients must send (default: $LUMENFLOW_CONTROL_PLANE_TOKEN, else dev-token).
         #[arg(long)]
         token: Option<String>,
+        /// Where received and published events are kept.
+        #[arg(long, default_value = "conductor.db")]
+        db: PathBuf,
     },
+    /// Publish an inbound event to a workspace through a development conductor.
+    Publish {
+        /// Event kind, e.g. conductor:recovery_requested.
+        kind: String,
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// The workspace identity (its enrollment subject).
+        #[arg(long)]
+        workspace_id: String,
+        #[arg(long, default_value = "http://127.0.0.1:8787")]
+        url: String,
+        #[arg(long)]
+        token: Option<String>,
+        /// Fixed event id (to publish the same event twice).
+        #[arg(long)]
+        event_id: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -58,13 +58,22 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
         Command::Inbox { json, limit } => commands::inbox::run(ws, *json, *limit),
         Command::Conformance { pack_dir } => commands::conformance::run(pack_dir),
         Command::Dlq { action } => commands::dlq::run(ws, action),
+        Command::Conductor { action } => commands::conductor::run(action),
+        Command::Enroll {
+            endpoint,
+            token_env,
+            token_file,
+            subject,
+        } => commands::enroll::run(
+            ws,
+            endpoint,
+            token_env.as_deref(),
+            token_file.as_deref(),
+            subject.as_deref(),
+        ),
         Command::New {
             what: crate::cli::NewWhat::Pack { name, lang },
         } => commands::new_pack::run(ws, name, *lang),
-        other => {
-            eprintln!("error: `{}` is not implemented yet", command_name(other));
-            Ok(exit::USAGE)
-        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -72,20 +81,5 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(exit::USAGE)
         }
-    }
-}
-
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::Start => "start",
-        Command::Status { .. } => "status",
-        Command::Validate { .. } => "validate",
-        Command::Emit { .. } => "emit",
-        Command::New { .. } => "new pack",
-        Command::Conformance { .. } => "conformance",
-        Command::Inbox { .. } => "inbox",
-        Command::Dlq { .. } => "dlq",
-        Command::Enroll { .. } => "enroll",
-        Command::Conductor { .. } => "conductor serve",
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod dead_letters;
 pub mod exec_worker;
+pub mod http_upstream;
 pub mod pack_host;
 pub mod pack_registry;
 pub mod queue;

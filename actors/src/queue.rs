@@ -16,7 +16,7 @@
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
-use crate::upstream::{Push, Upstream};
+use crate::upstream::Push;
 use actix::prelude::*;
 use lumenflow_pack_sdk::{DeliveryClass, Envelope};
 use rusqlite::{params, Connection};
@@ -101,7 +101,7 @@ pub fn outbox_depth(conn: &Connection) -> Result<(i64, i64), StoreError> {
 
 pub struct DurableQueue {
     store: StoreHandle,
-    upstream: Addr<Upstream>,
+    upstream: Recipient<Push>,
     router: Addr<Router>,
     max_depth: u64,
     stats: Arc<AgentStats>,
@@ -110,7 +110,7 @@ pub struct DurableQueue {
 impl DurableQueue {
     pub fn new(
         store: StoreHandle,
-        upstream: Addr<Upstream>,
+        upstream: Recipient<Push>,
         router: Addr<Router>,
         max_depth: u64,
         stats: Arc<AgentStats>,

@@ -68,6 +68,7 @@ pub struct InboundRow {
 
 struct AppendInbound {
     events: Vec<(Arc<Envelope>, Arc<str>)>,
+    cursor: Option<String>,
 }
 
 impl StoreOp for AppendInbound {
@@ -81,6 +82,12 @@ impl StoreOp for AppendInbound {
         for (e, body) in &self.events {
             stmt.execute(params![e.event_id, e.kind, e.timestamp_ms(), now, &**body])?;
             seqs.push(conn.last_insert_rowid());
+        }
+        if let Some(c) = &self.cursor {
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('pull_cursor', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [c],
+            )?;
         }
         Ok(seqs)
     }
@@ -141,6 +148,8 @@ impl Handler<Dispatch> for Router {
 /// Events from the upstream or the local API (`--inbound`): log, then dispatch.
 pub struct Inbound {
     pub events: Vec<Envelope>,
+    /// The upstream's pull cursor after these events, stored in the same transaction.
+    pub cursor: Option<String>,
 }
 impl Message for Inbound {
     type Result = Result<usize, StoreError>;
@@ -160,12 +169,13 @@ impl Handler<Inbound> for Router {
             })
             .collect();
         let unrouted = total - routed.len();
+        let cursor = m.cursor;
         let store = self.store.clone();
         let stats = self.stats.clone();
         let me = ctx.address();
         let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
         Box::pin(async move {
-            if !routed.is_empty() {
+            if !routed.is_empty() || cursor.is_some() {
                 // Dispatched from the commit hook: packs see rows in commit order.
                 let on_commit: OnCommit<Vec<i64>> = Box::new(move |seqs| {
                     let rows = seqs
@@ -180,7 +190,13 @@ impl Handler<Inbound> for Router {
                     me.do_send(Dispatch { rows });
                 });
                 store
-                    .run_then(AppendInbound { events: routed }, Some(on_commit))
+                    .run_then(
+                        AppendInbound {
+                            events: routed,
+                            cursor,
+                        },
+                        Some(on_commit),
+                    )
                     .await?;
             }
             stats
@@ -352,7 +368,10 @@ impl Emitter {
     /// Injects events as if they came from the upstream.
     pub async fn inbound(&self, events: Vec<Envelope>) -> Result<usize, EmitError> {
         self.router
-            .send(Inbound { events })
+            .send(Inbound {
+                events,
+                cursor: None,
+            })
             .await
             .map_err(|e| EmitError::Unavailable(e.to_string()))?
             .map_err(|e| EmitError::Queue(QueueError::Store(e)))

@@ -108,6 +108,7 @@ pub struct UpstreamStats {
     pub last_success_ms: AtomicI64,
     pub pushed: AtomicU64,
     pub pulled: AtomicU64,
+    pub heartbeat_ms: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +231,7 @@ impl AgentStats {
                 last_success_ms: self.upstream.last_success_ms.load(Ordering::Relaxed),
                 pushed: self.upstream.pushed.load(Ordering::Relaxed),
                 pulled: self.upstream.pulled.load(Ordering::Relaxed),
+                heartbeat_ms: self.upstream.heartbeat_ms.load(Ordering::Relaxed),
             },
             inbound: InboundSnapshot {
                 accepted: self.inbound_accepted.load(Ordering::Relaxed),
@@ -300,6 +302,7 @@ pub struct UpstreamSnapshot {
     pub last_success_ms: i64,
     pub pushed: u64,
     pub pulled: u64,
+    pub heartbeat_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]

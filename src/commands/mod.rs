@@ -1,9 +1,11 @@
 //! One module per CLI command. Each returns the process exit code, or an error that the CLI
 //! edge prints (exit 2: usage or environment).
 
+pub mod conductor;
 pub mod conformance;
 pub mod dlq;
 pub mod emit;
+pub mod enroll;
 pub mod inbox;
 pub mod new_pack;
 pub mod start;

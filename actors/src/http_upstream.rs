@@ -1,0 +1,645 @@
+//! `HttpUpstream`: the LumenFlow control plane as the upstream (SPEC §9; conductor mode).
+//!
+//! Owns the connection to the control plane: pushing the outbox, heartbeats, the policy pull
+//! and the inbound long-poll. HTTP calls run on tokio's blocking pool (ureq, rustls for
+//! https) so they never block the actors.
+//!
+//! Guarantees:
+//! - Durable events are pushed in order, in batches (`POST /api/v1/events`), and deleted from
+//!   the outbox only after a 2xx. 408/429/5xx/network errors retry with full-jitter backoff
+//!   (Retry-After honoured); nothing is dropped.
+//! - 401/403 pause the upstream (`unauthorized`; the token is re-read from the enrollment at
+//!   every retry); 413 splits the batch; 400/422 bisect it and dead-letter only the rejected
+//!   events, with the server's reason.
+//! - Circuit breaker: while the upstream is not connected, ephemeral events are dropped and
+//!   counted (fail-silent), queue events wait durably.
+//! - A policy pull answering `default_decision: "deny"` pauses forwarding (events wait).
+//! - Inbound events are persisted together with the pull cursor before the cursor advances.
+
+use crate::queue::Accepted;
+use crate::router::{Inbound, Router};
+use crate::stats::AgentStats;
+use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::supervision::full_jitter;
+use crate::upstream::{IsIdle, Push};
+use actix::prelude::*;
+use lumenflow_pack_sdk::Envelope;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+const RING_MAX: usize = 100_000;
+const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+const PULL_WAIT_MS: u64 = 20_000;
+
+#[derive(Clone)]
+pub struct HttpConfig {
+    pub endpoint: String,
+    pub token: String,
+    pub workspace_id: String,
+    pub batch_max: usize,
+    /// Re-read for a new token while unauthorized.
+    pub enrollment_file: Option<PathBuf>,
+}
+
+/// One event of a push batch.
+#[derive(Clone)]
+struct Item {
+    /// Outbox row, `None` for an ephemeral event.
+    seq: Option<i64>,
+    event_id: String,
+    kind: String,
+    pack: String,
+    body: Arc<str>,
+}
+
+struct ReadOutbox {
+    limit: usize,
+}
+impl StoreOp for ReadOutbox {
+    type Output = Vec<Item>;
+    fn run(self, conn: &Connection) -> Result<Vec<Item>, StoreError> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, event_id, kind, pack, body FROM outbox ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([self.limit as i64], |r| {
+                Ok(Item {
+                    seq: Some(r.get(0)?),
+                    event_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    pack: r.get(3)?,
+                    body: r.get::<_, String>(4)?.into(),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+/// Deletes acknowledged rows; dead-letters rejected ones. Returns the oldest remaining row time.
+struct Settle {
+    acked: Vec<i64>,
+    rejected: Vec<(Item, String)>,
+}
+impl StoreOp for Settle {
+    type Output = i64;
+    fn run(self, conn: &Connection) -> Result<i64, StoreError> {
+        let mut del = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+        for seq in &self.acked {
+            del.execute([seq])?;
+        }
+        for (item, reason) in &self.rejected {
+            conn.prepare_cached(
+                "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)",
+            )?
+            .execute(params![item.pack, item.event_id, item.kind, reason, now_ms(), &*item.body])?;
+            if let Some(seq) = item.seq {
+                del.execute([seq])?;
+            }
+        }
+        Ok(conn
+            .query_row(
+                "SELECT created_ms FROM outbox ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+}
+
+/// The pull cursor persisted with the inbound events (`meta.pull_cursor`).
+pub fn load_pull_cursor(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(crate::schema::meta_get(conn, "pull_cursor")?)
+}
+
+/// The result of one HTTP call.
+enum Reply {
+    Status(u16, String, Option<u64>),
+    Network(String),
+}
+
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> Reply {
+    let r = tokio::task::spawn_blocking(move || {
+        let resp = agent
+            .post(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .send(body);
+        match resp {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let text = r
+                    .body_mut()
+                    .with_config()
+                    .limit(16 << 20)
+                    .read_to_string()
+                    .unwrap_or_default();
+                Reply::Status(status, text, retry_after)
+            }
+            Err(e) => Reply::Network(e.to_string()),
+        }
+    })
+    .await;
+    r.unwrap_or_else(|e| Reply::Network(format!("HTTP task failed: {e}")))
+}
+
+fn batch_body(workspace_id: &str, items: &[Item]) -> String {
+    let mut s = String::with_capacity(64 + items.iter().map(|i| i.body.len() + 1).sum::<usize>());
+    s.push_str("{\"workspace_id\":");
+    s.push_str(&Value::String(workspace_id.to_string()).to_string());
+    s.push_str(",\"events\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&item.body);
+    }
+    s.push_str("]}");
+    s
+}
+
+/// What a push round ended with.
+enum Round {
+    /// Everything sent (or dead-lettered): acked rows, rejected items.
+    Done {
+        acked: Vec<i64>,
+        rejected: Vec<(Item, String)>,
+        sent: usize,
+    },
+    /// Stopped on a retryable failure after settling what it could.
+    Retry {
+        acked: Vec<i64>,
+        rejected: Vec<(Item, String)>,
+        sent: usize,
+        error: String,
+        retry_after: Option<u64>,
+        dropped_ephemeral: usize,
+    },
+    Unauthorized {
+        acked: Vec<i64>,
+        rejected: Vec<(Item, String)>,
+        sent: usize,
+        error: String,
+        dropped_ephemeral: usize,
+    },
+}
+
+/// Sends `items`, splitting on 413 and bisecting on 400/422.
+async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Round {
+    let url = format!("{}/api/v1/events", cfg.endpoint);
+    let mut stack = vec![items];
+    let (mut acked, mut rejected, mut sent) = (Vec::new(), Vec::new(), 0);
+    while let Some(batch) = stack.pop() {
+        let reply = post(
+            agent.clone(),
+            url.clone(),
+            cfg.token.clone(),
+            batch_body(&cfg.workspace_id, &batch),
+        )
+        .await;
+        let remaining_ephemeral = |stack: &Vec<Vec<Item>>, batch: &Vec<Item>| {
+            stack
+                .iter()
+                .flatten()
+                .chain(batch.iter())
+                .filter(|i| i.seq.is_none())
+                .count()
+        };
+        match reply {
+            Reply::Status(s, _, _) if (200..300).contains(&s) => {
+                sent += batch.len();
+                acked.extend(batch.iter().filter_map(|i| i.seq));
+            }
+            Reply::Status(s @ (400 | 413 | 422), text, _) => {
+                if batch.len() > 1 {
+                    let mut first = batch;
+                    let second = first.split_off(first.len() / 2);
+                    stack.push(second);
+                    stack.push(first);
+                } else if let Some(item) = batch.into_iter().next() {
+                    let reason = format!(
+                        "upstream rejected the event: HTTP {s}: {}",
+                        text.chars().take(500).collect::<String>()
+                    );
+                    tracing::error!(event_id = %item.event_id, kind = %item.kind, "{reason}");
+                    rejected.push((item, reason));
+                }
+            }
+            Reply::Status(s @ (401 | 403), text, _) => {
+                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
+                return Round::Unauthorized {
+                    acked,
+                    rejected,
+                    sent,
+                    error: format!("HTTP {s}: {}", text.chars().take(300).collect::<String>()),
+                    dropped_ephemeral,
+                };
+            }
+            Reply::Status(s, text, retry_after) => {
+                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
+                return Round::Retry {
+                    acked,
+                    rejected,
+                    sent,
+                    error: format!("HTTP {s}: {}", text.chars().take(300).collect::<String>()),
+                    retry_after,
+                    dropped_ephemeral,
+                };
+            }
+            Reply::Network(e) => {
+                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
+                return Round::Retry {
+                    acked,
+                    rejected,
+                    sent,
+                    error: format!("network: {e}"),
+                    retry_after: None,
+                    dropped_ephemeral,
+                };
+            }
+        }
+    }
+    Round::Done {
+        acked,
+        rejected,
+        sent,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Connected,
+    Backoff,
+    Unauthorized,
+    PolicyDeny,
+}
+
+pub struct HttpUpstream {
+    cfg: HttpConfig,
+    store: StoreHandle,
+    router: Addr<Router>,
+    stats: Arc<AgentStats>,
+    ring: VecDeque<Accepted>,
+    busy: bool,
+    dirty: bool,
+    attempt: u32,
+    link: Link,
+    heartbeat_every: Duration,
+    pull_cursor: Option<String>,
+    push_agent: ureq::Agent,
+    session_id: String,
+}
+
+impl HttpUpstream {
+    pub fn new(
+        cfg: HttpConfig,
+        store: StoreHandle,
+        router: Addr<Router>,
+        stats: Arc<AgentStats>,
+        pull_cursor: Option<String>,
+    ) -> Self {
+        HttpUpstream {
+            cfg,
+            store,
+            router,
+            stats,
+            ring: VecDeque::new(),
+            busy: false,
+            dirty: true,
+            attempt: 0,
+            link: Link::Connected,
+            heartbeat_every: Duration::from_secs(30),
+            pull_cursor,
+            push_agent: http_agent(PUSH_TIMEOUT),
+            session_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    fn set_link(&mut self, link: Link, error: Option<String>, next_try: Option<Duration>) {
+        self.link = link;
+        let state = match (link, next_try) {
+            (Link::Connected, _) => "connected".to_string(),
+            (Link::Backoff, Some(d)) => format!("backoff (next try in {} ms)", d.as_millis()),
+            (Link::Backoff, None) => "backoff".to_string(),
+            (Link::Unauthorized, _) => "unauthorized".to_string(),
+            (Link::PolicyDeny, _) => "paused (policy default_decision: deny)".to_string(),
+        };
+        self.stats.set_upstream(None, &state, error);
+    }
+
+    fn reread_token(&mut self) {
+        if let Some(f) = &self.cfg.enrollment_file {
+            if let Some(t) = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                .and_then(|v| v["token"].as_str().map(str::to_string))
+            {
+                self.cfg.token = t;
+            }
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || !self.dirty || self.link != Link::Connected {
+            return;
+        }
+        self.busy = true;
+        self.dirty = false;
+        let n = self.ring.len().min(self.cfg.batch_max);
+        let ephemeral: Vec<Item> = self
+            .ring
+            .drain(..n)
+            .map(|a| Item {
+                seq: None,
+                event_id: a.envelope.event_id.clone(),
+                kind: a.envelope.kind.clone(),
+                pack: a.pack.clone(),
+                body: a.body.clone(),
+            })
+            .collect();
+        let limit = self.cfg.batch_max - ephemeral.len();
+        let (store, agent, cfg) = (
+            self.store.clone(),
+            self.push_agent.clone(),
+            self.cfg.clone(),
+        );
+        let fut = async move {
+            let mut items = if limit > 0 {
+                store.run(ReadOutbox { limit }).await?
+            } else {
+                Vec::new()
+            };
+            let durable = items.len();
+            items.extend(ephemeral);
+            if items.is_empty() {
+                return Ok((None, 0, 0));
+            }
+            let round = push_round(agent, cfg, items).await;
+            let (acked, rejected) = match &round {
+                Round::Done {
+                    acked, rejected, ..
+                }
+                | Round::Retry {
+                    acked, rejected, ..
+                }
+                | Round::Unauthorized {
+                    acked, rejected, ..
+                } => (acked.clone(), rejected.clone()),
+            };
+            let durable_rejected = rejected.iter().filter(|(i, _)| i.seq.is_some()).count();
+            let oldest = store
+                .run(Settle {
+                    acked: acked.clone(),
+                    rejected,
+                })
+                .await?;
+            Ok::<_, StoreError>((
+                Some((round, oldest, acked.len() + durable_rejected)),
+                durable,
+                durable_rejected,
+            ))
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.busy = false;
+            let (round, _durable, durable_rejected) = match res {
+                Ok((Some(r), d, dr)) => (r, d, dr),
+                Ok((None, _, _)) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream: cannot read or settle the outbox; retrying in 1 s");
+                    act.dirty = true;
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump(ctx));
+                    return;
+                }
+            };
+            let (round, oldest, removed) = round;
+            let q = &act.stats.queue;
+            q.durable_depth.fetch_sub(removed as i64, Ordering::AcqRel);
+            q.oldest_ms.store(oldest, Ordering::Relaxed);
+            if durable_rejected > 0 {
+                act.stats.dead_letters.fetch_add(durable_rejected as i64, Ordering::Relaxed);
+            }
+            match round {
+                Round::Done { sent, .. } => {
+                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+                    act.stats.upstream.last_success_ms.store(now_ms(), Ordering::Relaxed);
+                    act.attempt = 0;
+                    act.set_link(Link::Connected, None, None);
+                    act.dirty = true;
+                    act.pump(ctx);
+                }
+                Round::Retry { sent, error, retry_after, dropped_ephemeral, .. } => {
+                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+                    q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
+                    act.attempt += 1;
+                    let wait = retry_after
+                        .map(Duration::from_secs)
+                        .unwrap_or_else(|| full_jitter(Duration::from_millis(200), Duration::from_secs(30), act.attempt));
+                    tracing::warn!(error = %error, attempt = act.attempt, wait_ms = wait.as_millis() as u64, "upstream push failed; retrying");
+                    act.set_link(Link::Backoff, Some(error), Some(wait));
+                    act.dirty = true;
+                    ctx.run_later(wait, |act, ctx| {
+                        if act.link == Link::Backoff {
+                            act.set_link(Link::Connected, None, None);
+                        }
+                        act.pump(ctx);
+                    });
+                }
+                Round::Unauthorized { sent, error, dropped_ephemeral, .. } => {
+                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+                    q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
+                    tracing::error!(error = %error, "upstream refused the token: paused (nothing is dropped); fix the enrollment token");
+                    act.set_link(Link::Unauthorized, Some(format!("unauthorized: {error}")), None);
+                    act.dirty = true;
+                    ctx.run_later(Duration::from_secs(2), |act, ctx| act.retry_unauthorized(ctx));
+                }
+            }
+        }));
+    }
+
+    fn retry_unauthorized(&mut self, ctx: &mut Context<Self>) {
+        if self.link != Link::Unauthorized {
+            return;
+        }
+        self.reread_token();
+        self.link = Link::Connected; // try once; a 401 puts us back
+        self.pump(ctx);
+        if self.link == Link::Connected && !self.busy {
+            ctx.run_later(Duration::from_secs(2), |act, ctx| {
+                act.retry_unauthorized(ctx)
+            });
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let (agent, cfg, session) = (
+            self.push_agent.clone(),
+            self.cfg.clone(),
+            self.session_id.clone(),
+        );
+        let fut = async move {
+            let hb = post(agent.clone(), format!("{}/api/v1/heartbeat", cfg.endpoint), cfg.token.clone(),
+                json!({"workspace_id": cfg.workspace_id, "session_id": session, "agent_id": "lumenflow-agent"}).to_string()).await;
+            let policy = post(
+                agent,
+                format!("{}/api/v1/policies", cfg.endpoint),
+                cfg.token.clone(),
+                json!({"workspace_id": cfg.workspace_id}).to_string(),
+            )
+            .await;
+            (hb, policy)
+        };
+        ctx.spawn(fut.into_actor(self).map(|(hb, policy), act, ctx| {
+            if let Reply::Status(200..=299, text, _) = &hb {
+                act.stats.upstream.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+                if let Some(ms) = serde_json::from_str::<Value>(text).ok().and_then(|v| v["next_heartbeat_ms"].as_u64()).filter(|ms| (1000..=600_000).contains(ms)) {
+                    act.heartbeat_every = Duration::from_millis(ms);
+                }
+            }
+            if let Reply::Status(200..=299, text, _) = &policy {
+                let deny = serde_json::from_str::<Value>(text).ok().is_some_and(|v| v["default_decision"] == "deny");
+                if deny && act.link == Link::Connected {
+                    tracing::warn!("control plane policy default_decision is deny: forwarding paused (events wait)");
+                    act.set_link(Link::PolicyDeny, None, None);
+                } else if !deny && act.link == Link::PolicyDeny {
+                    tracing::info!("control plane policy allows forwarding again");
+                    act.set_link(Link::Connected, None, None);
+                    act.dirty = true;
+                    act.pump(ctx);
+                }
+            }
+            let every = act.heartbeat_every;
+            ctx.run_later(every, |act, ctx| act.heartbeat(ctx));
+        }));
+    }
+
+    fn pull(&mut self, ctx: &mut Context<Self>) {
+        let agent = http_agent(Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT);
+        let cfg = self.cfg.clone();
+        let cursor = self.pull_cursor.clone();
+        let router = self.router.clone();
+        let fut = async move {
+            let body = json!({"workspace_id": cfg.workspace_id, "cursor": cursor, "limit": 500, "wait_ms": PULL_WAIT_MS}).to_string();
+            match post(
+                agent,
+                format!("{}/api/v1/events/pull", cfg.endpoint),
+                cfg.token.clone(),
+                body,
+            )
+            .await
+            {
+                Reply::Status(200..=299, text, _) => {
+                    let v: Value = serde_json::from_str(&text)
+                        .map_err(|e| format!("pull reply is not JSON: {e}"))?;
+                    let next = match &v["next_cursor"] {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Number(n) => Some(n.to_string()),
+                        _ => cursor.clone(),
+                    };
+                    let mut events = Vec::new();
+                    for e in v["events"].as_array().cloned().unwrap_or_default() {
+                        match Envelope::from_value(e) {
+                            Ok(env) => events.push(env),
+                            Err(err) => {
+                                tracing::error!(error = %err, "upstream sent an invalid inbound event; skipped")
+                            }
+                        }
+                    }
+                    let n = events.len();
+                    if n > 0 || next != cursor {
+                        router
+                            .send(Inbound {
+                                events,
+                                cursor: next.clone(),
+                            })
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok((next, n))
+                }
+                Reply::Status(s, text, _) => Err(format!(
+                    "pull: HTTP {s}: {}",
+                    text.chars().take(200).collect::<String>()
+                )),
+                Reply::Network(e) => Err(format!("pull: network: {e}")),
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(
+            |res: Result<(Option<String>, usize), String>, act, ctx| match res {
+                Ok((next, n)) => {
+                    act.pull_cursor = next;
+                    act.stats
+                        .upstream
+                        .pulled
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    act.pull(ctx);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound pull failed; retrying in 2 s");
+                    ctx.run_later(Duration::from_secs(2), |act, ctx| act.pull(ctx));
+                }
+            },
+        ));
+    }
+}
+
+impl Actor for HttpUpstream {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.stats.set_upstream(Some("http"), "connected", None);
+        self.busy = false;
+        self.dirty = true;
+        self.pump(ctx);
+        self.heartbeat(ctx);
+        self.pull(ctx);
+    }
+}
+
+impl Supervised for HttpUpstream {}
+
+impl Handler<Push> for HttpUpstream {
+    type Result = ();
+    fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
+        for e in m.ephemeral {
+            if self.link != Link::Connected || self.ring.len() >= RING_MAX {
+                // Circuit open: ephemeral events are fail-silent.
+                self.stats
+                    .queue
+                    .ephemeral_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.ring.push_back(e);
+            }
+        }
+        if m.durable || !self.ring.is_empty() {
+            self.dirty = true;
+        }
+        self.pump(ctx);
+    }
+}
+
+impl Handler<IsIdle> for HttpUpstream {
+    type Result = bool;
+    fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
+        !self.busy && self.ring.is_empty()
+    }
+}

@@ -1,0 +1,369 @@
+//! `lumenflow-agent conductor serve`: a development control plane on loopback, implementing
+//! the LumenFlow wire protocol the agent speaks upstream (SPEC §9, LUMENFLOW-FACTS.md), for
+//! local work, demos and tests.
+//!
+//! - `POST /api/v1/events` `{workspace_id, events}` -> `{accepted}`; stored in SQLite, deduped
+//!   by `event_id` (a retry of an accepted event is accepted again and stored once).
+//! - `POST /api/v1/heartbeat` -> `{status, server_time, next_heartbeat_ms}`.
+//! - `POST /api/v1/policies` -> `{default_decision, rules}`.
+//! - `POST /api/v1/events/pull` `{workspace_id, cursor, limit, wait_ms}` -> `{events,
+//!   next_cursor}`: long-poll for events published to the workspace.
+//! - Admin (same token): `POST /admin/publish {workspace_id, events: [{kind, payload,
+//!   event_id?}]}`, `GET /admin/events` (what was received), `POST /admin/faults {status?,
+//!   rate?, latency_ms?, drop?, reject_event_ids?, max_batch?}`, `POST /admin/policy
+//!   {default_decision}`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use rusqlite::{params, Connection};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Notify;
+
+/// Injected failures (for tests and demos).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Answer every push with this status.
+    pub status: Option<u16>,
+    /// Fail this fraction (0..1) of pushes with 503.
+    pub rate: Option<f64>,
+    /// Delay every answer.
+    pub latency_ms: Option<u64>,
+    /// Close the connection without answering pushes.
+    pub drop: Option<bool>,
+    /// Answer 422 to a batch containing one of these ids, naming it.
+    pub reject_event_ids: Option<Vec<String>>,
+    /// Answer 413 to a batch with more events than this.
+    pub max_batch: Option<usize>,
+}
+
+struct Inner {
+    db: Connection,
+    faults: Faults,
+    deny: bool,
+}
+
+#[derive(Clone)]
+pub struct Conductor {
+    inner: Arc<Mutex<Inner>>,
+    token: Arc<str>,
+    published: Arc<Notify>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"message": message.into()}})),
+    )
+        .into_response()
+}
+
+fn now_iso() -> String {
+    lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now())
+}
+
+impl Conductor {
+    pub fn open(db_path: &std::path::Path, token: String) -> anyhow::Result<Self> {
+        let db = Connection::open(db_path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS received (seq INTEGER PRIMARY KEY, workspace_id TEXT, event_id TEXT UNIQUE, kind TEXT, body TEXT, received_ms INTEGER, deliveries INTEGER NOT NULL DEFAULT 1);
+             CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY, workspace_id TEXT, body TEXT);",
+        )?;
+        Ok(Conductor {
+            inner: Arc::new(Mutex::new(Inner {
+                db,
+                faults: Faults::default(),
+                deny: false,
+            })),
+            token: token.into(),
+            published: Arc::new(Notify::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/api/v1/events", post(push))
+            .route("/api/v1/heartbeat", post(heartbeat))
+            .route("/api/v1/policies", post(policies))
+            .route("/api/v1/events/pull", post(pull))
+            .route("/admin/publish", post(publish))
+            .route("/admin/events", get(received))
+            .route("/admin/faults", post(set_faults))
+            .route("/admin/policy", post(set_policy))
+            .with_state(self)
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == &*self.token)
+    }
+}
+
+fn parse(body: &Bytes) -> Result<Value, String> {
+    serde_json::from_slice(body).map_err(|e| format!("Malformed JSON: {e}"))
+}
+
+async fn push(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let faults = c.lock().faults.clone();
+    if let Some(ms) = faults.latency_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if faults.drop == Some(true) {
+        // Answer with a broken connection: the agent sees a network error.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONNECTION, "close")],
+            "",
+        )
+            .into_response();
+    }
+    if let Some(status) = faults.status {
+        return error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            format!("injected fault: HTTP {status}"),
+        );
+    }
+    if let Some(rate) = faults.rate {
+        if rand::random::<f64>() < rate {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "injected fault: random failure",
+            );
+        }
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
+    let Some(events) = v["events"].as_array() else {
+        return error(StatusCode::BAD_REQUEST, "missing events");
+    };
+    if let Some(max) = faults.max_batch {
+        if events.len() > max {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("batch of {} events is larger than {max}", events.len()),
+            );
+        }
+    }
+    if let Some(reject) = &faults.reject_event_ids {
+        if let Some(bad) = events
+            .iter()
+            .filter_map(|e| e["event_id"].as_str())
+            .find(|id| reject.iter().any(|r| r == id))
+        {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("event {bad} rejected: schema check failed (injected)"),
+            );
+        }
+    }
+    let inner = c.lock();
+    let now = lumenflow_actors::store::now_ms();
+    for e in events {
+        let id = e["event_id"].as_str().unwrap_or_default();
+        let kind = e["kind"].as_str().unwrap_or_default();
+        let _ = inner.db.execute(
+            "INSERT INTO received(workspace_id, event_id, kind, body, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(event_id) DO UPDATE SET deliveries = deliveries + 1",
+            params![ws, id, kind, e.to_string(), now],
+        );
+    }
+    axum::Json(json!({"accepted": events.len()})).into_response()
+}
+
+async fn heartbeat(State(c): State<Conductor>, headers: HeaderMap) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    axum::Json(json!({"status": "ok", "server_time": now_iso(), "next_heartbeat_ms": 5000}))
+        .into_response()
+}
+
+async fn policies(State(c): State<Conductor>, headers: HeaderMap) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let deny = c.lock().deny;
+    axum::Json(json!({"default_decision": if deny { "deny" } else { "allow" }, "rules": []}))
+        .into_response()
+}
+
+fn outgoing_after(
+    inner: &Inner,
+    ws: &str,
+    cursor: i64,
+    limit: i64,
+) -> rusqlite::Result<Vec<(i64, String)>> {
+    let mut stmt = inner.db.prepare(
+        "SELECT seq, body FROM outgoing WHERE workspace_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![ws, cursor, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect();
+    rows
+}
+
+async fn pull(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
+    let cursor: i64 = match &v["cursor"] {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    };
+    let limit = v["limit"].as_i64().unwrap_or(100).clamp(1, 1000);
+    let wait = Duration::from_millis(v["wait_ms"].as_u64().unwrap_or(0).min(60_000));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = c.published.notified();
+        let rows = {
+            let inner = c.lock();
+            outgoing_after(&inner, &ws, cursor, limit)
+        };
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
+            let next = rows.last().map(|r| r.0).unwrap_or(cursor);
+            let events: Vec<Value> = rows
+                .iter()
+                .filter_map(|r| serde_json::from_str(&r.1).ok())
+                .collect();
+            return axum::Json(json!({"events": events, "next_cursor": next.to_string()}))
+                .into_response();
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+async fn publish(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
+    let Some(events) = v["events"].as_array() else {
+        return error(StatusCode::BAD_REQUEST, "missing events");
+    };
+    let mut ids = Vec::new();
+    {
+        let inner = c.lock();
+        for e in events {
+            let mut env = json!({"schema_version": 2, "event_id": e.get("event_id").cloned().unwrap_or_else(|| json!(uuid::Uuid::now_v7().to_string())),
+                "kind": e["kind"], "timestamp": now_iso(), "from": "conductor", "payload": e.get("payload").cloned().unwrap_or(json!({}))});
+            if let Some(ts) = e.get("timestamp") {
+                env["timestamp"] = ts.clone();
+            }
+            ids.push(env["event_id"].clone());
+            if let Err(e) = inner.db.execute(
+                "INSERT INTO outgoing(workspace_id, body) VALUES (?1, ?2)",
+                params![ws, env.to_string()],
+            ) {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+        }
+    }
+    c.published.notify_waiters();
+    axum::Json(json!({"published": ids.len(), "event_ids": ids})).into_response()
+}
+
+async fn received(State(c): State<Conductor>, headers: HeaderMap) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let inner = c.lock();
+    let rows: rusqlite::Result<Vec<Value>> = (|| {
+        let mut stmt = inner
+            .db
+            .prepare("SELECT workspace_id, body, deliveries FROM received ORDER BY seq")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?
+            .map(|r| {
+                r.map(|(ws, b, n)| json!({"workspace_id": ws, "deliveries": n, "event": serde_json::from_str::<Value>(&b).unwrap_or(Value::Null)}))
+            })
+            .collect();
+        rows
+    })();
+    match rows {
+        Ok(r) => axum::Json(Value::Array(r)).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn set_faults(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            c.lock().faults = f;
+            axum::Json(json!({"ok": true})).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("faults: {e}")),
+    }
+}
+
+async fn set_policy(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
+    if !c.authorized(&headers) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    c.lock().deny = v["default_decision"] == "deny";
+    axum::Json(json!({"ok": true})).into_response()
+}
+
+/// Runs the development conductor until Ctrl-C.
+pub fn serve(listen: &str, token: Option<String>, db: &std::path::Path) -> anyhow::Result<()> {
+    let token = token
+        .or_else(|| std::env::var("LUMENFLOW_CONTROL_PLANE_TOKEN").ok())
+        .unwrap_or_else(|| "dev-token".into());
+    let conductor = Conductor::open(db, token.clone())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            anyhow::bail!("the development conductor only listens on loopback, not {addr}");
+        }
+        println!("conductor listening on http://{addr} (token from --token or LUMENFLOW_CONTROL_PLANE_TOKEN; db {})", db.display());
+        let server = axum::serve(listener, conductor.router()).with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        server.await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,470 @@
+//! Conductor mode end to end: the agent and the development conductor as two processes
+//! (SPEC §9, LUMENFLOW-FACTS.md wire protocol).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Conductor {
+    child: Option<Child>,
+    port: u16,
+    db: PathBuf,
+    token: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Conductor {
+    fn start(dir: &Path, token: &str) -> Conductor {
+        let mut c = Conductor {
+            child: None,
+            port: free_port(),
+            db: dir.join("conductor.db"),
+            token: token.into(),
+        };
+        c.restart();
+        c
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new(AGENT)
+            .args([
+                "conductor",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--token",
+                &self.token,
+                "--db",
+            ])
+            .arg(&self.db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the conductor to listen", T, || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn admin(&self, path: &str, body: Option<Value>) -> Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let auth = format!("Bearer {}", self.token);
+        let mut r = match body {
+            Some(b) => agent
+                .post(format!("{}{path}", self.url()))
+                .header("authorization", &auth)
+                .send(b.to_string())
+                .unwrap(),
+            None => agent
+                .get(format!("{}{path}", self.url()))
+                .header("authorization", &auth)
+                .call()
+                .unwrap(),
+        };
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+
+    fn received(&self) -> Vec<Value> {
+        self.admin("/admin/events", None)
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn publish(&self, ws: &str, events: Value) -> Value {
+        self.admin(
+            "/admin/publish",
+            Some(json!({"workspace_id": ws, "events": events})),
+        )
+    }
+}
+
+impl Drop for Conductor {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
+    let out = ws
+        .cmd()
+        .args([
+            "enroll",
+            "--endpoint",
+            &c.url(),
+            "--token-env",
+            "TEST_TOKEN",
+            "--subject",
+            "ws-test",
+        ])
+        .env("TEST_TOKEN", token)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(token),
+        "the token is never printed"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn acme_demo_in_conductor_mode_events_on_the_wire_and_inbound_once() {
+    let mut ws = Workspace::new(json!({}), "");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(
+        &repo.join("packs/acme-demo"),
+        &ws.path().join("packs/acme-demo"),
+    );
+    copy_dir(&repo.join("packs/node"), &ws.path().join("packs/node"));
+    let c = Conductor::start(ws.path(), "tok-1");
+    enroll(&ws, &c, "tok-1");
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(ws.path().join(".lumenflow/state/conductor/enrollment.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode, 0o600);
+    ws.start();
+    for _ in 0..2 {
+        c.publish("ws-test", json!([{"kind": "conductor:recovery_requested", "event_id": "evt-rec-1", "payload": {"wu_id": "acme-job-1"}}]));
+    }
+    let got = wait_for("job_completed at the conductor", T, || {
+        let r = c.received();
+        (!r.is_empty()).then_some(r)
+    });
+    let expected = lumenflow_agent::sdk::envelope::idempotent_event_id(
+        "ws-test",
+        "acme-demo:job_completed",
+        "acme-job-1:completed",
+    );
+    assert_eq!(got[0]["event"]["event_id"], expected.to_string());
+    assert_eq!(got[0]["event"]["from"], "ws-test");
+    assert_eq!(got[0]["workspace_id"], "ws-test");
+    let p = wait_for("handled once, replayed once", T, || {
+        let p = ws.pack_status("acme-demo");
+        (p["replayed"] == 1).then_some(p)
+    });
+    assert_eq!(p["handled"], 1);
+    let s = ws.status();
+    assert_eq!(s["upstream"]["mode"], "http");
+    assert_eq!(s["upstream"]["state"], "connected");
+    assert_eq!(s["upstream"]["pulled"], 2);
+    assert!(!ws.log().contains("tok-1"), "the token is never logged");
+}
+
+#[test]
+fn an_enrollment_readable_by_others_is_refused() {
+    let ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    let f = ws.path().join(".lumenflow/state/conductor/enrollment.json");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ws.run(&["start"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is readable by group or others (mode 644)") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains("tok\""), "{err}");
+}
+
+#[test]
+fn a_rejected_event_is_dead_lettered_alone_with_the_reason() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    c.admin(
+        "/admin/faults",
+        Some(json!({"reject_event_ids": ["evt-bad"]})),
+    );
+    ws.start();
+    let events: Vec<Value> = ["evt-1", "evt-2", "evt-bad", "evt-4", "evt-5"]
+        .iter()
+        .map(|id| json!({"schema_version": 2, "event_id": id, "kind": "emitter:job_completed", "timestamp": "2026-04-20T00:00:00.000Z", "from": "ws-test", "payload": {}}))
+        .collect();
+    assert_eq!(ws.api().emit(events).status, 200);
+    wait_for("four delivered", T, || {
+        (c.received().len() == 4).then_some(())
+    });
+    wait_for("the queue drained", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+    let ids: Vec<String> = c
+        .received()
+        .iter()
+        .map(|r| r["event"]["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["evt-1", "evt-2", "evt-4", "evt-5"]);
+    let out = ws.run(&["dlq", "list", "--json"]);
+    let dead: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["event_id"], "evt-bad");
+    assert!(
+        dead[0]["error"].as_str().unwrap().contains("HTTP 422")
+            && dead[0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("schema check failed"),
+        "{}",
+        dead[0]
+    );
+}
+
+#[test]
+fn a_wrong_token_pauses_as_unauthorized_and_fixing_it_resumes_with_nothing_dropped() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "right");
+    enroll(&ws, &c, "wrong");
+    ws.start();
+    let api = ws.api();
+    assert_eq!(
+        api.emit(
+            (0..3)
+                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": i}}))
+                .collect()
+        )
+        .status,
+        200
+    );
+    let s = wait_for("unauthorized", T, || {
+        let s = ws.status();
+        (s["upstream"]["state"] == "unauthorized").then_some(s)
+    });
+    assert_eq!(s["queue"]["durable_depth"], 3);
+    assert!(c.received().is_empty());
+    enroll(&ws, &c, "right");
+    wait_for("delivered after the fix", T, || {
+        (c.received().len() == 3).then_some(())
+    });
+    wait_for("connected", T, || {
+        (ws.status()["upstream"]["state"] == "connected").then_some(())
+    });
+    assert_eq!(ws.status()["queue"]["durable_depth"], 0);
+}
+
+#[test]
+fn a_client_speaking_the_sdk_wire_format_reaches_the_conductor_through_the_agent() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    ws.start();
+    // What the LumenFlow SDK's HTTP sync port sends: POST {workspace_id, events}, bearer token.
+    let sdk_event = json!({"schema_version": 2, "event_id": "0a27416d-e7f4-5565-be7e-675b6c7932d8", "kind": "emitter:job_completed",
+        "timestamp": "2026-04-20T00:00:00.000Z", "from": "ws-test", "payload": {"job_id": "job-1", "result": "ok"}, "wu_id": "WU-7"});
+    let api = ws.api();
+    let r = api.post(
+        "/api/v1/events",
+        &json!({"workspace_id": "ws-test", "events": [sdk_event.clone()]}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["accepted"], 1);
+    let got = wait_for("at the conductor", T, || {
+        let r = c.received();
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(got[0]["event"], sdk_event, "passed through unchanged");
+}
+
+/// A 30-second conductor outage with events emitted throughout: every queue event arrives
+/// after recovery, in order, once; ephemeral events emitted during the outage are counted as
+/// dropped and none is delivered late.
+#[test]
+fn a_30_second_outage_loses_no_queue_event_and_delivers_no_ephemeral_late() {
+    let outage = Duration::from_secs(
+        std::env::var("LUMENFLOW_TEST_OUTAGE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    );
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let mut c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    ws.start();
+    let api = ws.api();
+    let t0 = Instant::now();
+    let mut queue_ids: Vec<String> = Vec::new();
+    let mut ephemeral: Vec<(String, Duration)> = Vec::new();
+    let emit_for =
+        |d: Duration, queue_ids: &mut Vec<String>, ephemeral: &mut Vec<(String, Duration)>| {
+            let until = Instant::now() + d;
+            while Instant::now() < until {
+                let r = api.emit(vec![
+                    json!({"kind": "emitter:job_completed", "payload": {}}),
+                    json!({"kind": "emitter:tick", "payload": {}}),
+                ]);
+                assert_eq!(r.status, 200, "{}", r.body);
+                queue_ids.push(r.body["event_ids"][0].as_str().unwrap().to_string());
+                ephemeral.push((
+                    r.body["event_ids"][1].as_str().unwrap().to_string(),
+                    t0.elapsed(),
+                ));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+    emit_for(Duration::from_secs(2), &mut queue_ids, &mut ephemeral);
+    c.kill();
+    let down_at = t0.elapsed();
+    emit_for(outage, &mut queue_ids, &mut ephemeral);
+    let s = ws.status();
+    assert!(
+        s["queue"]["durable_depth"].as_i64().unwrap() > 0,
+        "queue events wait durably: {s}"
+    );
+    assert!(
+        s["upstream"]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("backoff"),
+        "{s}"
+    );
+    c.restart();
+    let up_at = t0.elapsed();
+    emit_for(Duration::from_secs(2), &mut queue_ids, &mut ephemeral);
+    wait_for("the queue drained", Duration::from_secs(90), || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+
+    let received = c.received();
+    let order: Vec<String> = received
+        .iter()
+        .filter(|r| r["event"]["kind"] == "emitter:job_completed")
+        .map(|r| r["event"]["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order, queue_ids, "every queue event, in emit order, once");
+    let redelivered: i64 = received
+        .iter()
+        .map(|r| r["deliveries"].as_i64().unwrap() - 1)
+        .sum();
+    let got: HashMap<&str, ()> = received
+        .iter()
+        .map(|r| (r["event"]["event_id"].as_str().unwrap(), ()))
+        .collect();
+    // Ephemeral events emitted while the conductor was down (with a 1 s margin for the agent to
+    // notice) never arrive late.
+    let during: Vec<&(String, Duration)> = ephemeral
+        .iter()
+        .filter(|(_, at)| *at > down_at + Duration::from_secs(1) && *at < up_at)
+        .collect();
+    let late = during
+        .iter()
+        .filter(|(id, _)| got.contains_key(id.as_str()))
+        .count();
+    assert_eq!(late, 0, "ephemeral events delivered late");
+    let dropped = ws.status()["queue"]["ephemeral_dropped"].as_u64().unwrap();
+    assert!(
+        dropped >= during.len() as u64,
+        "{dropped} dropped < {} emitted during the outage",
+        during.len()
+    );
+    eprintln!(
+        "outage {:?}: {} queue events, all delivered in order ({redelivered} redeliveries deduped by the conductor); {} ephemeral during the outage, {dropped} counted dropped, 0 late",
+        outage,
+        queue_ids.len(),
+        during.len()
+    );
+}
+
+#[test]
+fn a_413_splits_the_batch_and_a_deny_policy_pauses_forwarding() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    c.admin("/admin/faults", Some(json!({"max_batch": 3})));
+    ws.start();
+    let api = ws.api();
+    assert_eq!(
+        api.emit(
+            (0..10)
+                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": i}}))
+                .collect()
+        )
+        .status,
+        200
+    );
+    wait_for("all 10 delivered in batches of at most 3", T, || {
+        (c.received().len() == 10).then_some(())
+    });
+    let ns: Vec<i64> = c
+        .received()
+        .iter()
+        .map(|r| r["event"]["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..10).collect::<Vec<_>>(), "in order");
+    assert_eq!(ws.status()["dead_letters"], 0);
+
+    // default_decision: deny pauses forwarding at the next heartbeat (every 5 s here); events wait.
+    c.admin("/admin/policy", Some(json!({"default_decision": "deny"})));
+    wait_for("paused by policy", T, || {
+        ws.status()["upstream"]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("paused")
+            .then_some(())
+    });
+    assert_eq!(
+        api.emit(vec![
+            json!({"kind": "emitter:job_completed", "payload": {"n": 10}})
+        ])
+        .status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.received().len(), 10, "nothing forwarded while denied");
+    assert_eq!(ws.status()["queue"]["durable_depth"], 1);
+    c.admin("/admin/policy", Some(json!({"default_decision": "allow"})));
+    wait_for("resumed", T, || (c.received().len() == 11).then_some(()));
+}
