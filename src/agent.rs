@@ -255,7 +255,9 @@ impl Agent {
             stats: stats.clone(),
         };
         let packs_root = self.ws.root.join(&cfg.packs_dir);
-        let config_check = config_checker(&self.ws, cfg);
+        let enrolled =
+            matches!(&self.upstream, UpstreamChoice::Http(h) if h.enrollment_file.is_some());
+        let config_check = config_checker(&self.ws, cfg, enrolled);
         let registry = {
             let (root, ws_root, native) = (
                 packs_root.clone(),
@@ -327,28 +329,65 @@ impl Agent {
     }
 }
 
-/// Re-reads agent.json after a change: which settings differ from the running ones (they take
-/// effect at the next start), or the error.
+/// Re-reads agent.json after a change. Settings that can change live are reported as applied
+/// (the registry applies them); the others take effect at the next start.
 fn config_checker(
     ws: &Workspace,
     running: &AgentConfig,
+    enrolled: bool,
 ) -> lumenflow_actors::pack_registry::ConfigCheck {
-    let (name, file, running) = (ws.name(), ws.config_file(), running.clone());
+    use lumenflow_actors::pack_registry::{ConfigChange, LiveSettings};
+    const LIVE: &[&str] = &[
+        "queue_max_depth",
+        "max_attempts",
+        "max_restarts",
+        "window_s",
+        "handler_timeout_ms",
+    ];
+    let (name, file) = (ws.name(), ws.config_file());
+    let mut current = running.clone();
+    // With an enrollment, identity and upstream come from it, not from agent.json.
+    let (enrolled_identity, enrolled_upstream) =
+        (running.identity.clone(), running.upstream.clone());
     Box::new(move || {
-        let now = AgentConfig::load(&name, &file).map_err(|e| e.to_string())?;
+        let mut now = AgentConfig::load(&name, &file).map_err(|e| e.to_string())?;
+        if enrolled {
+            now.identity = enrolled_identity.clone();
+            now.upstream = enrolled_upstream.clone();
+        }
         let (a, b) = (
-            serde_json::to_value(&running).unwrap_or_default(),
+            serde_json::to_value(&current).unwrap_or_default(),
             serde_json::to_value(&now).unwrap_or_default(),
         );
-        let mut changed = Vec::new();
+        let (mut applied, mut restart) = (Vec::new(), Vec::new());
         if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
             for (k, v) in b {
                 if a.get(k) != Some(v) {
-                    changed.push(k.clone());
+                    if LIVE.contains(&k.as_str()) {
+                        applied.push(k.clone())
+                    } else {
+                        restart.push(k.clone())
+                    }
                 }
             }
         }
-        Ok(changed)
+        // What was applied is now the running value; restart-only changes keep being reported.
+        current.queue_max_depth = now.queue_max_depth;
+        current.max_attempts = now.max_attempts;
+        current.max_restarts = now.max_restarts;
+        current.window_s = now.window_s;
+        current.handler_timeout_ms = now.handler_timeout_ms;
+        Ok(ConfigChange {
+            live: LiveSettings {
+                max_depth: now.queue_max_depth,
+                max_attempts: now.max_attempts,
+                max_restarts: now.max_restarts,
+                window: Duration::from_secs(now.window_s),
+                handler_timeout: Duration::from_millis(now.handler_timeout_ms),
+            },
+            applied,
+            restart,
+        })
     })
 }
 

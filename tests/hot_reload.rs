@@ -254,7 +254,7 @@ fn a_new_folder_starts_a_pack_and_a_removed_one_stops_it() {
 }
 
 #[test]
-fn agent_json_edits_are_validated_and_restart_only_settings_are_named() {
+fn agent_json_edits_are_validated_live_settings_applied_and_restart_only_ones_named() {
     let mut ws = Workspace::new(json!({}), "emitter");
     ws.start();
     let cfg = ws.path().join(".lumenflow/agent.json");
@@ -270,15 +270,35 @@ fn agent_json_edits_are_validated_and_restart_only_settings_are_named() {
             .contains("queue.max_depht: unknown key (did you mean \"queue.max_depth\"?)"),
         "{s}"
     );
-    std::fs::write(&cfg, r#"{"queue": {"max_depth": 5}}"#).unwrap();
-    wait_for("the restart notice", T, || {
-        ws.log().contains("agent.json changed (queue_max_depth): these settings take effect at the next start").then_some(())
+    // queue.max_depth applies live: a batch of 6 no longer fits.
+    std::fs::write(
+        &cfg,
+        r#"{"queue": {"max_depth": 5}, "identity": "renamed"}"#,
+    )
+    .unwrap();
+    wait_for("applied", T, || {
+        ws.log()
+            .contains("agent.json reloaded: applied now: queue_max_depth")
+            .then_some(())
     });
-    // The running agent still works with its original settings.
+    assert!(
+        ws.log().contains(
+            "agent.json changed (identity): these settings take effect at the next start"
+        ),
+        "{}",
+        ws.log()
+    );
+    assert_eq!(ws.status()["reload"]["last_error"], Value::Null);
     let r = ws.api().emit(
         (0..6)
             .map(|_| json!({"kind": "emitter:job_completed", "payload": {}}))
             .collect(),
     );
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 429, "{}", r.body);
+    let r = ws.api().emit(
+        (0..5)
+            .map(|_| json!({"kind": "emitter:job_completed", "payload": {}}))
+            .collect(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

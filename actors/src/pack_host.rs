@@ -935,6 +935,20 @@ impl Handler<Stop> for PackHost {
     }
 }
 
+/// New limits from a reloaded agent.json (attempts, restarts, window, timeout).
+pub struct SetHostConfig(pub HostConfig);
+impl Message for SetHostConfig {
+    type Result = ();
+}
+impl Handler<SetHostConfig> for PackHost {
+    type Result = ();
+    fn handle(&mut self, SetHostConfig(cfg): SetHostConfig, _: &mut Context<Self>) {
+        self.intensity = RestartIntensity::new(cfg.max_restarts, cfg.window)
+            .with_backoff(cfg.backoff_base, cfg.backoff_cap);
+        self.cfg = cfg;
+    }
+}
+
 /// Finish the event in flight and take no more (shutdown or removal).
 pub struct Drain;
 impl Message for Drain {

@@ -15,7 +15,7 @@
 //!
 //! Native packs registered through the library are fixed for the agent's lifetime.
 
-use crate::pack_host::{Drain, HandlerKind, HostConfig, PackHost, Stop};
+use crate::pack_host::{Drain, HandlerKind, HostConfig, PackHost, SetHostConfig, Stop};
 use crate::replay_log::ReplayLog;
 use crate::router::{Emitter, RegisterHost, Router, RoutingTable, SharedTable, UnregisterHost};
 use crate::stats::{AgentStats, PackState};
@@ -29,8 +29,28 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Checks the agent's config file after it changed: `Ok(settings that changed)` or the error.
-pub type ConfigCheck = Box<dyn Fn() -> Result<Vec<String>, String>>;
+/// Settings that take effect without a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSettings {
+    pub max_depth: u64,
+    pub max_attempts: u32,
+    pub max_restarts: u32,
+    pub window: std::time::Duration,
+    pub handler_timeout: std::time::Duration,
+}
+
+/// What changed in the agent's config file.
+#[derive(Debug, Clone)]
+pub struct ConfigChange {
+    pub live: LiveSettings,
+    /// Names of changed settings applied now.
+    pub applied: Vec<String>,
+    /// Names of changed settings that need a restart.
+    pub restart: Vec<String>,
+}
+
+/// Re-reads the agent's config file after it changed: what changed, or the error.
+pub type ConfigCheck = Box<dyn FnMut() -> Result<ConfigChange, String>>;
 
 /// What a pack host needs, shared by every host the registry starts.
 #[derive(Clone)]
@@ -406,14 +426,44 @@ impl Message for ReloadConfig {
 impl Handler<ReloadConfig> for PackRegistry {
     type Result = ();
     fn handle(&mut self, _: ReloadConfig, _: &mut Context<Self>) {
-        let Some(check) = &self.config_check else {
+        let Some(check) = &mut self.config_check else {
             return;
         };
         match check() {
-            Ok(changed) if changed.is_empty() => {}
-            Ok(changed) => {
-                let msg = format!(".lumenflow/agent.json changed ({}): these settings take effect at the next start", changed.join(", "));
-                tracing::warn!("{msg}");
+            Ok(change) => {
+                if change.applied.is_empty() && change.restart.is_empty() {
+                    return;
+                }
+                let live = change.live;
+                self.deps.cfg.max_attempts = live.max_attempts;
+                self.deps.cfg.max_restarts = live.max_restarts;
+                self.deps.cfg.window = live.window;
+                self.deps.cfg.handler_timeout = live.handler_timeout;
+                for r in self.running.values() {
+                    r.addr.do_send(SetHostConfig(self.deps.cfg.clone()));
+                }
+                self.deps
+                    .emitter
+                    .queue
+                    .do_send(crate::queue::SetMaxDepth(live.max_depth));
+                self.deps
+                    .stats
+                    .set_reload_error(self.errors.values().last().cloned());
+                self.deps.stats.reload.count.fetch_add(1, Ordering::Relaxed);
+                self.deps
+                    .stats
+                    .reload
+                    .last_ms
+                    .store(now_ms(), Ordering::Relaxed);
+                if !change.applied.is_empty() {
+                    tracing::info!(
+                        ".lumenflow/agent.json reloaded: applied now: {}",
+                        change.applied.join(", ")
+                    );
+                }
+                if !change.restart.is_empty() {
+                    tracing::warn!(".lumenflow/agent.json changed ({}): these settings take effect at the next start", change.restart.join(", "));
+                }
             }
             Err(e) => {
                 tracing::error!("{e} (the running configuration is unchanged)");

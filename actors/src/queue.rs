@@ -252,3 +252,15 @@ impl Handler<Accept> for DurableQueue {
         })
     }
 }
+
+/// A new `queue.max_depth` (agent.json reloaded).
+pub struct SetMaxDepth(pub u64);
+impl Message for SetMaxDepth {
+    type Result = ();
+}
+impl Handler<SetMaxDepth> for DurableQueue {
+    type Result = ();
+    fn handle(&mut self, SetMaxDepth(max): SetMaxDepth, _: &mut Context<Self>) {
+        self.max_depth = max;
+    }
+}
