@@ -131,3 +131,35 @@ fn conformance_reports_undeclared_emits_and_missing_handlers() {
     assert!(out.contains(r#"FAIL  handshake: Missing handler: subscribed kind "conductor:other" has no registered handler"#), "{out}");
     assert!(out.contains(r#"FAIL  emits: Unknown kind at emit: pack "sloppy" does not declare "sloppy:undeclared""#), "{out}");
 }
+
+#[test]
+fn a_new_rust_pack_builds_passes_conformance_and_runs() {
+    let mut ws = Workspace::new(json!({}), "");
+    ws.bin = AGENT;
+    let (code, out) = agent_in(ws.path(), &["new", "pack", "rusty", "--lang", "rust"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = agent_in(ws.path(), &["validate"]);
+    assert_eq!(code, 0, "{out}");
+    // The first run builds the worker with cargo (runtime.timeout_ms covers the build).
+    let (code, out) = agent_in(ws.path(), &["conformance", "packs/rusty"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("5 checks passed"), "{out}");
+    ws.start();
+    let out = ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        r#"{"wu_id":"rusty-job-1"}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let inbox = wait_for(
+        "rusty:job_completed in the inbox",
+        Duration::from_secs(120),
+        || {
+            let i = ws.inbox();
+            (!i.is_empty()).then_some(i)
+        },
+    );
+    assert_eq!(inbox[0]["event"]["kind"], "rusty:job_completed");
+}

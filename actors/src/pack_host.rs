@@ -439,7 +439,12 @@ impl PackHost {
         self.worker = Some(worker.clone());
         let manifest = self.manifest.clone();
         let (root, identity) = (self.cfg.workspace.clone(), self.cfg.identity.clone());
-        let timeout = self.timeout().min(Duration::from_secs(30));
+        // The handshake may include a build (e.g. `cargo run`): a pack's own runtime.timeout_ms
+        // governs it; otherwise at most 30 s.
+        let timeout = match self.manifest.runtime.as_ref().and_then(|r| r.timeout_ms) {
+            Some(ms) => Duration::from_millis(ms),
+            None => self.timeout().min(Duration::from_secs(30)),
+        };
         let fut = async move {
             worker
                 .initialize(&manifest, &root, &identity, timeout)

@@ -15,9 +15,6 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
     if !is_kebab_slug(name) || lumenflow_pack_sdk::RESERVED_NAMESPACES.contains(&name) {
         anyhow::bail!("pack name \"{name}\" must be lowercase kebab-case (^[a-z0-9]+(-[a-z0-9]+)*$, at most 64 characters), and not \"conductor\" or \"agent\"");
     }
-    if lang == Lang::Rust {
-        anyhow::bail!("--lang rust is not available yet: write a native Rust pack with lumenflow_pack_sdk::NativePack and register it with lumenflow_agent::agent::Agent::register (see README), or use --lang node");
-    }
     let ws = Workspace::locate(workspace)?;
     let cfg = AgentConfig::load(&ws.name(), &ws.config_file())?;
     let dir = ws.root.join(&cfg.packs_dir).join(name);
@@ -28,6 +25,13 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
         );
     }
     std::fs::create_dir_all(dir.join("conformance"))?;
+    let runtime = match lang {
+        Lang::Node => serde_json::json!({"command": ["node", "handler.mjs"]}),
+        // The first start builds the worker; its timeout covers that build.
+        Lang::Rust => {
+            serde_json::json!({"command": ["cargo", "run", "--quiet", "--release", "--manifest-path", "Cargo.toml"], "timeout_ms": 300000})
+        }
+    };
     let manifest = serde_json::json!({
         "id": name,
         "slug": name,
@@ -43,24 +47,57 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
         "required_approvals": [],
         "surfaces_required": ["http"],
         "backpressure_policy": {format!("{name}:job_completed"): "queue"},
-        "runtime": {"command": ["node", "handler.mjs"]}
+        "runtime": runtime
     });
     std::fs::write(
         dir.join("manifest.json"),
         serde_json::to_string_pretty(&manifest)? + "\n",
     )?;
-    std::fs::write(dir.join("lumenflow-pack.mjs"), NODE_HELPER)?;
-    std::fs::write(dir.join("handler.mjs"), HANDLER.replace("{{NAME}}", name))?;
+    let files: &[(&str, &str)] = match lang {
+        Lang::Node => &[
+            ("handler.mjs", "the handler (edit me)"),
+            (
+                "lumenflow-pack.mjs",
+                "the Node helper (protocol; no dependencies)",
+            ),
+        ],
+        Lang::Rust => &[
+            ("src/main.rs", "the protocol loop and the handler (edit me)"),
+            (
+                "Cargo.toml",
+                "the worker's crate (its own workspace; depends on serde_json)",
+            ),
+        ],
+    };
+    match lang {
+        Lang::Node => {
+            std::fs::write(dir.join("lumenflow-pack.mjs"), NODE_HELPER)?;
+            std::fs::write(dir.join("handler.mjs"), HANDLER.replace("{{NAME}}", name))?;
+        }
+        Lang::Rust => {
+            std::fs::create_dir_all(dir.join("src"))?;
+            std::fs::write(dir.join("Cargo.toml"), RUST_CARGO.replace("{{NAME}}", name))?;
+            std::fs::write(dir.join("src/main.rs"), RUST_MAIN.replace("{{NAME}}", name))?;
+            std::fs::write(dir.join(".gitignore"), "/target\n")?;
+        }
+    }
     std::fs::write(
         dir.join("conformance/conductor_recovery_requested.json"),
         format!("{{\"payload\": {{\"wu_id\": \"{name}-job-1\"}}}}\n"),
     )?;
     let shown = ws.display(&dir);
     println!("created {shown}/");
-    println!("  manifest.json      emits {name}:job_completed (queue), handles conductor:recovery_requested");
-    println!("  handler.mjs        the handler (edit me)");
-    println!("  lumenflow-pack.mjs the Node helper (protocol; no dependencies)");
-    println!("  conformance/       the sample event the conformance harness delivers");
+    println!(
+        "  {:<19}emits {name}:job_completed (queue), handles conductor:recovery_requested",
+        "manifest.json"
+    );
+    for (f, what) in files {
+        println!("  {f:<19}{what}");
+    }
+    println!(
+        "  {:<19}the sample event the conformance harness delivers",
+        "conformance/"
+    );
     println!();
     println!("next:");
     println!("  lumenflow-agent validate");
@@ -101,3 +138,148 @@ runPack({
   },
 });
 "#;
+
+const RUST_CARGO: &str = r#"[package]
+name = "{{NAME}}-pack"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+serde_json = "1"
+
+# Its own workspace, so the pack builds wherever its folder sits.
+[workspace]
+"#;
+
+const RUST_MAIN: &str = r##"//! {{NAME}}: a lumenflow-agent exec pack in Rust. The agent starts it (`runtime.command` in
+//! manifest.json) and speaks JSON-RPC 2.0 over stdin/stdout, one message per line. stdout
+//! belongs to the protocol: log with `eprintln!` (the agent forwards stderr to its log).
+//! Run `lumenflow-agent conformance .` in this folder after edits.
+
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{self, BufRead, Write};
+
+/// The kinds this worker handles (checked against subscribed_event_kinds at start).
+const HANDLES: &[&str] = &["conductor:recovery_requested"];
+
+/// `on_recovery_requested(event, ctx)`, as in the pack-authoring quickstart.
+fn on_recovery_requested(event: &Value, ctx: &mut Ctx) -> Result<Value, String> {
+    let replay_key = format!("{{NAME}}:recover:{}", event["event_id"].as_str().unwrap_or_default());
+
+    // At-least-once delivery: the same event may come twice. Check before the effect...
+    if ctx.replay_has(&replay_key)? {
+        return Ok(json!({"status": "replayed", "action": "noop"}));
+    }
+    let job_id = event["payload"]["wu_id"].as_str().unwrap_or_default();
+    if !job_id.starts_with("{{NAME}}-job-") {
+        return Ok(json!({"status": "ignored", "action": "wrong-pack"}));
+    }
+    // The effect. The idempotency key makes a retry produce the same event_id.
+    let key = format!("{job_id}:completed");
+    ctx.emit("{{NAME}}:job_completed", json!({"job_id": job_id, "result": "recovered"}), Some(&key))?;
+    // ...and record it after.
+    ctx.replay_put(&replay_key)?;
+    Ok(json!({"status": "handled", "action": "recovered"}))
+}
+
+/// The connection to the agent.
+struct Agent {
+    lines: io::Lines<io::StdinLock<'static>>,
+    /// Messages from the agent that arrived while we waited for a reply.
+    backlog: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl Agent {
+    fn send(&self, msg: Value) {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{msg}");
+        let _ = out.flush();
+    }
+
+    fn next(&mut self) -> Option<Value> {
+        if let Some(m) = self.backlog.pop_front() {
+            return Some(m);
+        }
+        loop {
+            let line = self.lines.next()?.ok()?;
+            match serde_json::from_str(&line) {
+                Ok(v) => return Some(v),
+                Err(e) => eprintln!("the agent sent a line that is not JSON: {e}"),
+            }
+        }
+    }
+
+    /// A request to the agent (emit, replay.has, replay.put); other messages wait meanwhile.
+    fn call(&mut self, method: &str, params: Value) -> Result<Value, String> {
+        let id = format!("w{}", self.next_id);
+        self.next_id += 1;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        loop {
+            let line = self.lines.next().ok_or("the agent closed the connection")?.map_err(|e| e.to_string())?;
+            let Ok(msg) = serde_json::from_str::<Value>(&line) else { continue };
+            if msg.get("method").is_none() && msg["id"] == json!(id) {
+                if let Some(err) = msg.get("error") {
+                    return Err(err["message"].as_str().unwrap_or("error").to_string());
+                }
+                return Ok(msg["result"].clone());
+            }
+            self.backlog.push_back(msg);
+        }
+    }
+}
+
+/// What a handler gets: the replay log and emit, through the agent.
+struct Ctx<'a> {
+    agent: &'a mut Agent,
+    /// 1 for the first delivery of this event.
+    #[allow(dead_code)]
+    attempt: u64,
+}
+
+impl Ctx<'_> {
+    fn replay_has(&mut self, key: &str) -> Result<bool, String> {
+        Ok(self.agent.call("replay.has", json!({"key": key}))?.as_bool().unwrap_or(false))
+    }
+    fn replay_put(&mut self, key: &str) -> Result<(), String> {
+        self.agent.call("replay.put", json!({"key": key})).map(|_| ())
+    }
+    fn emit(&mut self, kind: &str, payload: Value, idempotency_key: Option<&str>) -> Result<String, String> {
+        let mut params = json!({"kind": kind, "payload": payload});
+        if let Some(k) = idempotency_key {
+            params["idempotency_key"] = json!(k);
+        }
+        Ok(self.agent.call("emit", params)?["event_id"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+fn main() {
+    let mut agent = Agent { lines: io::stdin().lock().lines(), backlog: VecDeque::new(), next_id: 1 };
+    while let Some(msg) = agent.next() {
+        let id = msg["id"].clone();
+        match msg["method"].as_str() {
+            Some("initialize") => agent.send(json!({"jsonrpc": "2.0", "id": id, "result": {"handles": HANDLES}})),
+            Some("handle") => {
+                let event = msg["params"]["event"].clone();
+                let attempt = msg["params"]["delivery"]["attempt"].as_u64().unwrap_or(1);
+                let mut ctx = Ctx { agent: &mut agent, attempt };
+                let result = match event["kind"].as_str() {
+                    Some("conductor:recovery_requested") => on_recovery_requested(&event, &mut ctx),
+                    _ => Ok(json!({"status": "ignored", "action": "no-handler"})),
+                };
+                match result {
+                    Ok(outcome) => agent.send(json!({"jsonrpc": "2.0", "id": id, "result": outcome})),
+                    Err(e) => agent.send(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000, "message": e}})),
+                }
+            }
+            Some("shutdown") => {
+                agent.send(json!({"jsonrpc": "2.0", "id": id, "result": null}));
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+"##;
