@@ -44,6 +44,9 @@ pub enum StartError {
     Database { path: String, reason: SchemaError },
 }
 
+/// Is a core actor's mailbox still open?
+type AliveProbe = Box<dyn Fn() -> bool>;
+
 #[derive(Clone)]
 enum UpstreamChoice {
     MemInbox,
@@ -186,6 +189,7 @@ impl Agent {
         let store_addr = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
             Store::new(db_path, durability, store_stats)
         });
+        let store_addr_probe = store_addr.clone();
         let store = StoreHandle::new(store_addr);
 
         let retention = Duration::from_secs(u64::from(cfg.replay_retention_days) * 86_400);
@@ -269,7 +273,7 @@ impl Agent {
         };
         let started = registry.send(StartAll).await.unwrap_or(0);
         tracing::debug!(packs = started, "packs started");
-        let _watcher = {
+        let watcher = {
             let (root, dir, reg) = (packs_root, self.ws.lumenflow_dir(), registry.clone());
             Supervisor::start(move |_| Watcher::new(root, dir, reg))
         };
@@ -284,6 +288,7 @@ impl Agent {
                 )
             })?;
         let addr = listener.local_addr()?;
+        let queue_probe = emitter.queue.clone();
         let state = ApiState::new(
             emitter,
             store.clone(),
@@ -302,7 +307,86 @@ impl Agent {
         tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
 
         let server = actix::spawn(api::serve(listener, state));
-        wait_for_signal().await;
+        // Every core actor runs under a Supervisor, which restarts it when it stops. A panic
+        // instead ends its task and closes its mailbox; no restart in place could hand the new
+        // address to everyone holding the old one. So escalate, as an OTP supervisor does when
+        // a child cannot be restarted: say which one died and exit 1. Everything accepted is
+        // in SQLite; the next start recovers it.
+        let core: Vec<(&'static str, AliveProbe)> = vec![
+            (
+                "store",
+                Box::new({
+                    let a = store_addr_probe.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "replay log",
+                Box::new({
+                    let a = replay.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "router",
+                Box::new({
+                    let a = router.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "queue",
+                Box::new({
+                    let a = queue_probe.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "upstream",
+                Box::new({
+                    let a = idle.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "pack registry",
+                Box::new({
+                    let a = registry.clone();
+                    move || a.connected()
+                }),
+            ),
+            (
+                "watcher",
+                Box::new({
+                    let a = watcher.clone();
+                    move || a.connected()
+                }),
+            ),
+        ];
+        let died = async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Some((name, _)) = core.iter().find(|(_, alive)| !alive()) {
+                    return *name;
+                }
+            }
+        };
+        let mut failed = None;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            name = died => failed = Some(name),
+        }
+        if let Some(name) = failed {
+            tracing::error!("internal error: the {name} actor stopped unexpectedly (a panic); exiting so that a restart recovers it cleanly (accepted events are on disk)");
+            shutdown.store(true, Ordering::SeqCst);
+            let _ = std::fs::remove_file(&api_file);
+            server.abort();
+            store_arbiter.stop();
+            return Err(anyhow::anyhow!(
+                "the {name} actor stopped unexpectedly; see the log"
+            ));
+        }
         tracing::info!("shutting down: finishing events in flight");
         shutdown.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&api_file);
