@@ -77,7 +77,8 @@ impl ApiState {
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+/// `{"error": {"message": …}}` with a status: the error shape of every LumenFlow HTTP surface.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
         axum::Json(json!({"error": {"message": message.into()}})),

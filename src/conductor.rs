@@ -15,7 +15,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -101,10 +101,14 @@ impl Conductor {
             .route("/admin/events", get(received))
             .route("/admin/faults", post(set_faults))
             .route("/admin/policy", post(set_policy))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                require_token,
+            ))
             .with_state(self)
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -113,14 +117,23 @@ impl Conductor {
     }
 }
 
+/// Every endpoint needs `Authorization: Bearer <token>`.
+async fn require_token(
+    State(c): State<Conductor>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !c.authorized(req.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    next.run(req).await
+}
+
 fn parse(body: &Bytes) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("Malformed JSON: {e}"))
 }
 
-async fn push(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
     let faults = c.lock().faults.clone();
     if let Some(ms) = faults.latency_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -190,18 +203,12 @@ async fn push(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Re
     axum::Json(json!({"accepted": events.len()})).into_response()
 }
 
-async fn heartbeat(State(c): State<Conductor>, headers: HeaderMap) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn heartbeat(State(_c): State<Conductor>) -> Response {
     axum::Json(json!({"status": "ok", "server_time": now_iso(), "next_heartbeat_ms": 5000}))
         .into_response()
 }
 
-async fn policies(State(c): State<Conductor>, headers: HeaderMap) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn policies(State(c): State<Conductor>) -> Response {
     let deny = c.lock().deny;
     axum::Json(json!({"default_decision": if deny { "deny" } else { "allow" }, "rules": []}))
         .into_response()
@@ -222,10 +229,7 @@ fn outgoing_after(
     rows
 }
 
-async fn pull(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn pull(State(c): State<Conductor>, body: Bytes) -> Response {
     let v = match parse(&body) {
         Ok(v) => v,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -262,10 +266,7 @@ async fn pull(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Re
     }
 }
 
-async fn publish(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn publish(State(c): State<Conductor>, body: Bytes) -> Response {
     let v = match parse(&body) {
         Ok(v) => v,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -296,10 +297,7 @@ async fn publish(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) ->
     axum::Json(json!({"published": ids.len(), "event_ids": ids})).into_response()
 }
 
-async fn received(State(c): State<Conductor>, headers: HeaderMap) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn received(State(c): State<Conductor>) -> Response {
     let inner = c.lock();
     let rows: rusqlite::Result<Vec<Value>> = (|| {
         let mut stmt = inner
@@ -319,10 +317,7 @@ async fn received(State(c): State<Conductor>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn set_faults(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn set_faults(State(c): State<Conductor>, body: Bytes) -> Response {
     match serde_json::from_slice::<Faults>(&body) {
         Ok(f) => {
             c.lock().faults = f;
@@ -332,10 +327,7 @@ async fn set_faults(State(c): State<Conductor>, headers: HeaderMap, body: Bytes)
     }
 }
 
-async fn set_policy(State(c): State<Conductor>, headers: HeaderMap, body: Bytes) -> Response {
-    if !c.authorized(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
-    }
+async fn set_policy(State(c): State<Conductor>, body: Bytes) -> Response {
     let v = match parse(&body) {
         Ok(v) => v,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),

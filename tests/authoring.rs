@@ -76,21 +76,8 @@ fn conformance_passes_for_acme_demo_and_catches_a_non_idempotent_copy() {
 
     let tmp = tempfile::tempdir().unwrap();
     for sub in ["packs/acme-demo", "packs/node"] {
-        let to = tmp.path().join(sub);
-        std::fs::create_dir_all(to.join("conformance")).unwrap();
-        for e in std::fs::read_dir(repo.join(sub)).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-            }
-        }
+        copy_dir(&repo.join(sub), &tmp.path().join(sub));
     }
-    std::fs::copy(
-        repo.join("packs/acme-demo/conformance/conductor_recovery_requested.json"),
-        tmp.path()
-            .join("packs/acme-demo/conformance/conductor_recovery_requested.json"),
-    )
-    .unwrap();
     let handler = tmp.path().join("packs/acme-demo/handler.mjs");
     let text = std::fs::read_to_string(&handler).unwrap();
     let without_check = text.replace("if (await ctx.replayLog.has(replayKey)) {", "if (false) {");

@@ -144,18 +144,6 @@ fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn acme_demo_in_conductor_mode_events_on_the_wire_and_inbound_once() {
     let mut ws = Workspace::new(json!({}), "");
