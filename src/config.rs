@@ -401,6 +401,26 @@ mod tests {
         assert!(apply(json!([1])).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// Arbitrary agent.json content is an error or a config, never a panic.
+        #[test]
+        fn arbitrary_agent_json_never_panics(text in "[\\{\\}\\[\\]\":,0-9a-z_. -]{0,200}") {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                let mut c = AgentConfig::defaults("ws");
+                let _ = c.apply_value(&v, "agent.json");
+            }
+        }
+
+        #[test]
+        fn arbitrary_values_for_known_keys_never_panic(key in proptest::sample::select(TOP_KEYS.to_vec()), n in proptest::prelude::any::<i64>(), s in ".{0,20}") {
+            for v in [json!(n), json!(s), json!({"max_depth": n, "listen": s, "timeout_ms": n, "max_restarts": n}), json!([n])] {
+                let mut c = AgentConfig::defaults("ws");
+                let _ = c.apply_value(&json!({ key: v }), "agent.json");
+            }
+        }
+    }
+
     #[test]
     fn upstream_forms() {
         for ok in [
