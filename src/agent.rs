@@ -508,11 +508,18 @@ fn random_token() -> String {
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cannot = || {
+        format!(
+            "cannot write the state directory {} (the agent keeps its durable state there)",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).with_context(cannot)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(cannot)?;
     }
     Ok(())
 }

@@ -162,8 +162,52 @@ fn json_depth(v: &Value) -> usize {
     }
 }
 
-/// Reads and parses a `{events: [...]}` body, enforcing the limits.
-async fn read_events(body: Body) -> Result<Vec<Value>, Response> {
+/// Parses a `{workspace_id?, events: [...]}` body into events, enforcing the limits. Pure:
+/// the whole parsing surface of the event endpoints, fuzzed in the tests below.
+pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Incoming>, (StatusCode, String)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("Malformed JSON: {e}")))?;
+    if json_depth(&v) > MAX_DEPTH {
+        return Err(bad(format!(
+            "Malformed request: JSON nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    let Value::Object(mut obj) = v else {
+        return Err(bad(
+            "Malformed request: expected an object {\"workspace_id\": …, \"events\": [...]}".into(),
+        ));
+    };
+    let events = match obj.remove("events") {
+        Some(Value::Array(events)) => events,
+        Some(_) => return Err(bad("Malformed request: \"events\" must be an array".into())),
+        None => return Err(bad("Malformed request: missing \"events\"".into())),
+    };
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Batch too large: {} events; at most {MAX_BATCH_EVENTS} per request",
+                events.len()
+            ),
+        ));
+    }
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Incoming::from_value(v).map_err(|e| {
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("events[{i}]: invalid event: {e}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Reads a request body (at most [`MAX_BODY_BYTES`]) and parses it with [`parse_batch`].
+async fn read_batch(body: Body) -> Result<Vec<Incoming>, Response> {
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| {
@@ -172,42 +216,7 @@ async fn read_events(body: Body) -> Result<Vec<Value>, Response> {
                 format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
             )
         })?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")))?;
-    if json_depth(&v) > MAX_DEPTH {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("Malformed request: JSON nested deeper than {MAX_DEPTH} levels"),
-        ));
-    }
-    let Value::Object(mut obj) = v else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "Malformed request: expected an object {\"workspace_id\": …, \"events\": [...]}",
-        ));
-    };
-    match obj.remove("events") {
-        Some(Value::Array(events)) => {
-            if events.len() > MAX_BATCH_EVENTS {
-                return Err(error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "Batch too large: {} events; at most {MAX_BATCH_EVENTS} per request",
-                        events.len()
-                    ),
-                ));
-            }
-            Ok(events)
-        }
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "Malformed request: \"events\" must be an array",
-        )),
-        None => Err(error(
-            StatusCode::BAD_REQUEST,
-            "Malformed request: missing \"events\"",
-        )),
-    }
+    parse_batch(&bytes).map_err(|(status, m)| error(status, m))
 }
 
 fn emit_error(e: EmitError) -> Response {
@@ -222,6 +231,9 @@ fn emit_error(e: EmitError) -> Response {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
             r
+        }
+        EmitError::Queue(QueueError::Store(StoreError::DiskFull)) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
         other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
     }
@@ -241,22 +253,10 @@ async fn post_events(State(state): State<ApiState>, req: Request) -> Response {
     if let Some(r) = refusal_if_stopping(&state) {
         return r;
     }
-    let events = match read_events(req.into_body()).await {
-        Ok(e) => e,
+    let items = match read_batch(req.into_body()).await {
+        Ok(items) => items,
         Err(r) => return r,
     };
-    let mut items = Vec::with_capacity(events.len());
-    for (i, v) in events.into_iter().enumerate() {
-        match Incoming::from_value(v) {
-            Ok(item) => items.push(item),
-            Err(e) => {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("events[{i}]: invalid event: {e}"),
-                )
-            }
-        }
-    }
     let n = items.len();
     match state.emitter.emit(None, items).await {
         Ok(ids) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
@@ -268,23 +268,15 @@ async fn post_inbound(State(state): State<ApiState>, req: Request) -> Response {
     if let Some(r) = refusal_if_stopping(&state) {
         return r;
     }
-    let events = match read_events(req.into_body()).await {
-        Ok(e) => e,
+    let items = match read_batch(req.into_body()).await {
+        Ok(items) => items,
         Err(r) => return r,
     };
     let now = SystemTime::now();
-    let mut envs: Vec<Envelope> = Vec::with_capacity(events.len());
-    for (i, v) in events.into_iter().enumerate() {
-        match Incoming::from_value(v) {
-            Ok(item) => envs.push(item.complete(&state.identity, now)),
-            Err(e) => {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("events[{i}]: invalid event: {e}"),
-                )
-            }
-        }
-    }
+    let envs: Vec<Envelope> = items
+        .into_iter()
+        .map(|i| i.complete(&state.identity, now))
+        .collect();
     let ids: Vec<String> = envs.iter().map(|e| e.event_id.clone()).collect();
     match state.emitter.inbound(envs).await {
         Ok(n) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
@@ -403,6 +395,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn host_check() {
@@ -414,6 +407,30 @@ mod tests {
         for bad in ["evil.example:80", "10.0.0.1:8080", "127.0.0.1.evil.com"] {
             h.insert(header::HOST, HeaderValue::from_static(bad));
             assert!(loopback_host(&h).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any request body is a batch or a 4xx, never a panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            if let Err((status, _)) = parse_batch(&bytes) {
+                proptest::prop_assert!(status.is_client_error());
+            }
+        }
+
+        #[test]
+        fn arbitrary_event_lists_never_panic(events in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::strategy::Just(json!({"kind": "a:b", "payload": {}})),
+                proptest::strategy::Just(json!({"kind": "a:b", "payload": []})),
+                proptest::strategy::Just(json!({"schema_version": 2})),
+                proptest::strategy::Just(json!(null)),
+                ".{0,12}".prop_map(|s| json!({"kind": s, "payload": {}, "idempotency_key": s})),
+            ], 0..20)) {
+            let body = json!({"workspace_id": "w", "events": events}).to_string();
+            let _ = parse_batch(body.as_bytes());
         }
     }
 

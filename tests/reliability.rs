@@ -358,3 +358,170 @@ fn a_5xx_storm_with_slow_answers_loses_nothing_and_keeps_order() {
     assert_eq!(got, ids, "all, in order");
     eprintln!("RELIABILITY 5xx storm: {} events through a 50% failure rate with 150 ms answers: 0 lost, order kept", ids.len());
 }
+
+/// Mounts a tmpfs (root only) and unmounts it when dropped.
+struct Tmpfs(std::path::PathBuf);
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+    fn remount(&self, opts: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {opts}");
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk: the agent refuses new events with a clear error (507) instead of losing them,
+/// keeps serving, and accepts again when space returns; every acknowledged event is delivered
+/// once. Needs root (mount); skipped with a note otherwise.
+#[test]
+fn a_full_disk_refuses_new_events_clearly_and_recovers_when_space_returns() {
+    let mut ws = Workspace::new(json!({"durability": "normal"}), "emitter");
+    let state = ws.path().join(".lumenflow/state");
+    let Some(fs) = Tmpfs::mount(&state, "2m") else {
+        eprintln!("RELIABILITY full disk: skipped (mounting a tmpfs needs root)");
+        return;
+    };
+    ws.start();
+    let api = ws.api();
+    let mut acked: Vec<String> = Vec::new();
+    let mut refusal = None;
+    for b in 0..5000 {
+        let events: Vec<Value> = (0..50).map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": b * 50 + i, "pad": "x".repeat(200)}})).collect();
+        let r = api.emit(events);
+        if r.status == 200 {
+            acked.extend(
+                r.body["event_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string()),
+            );
+        } else {
+            refusal = Some(r);
+            break;
+        }
+    }
+    let r = refusal.expect("the disk never filled");
+    assert_eq!(r.status, 507, "{}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("disk full"), "{msg}");
+    assert_eq!(api.get("/v1/status").status, 200, "still serving");
+    // Space returns.
+    fs.remount("size=64m");
+    let r = wait_for("accepted again", T, || {
+        let r = api.emit(vec![
+            json!({"kind": "emitter:job_completed", "payload": {"after": true}}),
+        ]);
+        (r.status == 200).then_some(r)
+    });
+    acked.push(r.body["event_ids"][0].as_str().unwrap().to_string());
+    wait_for("the outbox to drain", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for row in ws.inbox() {
+        *count
+            .entry(row["event"]["event_id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    let lost = acked.iter().filter(|id| !count.contains_key(*id)).count();
+    let dupes = count.values().filter(|n| **n > 1).count();
+    eprintln!("RELIABILITY full disk: {} events acknowledged before the 2 MiB state disk filled; refused with 507 \"{msg}\"; accepted again after it grew; {lost} lost, {dupes} duplicated", acked.len() - 1);
+    assert_eq!(lost, 0);
+    assert_eq!(dupes, 0);
+    ws.kill9();
+}
+
+/// A read-only state directory: `start` refuses with a clear error (exit 2), nothing already
+/// accepted is lost, and the agent starts and delivers once it is writable again. (Linux does
+/// not let a filesystem turn read-only under a process that holds files open for writing, so
+/// the running case is the full disk above.) Needs root.
+#[test]
+fn a_read_only_state_directory_refuses_clearly_and_recovers() {
+    let mut ws = Workspace::new(
+        json!({"durability": "normal", "queue": {"max_depth": 1000}}),
+        "emitter",
+    );
+    let state = ws.path().join(".lumenflow/state");
+    let Some(fs) = Tmpfs::mount(&state, "64m") else {
+        eprintln!("RELIABILITY read-only: skipped (mounting a tmpfs needs root)");
+        return;
+    };
+    ws.start();
+    let r = ws.api().emit(vec![
+        json!({"kind": "emitter:job_completed", "payload": {"n": 1}}),
+    ]);
+    assert_eq!(r.status, 200);
+    let id = r.body["event_ids"][0].as_str().unwrap().to_string();
+    assert_eq!(ws.terminate(), Some(0));
+    fs.remount("ro");
+    let out = ws.run(&["start"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("Read-only file system")
+            || err.contains("read-only")
+            || err.contains("readonly"),
+        "{err}"
+    );
+    fs.remount("rw");
+    ws.start();
+    wait_for("delivered", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+    let inbox: Vec<String> = ws
+        .inbox()
+        .iter()
+        .map(|r| r["event"]["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(inbox, vec![id]);
+    eprintln!(
+        "RELIABILITY read-only: start refused with exit 2: {}; started once writable; 0 lost",
+        err.trim()
+    );
+    ws.kill9();
+}
+
+/// Security at the edge: a request with a valid token but a non-loopback Host header (DNS
+/// rebinding from a web page) is refused with 403.
+#[test]
+fn a_non_loopback_host_header_is_refused_even_with_the_token() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    ws.start();
+    let api = ws.api();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("{}/v1/status", api.url))
+        .header("authorization", format!("Bearer {}", api.token))
+        .header("host", "evil.example:80")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let body = r.body_mut().read_to_string().unwrap();
+    assert!(
+        body.contains("Forbidden: Host \\\"evil.example:80\\\" is not a loopback address"),
+        "{body}"
+    );
+    assert_eq!(api.get("/v1/status").status, 200);
+}

@@ -199,6 +199,94 @@ fn service_error(e: ServiceError) -> (i64, String, Option<Value>) {
     }
 }
 
+/// One line from a worker, classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerLine {
+    Blank,
+    /// Not a JSON-RPC message: the worker broke the protocol.
+    Invalid(String),
+    Log {
+        level: String,
+        message: String,
+    },
+    Notification {
+        method: String,
+    },
+    /// A request from the worker (emit, replay.has, replay.put).
+    Request {
+        id: Value,
+        method: String,
+        params: Value,
+    },
+    /// A reply to one of our requests.
+    Reply {
+        id: u64,
+        reply: Result<Value, WorkerError>,
+    },
+}
+
+/// Classifies one line a worker wrote on stdout. Pure: the protocol's whole parsing surface.
+pub fn classify_line(line: &[u8]) -> WorkerLine {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return WorkerLine::Blank;
+    }
+    let text = String::from_utf8_lossy(line);
+    let invalid = || {
+        WorkerLine::Invalid(format!(
+            "worker wrote a line that is not a JSON-RPC message: {}",
+            truncate(&text, 200)
+        ))
+    };
+    let msg = match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(m)) => m,
+        _ => return invalid(),
+    };
+    if let Some(method) = msg.get("method").and_then(|m| m.as_str()) {
+        let params = msg.get("params").cloned().unwrap_or(Value::Null);
+        return match msg.get("id") {
+            None if method == "log" => WorkerLine::Log {
+                level: params
+                    .get("level")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("info")
+                    .to_string(),
+                message: truncate(
+                    params.get("message").and_then(|v| v.as_str()).unwrap_or(""),
+                    4096,
+                ),
+            },
+            None => WorkerLine::Notification {
+                method: method.to_string(),
+            },
+            Some(id) => WorkerLine::Request {
+                id: id.clone(),
+                method: method.to_string(),
+                params,
+            },
+        };
+    }
+    let Some(id) = msg.get("id").and_then(|v| v.as_u64()) else {
+        return WorkerLine::Invalid(format!(
+            "worker answered an unknown request id: {}",
+            truncate(&text, 200)
+        ));
+    };
+    let reply = match (msg.get("result"), msg.get("error")) {
+        (_, Some(err)) => Err(WorkerError::Handler(
+            err.get("message")
+                .and_then(|m| m.as_str())
+                .map(|m| truncate(m, 2000))
+                .unwrap_or_else(|| err.to_string()),
+        )),
+        (Some(result), None) => Ok(result.clone()),
+        (None, None) => Err(WorkerError::Protocol(format!(
+            "reply has neither result nor error: {}",
+            truncate(&text, 200)
+        ))),
+    };
+    WorkerLine::Reply { id, reply }
+}
+
 impl ExecWorker {
     /// Starts `runtime.command` in the pack folder.
     pub fn spawn(
@@ -299,83 +387,43 @@ impl ExecWorker {
                         break;
                     }
                 };
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let text = String::from_utf8_lossy(&line);
-                let msg: Value = match serde_json::from_slice(&line) {
-                    Ok(Value::Object(m)) => Value::Object(m),
-                    _ => {
-                        fail_all(
-                            &r_shared,
-                            WorkerError::Protocol(format!(
-                                "worker wrote a line that is not a JSON-RPC message: {}",
-                                truncate(&text, 200)
-                            )),
-                        );
+                match classify_line(&line) {
+                    WorkerLine::Blank => {}
+                    WorkerLine::Invalid(why) => {
+                        fail_all(&r_shared, WorkerError::Protocol(why));
                         break;
                     }
-                };
-                if let Some(method) = msg.get("method").and_then(|m| m.as_str()) {
-                    let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                    match msg.get("id") {
-                        None if method == "log" => {
-                            let m = params.get("message").and_then(|v| v.as_str()).unwrap_or("");
-                            match params
-                                .get("level")
-                                .and_then(|v| v.as_str())
-                                .unwrap_or("info")
-                            {
-                                "error" => tracing::error!(pack = %r_pack, "{}", truncate(m, 4096)),
-                                "warn" => tracing::warn!(pack = %r_pack, "{}", truncate(m, 4096)),
-                                "debug" => tracing::debug!(pack = %r_pack, "{}", truncate(m, 4096)),
-                                _ => tracing::info!(pack = %r_pack, "{}", truncate(m, 4096)),
-                            }
-                        }
-                        None => {
-                            tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
-                        }
-                        Some(id) => {
-                            let (services, out, id, method) = (
-                                services.clone(),
-                                r_out.clone(),
-                                id.clone(),
-                                method.to_string(),
-                            );
-                            actix::spawn(async move {
-                                let reply = serve_request(services, id, method, params).await;
-                                let _ = out.send(reply);
-                            });
-                        }
+                    WorkerLine::Log { level, message } => match level.as_str() {
+                        "error" => tracing::error!(pack = %r_pack, "{message}"),
+                        "warn" => tracing::warn!(pack = %r_pack, "{message}"),
+                        "debug" => tracing::debug!(pack = %r_pack, "{message}"),
+                        _ => tracing::info!(pack = %r_pack, "{message}"),
+                    },
+                    WorkerLine::Notification { method } => {
+                        tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
                     }
-                    continue;
+                    WorkerLine::Request { id, method, params } => {
+                        let (services, out) = (services.clone(), r_out.clone());
+                        actix::spawn(async move {
+                            let reply = serve_request(services, id, method, params).await;
+                            let _ = out.send(reply);
+                        });
+                    }
+                    WorkerLine::Reply { id, reply } => {
+                        let Some(tx) = lock(&r_shared).pending.remove(&id) else {
+                            let text = String::from_utf8_lossy(&line);
+                            fail_all(
+                                &r_shared,
+                                WorkerError::Protocol(format!(
+                                    "worker answered an unknown request id: {}",
+                                    truncate(&text, 200)
+                                )),
+                            );
+                            break;
+                        };
+                        let _ = tx.send(reply);
+                    }
                 }
-                let id = msg.get("id").and_then(|v| v.as_u64());
-                let tx = id.and_then(|id| lock(&r_shared).pending.remove(&id));
-                let Some(tx) = tx else {
-                    fail_all(
-                        &r_shared,
-                        WorkerError::Protocol(format!(
-                            "worker answered an unknown request id: {}",
-                            truncate(&text, 200)
-                        )),
-                    );
-                    break;
-                };
-                let reply = match (msg.get("result"), msg.get("error")) {
-                    (_, Some(err)) => Err(WorkerError::Handler(
-                        err.get("message")
-                            .and_then(|m| m.as_str())
-                            .map(|m| truncate(m, 2000))
-                            .unwrap_or_else(|| err.to_string()),
-                    )),
-                    (Some(result), None) => Ok(result.clone()),
-                    (None, None) => Err(WorkerError::Protocol(format!(
-                        "reply has neither result nor error: {}",
-                        truncate(&text, 200)
-                    ))),
-                };
-                let _ = tx.send(reply);
             }
         });
 
@@ -552,5 +600,62 @@ impl ExecWorker {
 impl Drop for ExecWorker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn classifies_the_protocol() {
+        assert_eq!(classify_line(b"  "), WorkerLine::Blank);
+        assert!(
+            matches!(classify_line(b"hello"), WorkerLine::Invalid(m) if m.contains("not a JSON-RPC message: hello"))
+        );
+        assert!(matches!(classify_line(b"[1]"), WorkerLine::Invalid(_)));
+        assert_eq!(
+            classify_line(br#"{"jsonrpc":"2.0","id":7,"result":{"status":"handled"}}"#),
+            WorkerLine::Reply {
+                id: 7,
+                reply: Ok(serde_json::json!({"status": "handled"}))
+            }
+        );
+        assert!(
+            matches!(classify_line(br#"{"jsonrpc":"2.0","id":7,"error":{"code":-32000,"message":"boom"}}"#),
+            WorkerLine::Reply { id: 7, reply: Err(WorkerError::Handler(m)) } if m == "boom")
+        );
+        assert!(matches!(
+            classify_line(br#"{"jsonrpc":"2.0","id":"w1","method":"emit","params":{}}"#),
+            WorkerLine::Request { .. }
+        ));
+        assert!(matches!(
+            classify_line(
+                br#"{"jsonrpc":"2.0","method":"log","params":{"level":"warn","message":"m"}}"#
+            ),
+            WorkerLine::Log { .. }
+        ));
+        assert!(
+            matches!(classify_line(br#"{"jsonrpc":"2.0","id":"x","result":1}"#), WorkerLine::Invalid(m) if m.contains("unknown request id"))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        /// Whatever a worker writes, classifying it never panics.
+        #[test]
+        fn arbitrary_worker_output_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = classify_line(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_rpc_shapes_never_panic(id in prop_oneof![Just(serde_json::json!(1)), Just(serde_json::json!("w1")), Just(serde_json::json!(null)), Just(serde_json::json!(-3)), Just(serde_json::json!([1]))],
+            method in prop_oneof![Just(None), Just(Some("log".to_string())), Just(Some("emit".to_string())), Just(Some("replay.has".to_string())), ".{0,10}".prop_map(Some)],
+            body in prop_oneof![Just(serde_json::json!(null)), Just(serde_json::json!({"status": "x"})), Just(serde_json::json!({"message": 1})), Just(serde_json::json!("s"))]) {
+            let mut m = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": body.clone(), "error": body.clone(), "params": body});
+            if let Some(method) = method { m["method"] = serde_json::json!(method); }
+            let _ = classify_line(m.to_string().as_bytes());
+        }
     }
 }
