@@ -12,6 +12,8 @@
 //! - `observer` subscribes to `agent:pack_crashed` and `agent:event_dead_lettered` and appends
 //!   them to `$LUMENFLOW_TEST_EFFECTS.agent`.
 //! - `emitter` emits `emitter:job_completed` (queue) and `emitter:tick` (ephemeral).
+//! - `ledger` subscribes to `emitter:job_completed` and follows the quickstart's pattern:
+//!   `replay_has` before its effect (the same append as the recorder's), `replay_put` after.
 //! - `sink` subscribes to `bench:ping` and does nothing (for throughput benchmarks).
 //! - `bench` emits `bench:ping` (queue) and `bench:pulse` (ephemeral).
 
@@ -26,6 +28,8 @@ const EMITTER: &str = r#"{"id":"emitter","version":"0.1.0",
   "backpressure_policy":{"emitter:job_completed":"queue","emitter:tick":"ephemeral"}}"#;
 const OBSERVER: &str = r#"{"id":"observer","version":"0.1.0",
   "subscribed_event_kinds":["agent:pack_crashed","agent:event_dead_lettered"]}"#;
+const LEDGER: &str =
+    r#"{"id":"ledger","version":"0.1.0","subscribed_event_kinds":["emitter:job_completed"]}"#;
 const SINK: &str = r#"{"id":"sink","version":"0.1.0","subscribed_event_kinds":["bench:ping"]}"#;
 const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
   "emitted_event_kinds":["bench:ping","bench:pulse"],
@@ -68,6 +72,31 @@ async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     }
 }
 
+/// The ledger pack: the quickstart's pattern. Replay key checked before the effect (an append
+/// to `$LUMENFLOW_TEST_EFFECTS`), recorded after it.
+async fn ledger(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
+    let key = format!("ledger:{}", e.event_id);
+    match ctx.replay_has(&key).await {
+        Ok(true) => return HandlerOutcome::replayed("noop"),
+        Ok(false) => {}
+        Err(err) => return HandlerOutcome::retry(err.to_string()),
+    }
+    let path = std::env::var("LUMENFLOW_TEST_EFFECTS").unwrap_or_else(|_| "effects.log".into());
+    let line = format!("{} {} attempt={}\n", e.kind, e.event_id, ctx.attempt);
+    if let Err(err) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+    {
+        return HandlerOutcome::retry(err.to_string());
+    }
+    match ctx.replay_put(&key).await {
+        Ok(()) => HandlerOutcome::handled("recorded"),
+        Err(err) => HandlerOutcome::retry(err.to_string()),
+    }
+}
+
 /// The observer pack: appends `<kind> <payload>` to `$LUMENFLOW_TEST_EFFECTS.agent`.
 async fn observe(e: Envelope, _ctx: HandlerCtx) -> HandlerOutcome {
     let path =
@@ -96,6 +125,9 @@ fn packs() -> Vec<NativePack> {
             "observer" => NativePack::builder(OBSERVER)
                 .on("agent:pack_crashed", observe)
                 .on("agent:event_dead_lettered", observe)
+                .build(),
+            "ledger" => NativePack::builder(LEDGER)
+                .on("emitter:job_completed", ledger)
                 .build(),
             "sink" => NativePack::builder(SINK)
                 .on("bench:ping", |_e, _ctx| async {
