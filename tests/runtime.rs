@@ -594,3 +594,44 @@ fn a_corrupt_database_is_a_clear_error_with_a_way_out_not_a_crash_loop() {
         200
     );
 }
+
+/// The inbound log is compacted past every pack's cursor (at start and hourly), and sequence
+/// numbers are never reused afterwards: events that arrive after the log was emptied are still
+/// delivered (a reused seq would fall behind the cursors and be skipped forever).
+#[test]
+fn the_inbound_log_is_compacted_and_new_events_still_arrive_after_it_emptied() {
+    let mut ws = Workspace::new(json!({}), "recorder");
+    ws.start();
+    for _ in 0..20 {
+        let out = ws.run(&[
+            "emit",
+            "conductor:recovery_requested",
+            "--inbound",
+            "--payload",
+            "{}",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    wait_for("20 handled", T, || {
+        (ws.pack_status("recorder")["handled"] == 20).then_some(())
+    });
+    assert_eq!(ws.terminate(), Some(0));
+    assert_eq!(ws.status()["durable"]["inbound_log"], 20);
+    // The next start compacts (every pack has passed all 20 rows).
+    ws.start();
+    assert_eq!(ws.terminate(), Some(0));
+    assert_eq!(ws.status()["durable"]["inbound_log"], 0, "compacted");
+    ws.start();
+    let out = ws.run(&[
+        "emit",
+        "conductor:recovery_requested",
+        "--inbound",
+        "--payload",
+        "{}",
+    ]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    wait_for("the new event handled", T, || {
+        ws.effects().iter().any(|l| l.contains(&id)).then_some(())
+    });
+    assert_eq!(ws.effects().len(), 21);
+}

@@ -141,6 +141,53 @@ impl StoreOp for LoadPending {
     }
 }
 
+/// An idle pack (nothing queued) moves its cursor to the end of the inbound log if no row after
+/// its cursor is for it, so the log can be compacted past packs that get no traffic. Runs in
+/// the Store's serialized transaction: a row for the pack committed but not yet dispatched
+/// keeps the cursor where it is.
+struct IdleCursor {
+    pack: String,
+    kinds: Vec<String>,
+}
+
+impl StoreOp for IdleCursor {
+    type Output = Option<i64>;
+    fn run(self, conn: &Connection) -> Result<Option<i64>, StoreError> {
+        let cursor: i64 = conn
+            .query_row(
+                "SELECT cursor FROM pack_cursor WHERE pack = ?1",
+                [&self.pack],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let end: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM inbound", [], |r| {
+            r.get(0)
+        })?;
+        if end <= cursor {
+            return Ok(None);
+        }
+        if !self.kinds.is_empty() {
+            let placeholders = vec!["?"; self.kinds.len()].join(",");
+            let sql = format!(
+                "SELECT 1 FROM inbound WHERE seq > ?2 AND kind IN ({placeholders}) AND (target IS NULL OR target = ?1) LIMIT 1"
+            );
+            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&self.pack, &cursor];
+            for k in &self.kinds {
+                args.push(k);
+            }
+            if conn.prepare_cached(&sql)?.exists(args.as_slice())? {
+                return Ok(None);
+            }
+        }
+        conn.execute(
+            "UPDATE pack_cursor SET cursor = ?2 WHERE pack = ?1",
+            params![self.pack, end],
+        )?;
+        Ok(Some(end))
+    }
+}
+
 struct DeadLetter {
     seq: i64,
     envelope: Arc<Envelope>,
@@ -374,6 +421,8 @@ pub struct PackHost {
     worker: Option<Arc<ExecWorker>>,
     /// The pack cannot run as configured (e.g. `Missing handler`); waits for a new manifest.
     invalid: bool,
+    /// Last time the idle cursor advance ran.
+    idle_checked: Option<Instant>,
 }
 
 impl PackHost {
@@ -414,7 +463,39 @@ impl PackHost {
             healthy_since: Instant::now(),
             worker: None,
             invalid: false,
+            idle_checked: None,
         }
+    }
+
+    /// When idle, at most every 5 s: move the cursor past rows that are not for this pack.
+    fn advance_when_idle(&mut self, ctx: &mut Context<Self>) {
+        let due = self
+            .idle_checked
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if !due
+            || !self.loaded
+            || self.overflow
+            || !self.queue.is_empty()
+            || self.busy.load(Ordering::Acquire)
+        {
+            return;
+        }
+        self.idle_checked = Some(Instant::now());
+        let op = IdleCursor {
+            pack: self.id.clone(),
+            kinds: self.manifest.subscribed_event_kinds.clone(),
+        };
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { store.run(op).await }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    if let Ok(Some(end)) = res {
+                        act.cursor = act.cursor.max(end);
+                        act.high_water = act.high_water.max(end);
+                    }
+                }),
+        );
     }
 
     fn services(&self) -> Arc<dyn PackServices> {
@@ -563,6 +644,8 @@ impl PackHost {
         if self.queue.is_empty() {
             if self.overflow {
                 self.reload(ctx);
+            } else {
+                self.advance_when_idle(ctx);
             }
             return;
         }

@@ -1,7 +1,8 @@
 //! `ReplayLog`: which events each pack has finished, and the keys handlers record themselves.
 //!
 //! Owns the `replay_recent` / `replay_log` tables (see `schema.rs` for why there are two), the
-//! merge of the first into the second, and retention.
+//! merge of the first into the second, and retention; its hourly pass also compacts the inbound
+//! log past every pack's cursor.
 //!
 //! Guarantees:
 //! - An event is recorded for a pack in the same transaction that advances the pack's cursor
@@ -123,6 +124,18 @@ impl StoreOp for PruneOp {
             "DELETE FROM replay_recent WHERE recorded_ms < ?1",
             [self.cutoff_ms],
         )?;
+        // The inbound log: rows every pack's cursor has passed are done for everyone. (A
+        // removed pack keeps its cursor, and so its pending events, as promised.)
+        let compacted = conn.execute(
+            "DELETE FROM inbound WHERE seq <= (SELECT coalesce(min(cursor), 0) FROM pack_cursor)",
+            [],
+        )?;
+        if compacted > 0 {
+            tracing::info!(
+                rows = compacted,
+                "inbound log: compacted rows every pack has passed"
+            );
+        }
         Ok(a + b)
     }
 }

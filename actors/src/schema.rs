@@ -31,8 +31,10 @@ const MIGRATIONS: &[&str] = &[
 
     -- Events to deliver to local packs (from the upstream, the API, or other packs).
     -- `target`: deliver to that pack only (a dead letter retried); NULL: every subscriber.
+    -- AUTOINCREMENT: a seq is never reused, even after compaction empties the table (pack
+    -- cursors point into this sequence; a reused seq would fall behind them and be skipped).
     CREATE TABLE IF NOT EXISTS inbound (
-        seq         INTEGER PRIMARY KEY,
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
         event_id    TEXT NOT NULL,
         kind        TEXT NOT NULL,
         event_ms    INTEGER NOT NULL,
@@ -152,7 +154,7 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 9); // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters mem_inbox
+        assert_eq!(n, 10); // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters mem_inbox sqlite_sequence
     }
 
     #[test]
