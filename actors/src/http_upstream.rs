@@ -16,23 +16,20 @@
 //! - A policy pull answering `default_decision: "deny"` pauses forwarding (events wait).
 //! - Inbound events are persisted together with the pull cursor before the cursor advances.
 
-use crate::queue::Accepted;
 use crate::router::{Inbound, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use crate::supervision::full_jitter;
-use crate::upstream::{IsIdle, Push};
+use crate::upstream::{EphemeralRing, IsIdle, Push};
 use actix::prelude::*;
 use lumenflow_pack_sdk::Envelope;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-const RING_MAX: usize = 100_000;
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const PULL_WAIT_MS: u64 = 20_000;
 
@@ -298,7 +295,7 @@ pub struct HttpUpstream {
     store: StoreHandle,
     router: Addr<Router>,
     stats: Arc<AgentStats>,
-    ring: VecDeque<Accepted>,
+    ring: EphemeralRing,
     busy: bool,
     dirty: bool,
     attempt: u32,
@@ -322,7 +319,7 @@ impl HttpUpstream {
             store,
             router,
             stats,
-            ring: VecDeque::new(),
+            ring: EphemeralRing::default(),
             busy: false,
             dirty: true,
             attempt: 0,
@@ -364,10 +361,10 @@ impl HttpUpstream {
         }
         self.busy = true;
         self.dirty = false;
-        let n = self.ring.len().min(self.cfg.batch_max);
         let ephemeral: Vec<Item> = self
             .ring
-            .drain(..n)
+            .take(self.cfg.batch_max)
+            .into_iter()
             .map(|a| Item {
                 seq: None,
                 event_id: a.envelope.event_id.clone(),
@@ -619,17 +616,9 @@ impl Supervised for HttpUpstream {}
 impl Handler<Push> for HttpUpstream {
     type Result = ();
     fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
-        for e in m.ephemeral {
-            if self.link != Link::Connected || self.ring.len() >= RING_MAX {
-                // Circuit open: ephemeral events are fail-silent.
-                self.stats
-                    .queue
-                    .ephemeral_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.ring.push_back(e);
-            }
-        }
+        // Circuit open: while not connected, ephemeral events are fail-silent.
+        let connected = self.link == Link::Connected;
+        self.ring.offer(m.ephemeral, connected, &self.stats);
         if m.durable || !self.ring.is_empty() {
             self.dirty = true;
         }

@@ -26,6 +26,40 @@ const RING_MAX: usize = 100_000;
 /// Rows `mem_inbox` keeps (the newest).
 const MEM_INBOX_MAX: i64 = 1_000_000;
 
+/// Ephemeral events waiting in memory for the upstream (SPEC §6: memory only, fail-silent).
+/// Bounded: what does not fit, or arrives while the upstream refuses it, is dropped and
+/// counted. Shared by every upstream.
+#[derive(Default)]
+pub struct EphemeralRing {
+    events: VecDeque<Accepted>,
+}
+
+impl EphemeralRing {
+    /// Keeps `events` if `accepting` and there is room; drops and counts the rest.
+    pub fn offer(&mut self, events: Vec<Accepted>, accepting: bool, stats: &AgentStats) {
+        for e in events {
+            if accepting && self.events.len() < RING_MAX {
+                self.events.push_back(e);
+            } else {
+                stats
+                    .queue
+                    .ephemeral_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes up to `max` of the oldest events.
+    pub fn take(&mut self, max: usize) -> Vec<Accepted> {
+        let n = self.events.len().min(max);
+        self.events.drain(..n).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 pub enum UpstreamMode {
     MemInbox,
 }
@@ -105,7 +139,7 @@ pub struct Upstream {
     mode: UpstreamMode,
     store: StoreHandle,
     batch_max: usize,
-    ring: VecDeque<Accepted>,
+    ring: EphemeralRing,
     busy: bool,
     /// Work arrived while a batch was in flight.
     dirty: bool,
@@ -123,7 +157,7 @@ impl Upstream {
             mode,
             store,
             batch_max,
-            ring: VecDeque::new(),
+            ring: EphemeralRing::default(),
             busy: false,
             dirty: true,
             stats,
@@ -136,8 +170,7 @@ impl Upstream {
         }
         self.busy = true;
         self.dirty = false;
-        let n = self.ring.len().min(self.batch_max);
-        let ephemeral: Vec<Accepted> = self.ring.drain(..n).collect();
+        let ephemeral = self.ring.take(self.batch_max);
         let n_ephemeral = ephemeral.len();
         let max = self.batch_max;
         let store = self.store.clone();
@@ -221,16 +254,7 @@ impl Message for Push {
 impl Handler<Push> for Upstream {
     type Result = ();
     fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
-        for e in m.ephemeral {
-            if self.ring.len() >= RING_MAX {
-                self.stats
-                    .queue
-                    .ephemeral_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.ring.push_back(e);
-            }
-        }
+        self.ring.offer(m.ephemeral, true, &self.stats);
         if m.durable || !self.ring.is_empty() {
             self.dirty = true;
         }
