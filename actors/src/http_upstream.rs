@@ -174,27 +174,28 @@ fn batch_body(workspace_id: &str, items: &[Item]) -> String {
     s
 }
 
-/// What a push round ended with.
-enum Round {
-    /// Everything sent (or dead-lettered): acked rows, rejected items.
-    Done {
-        acked: Vec<i64>,
-        rejected: Vec<(Item, String)>,
-        sent: usize,
-    },
-    /// Stopped on a retryable failure after settling what it could.
+/// What a push round did: what was acknowledged or rejected, and how it ended.
+struct Round {
+    /// Outbox rows the upstream accepted.
+    acked: Vec<i64>,
+    /// Events the upstream rejected (400/413/422 on a single event), with the reason.
+    rejected: Vec<(Item, String)>,
+    /// Events accepted (durable and ephemeral).
+    sent: usize,
+    end: End,
+}
+
+enum End {
+    /// Everything sent or rejected.
+    Done,
+    /// Stopped on a retryable failure; the ephemeral events not sent are dropped.
     Retry {
-        acked: Vec<i64>,
-        rejected: Vec<(Item, String)>,
-        sent: usize,
         error: String,
         retry_after: Option<u64>,
         dropped_ephemeral: usize,
     },
+    /// Stopped on 401/403; the ephemeral events not sent are dropped.
     Unauthorized {
-        acked: Vec<i64>,
-        rejected: Vec<(Item, String)>,
-        sent: usize,
         error: String,
         dropped_ephemeral: usize,
     },
@@ -204,7 +205,12 @@ enum Round {
 async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Round {
     let url = format!("{}/api/v1/events", cfg.endpoint);
     let mut stack = vec![items];
-    let (mut acked, mut rejected, mut sent) = (Vec::new(), Vec::new(), 0);
+    let mut round = Round {
+        acked: Vec::new(),
+        rejected: Vec::new(),
+        sent: 0,
+        end: End::Done,
+    };
     while let Some(batch) = stack.pop() {
         let reply = post(
             agent.clone(),
@@ -213,7 +219,7 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
             batch_body(&cfg.workspace_id, &batch),
         )
         .await;
-        let remaining_ephemeral = |stack: &Vec<Vec<Item>>, batch: &Vec<Item>| {
+        let dropped_ephemeral = || {
             stack
                 .iter()
                 .flatten()
@@ -221,10 +227,11 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
                 .filter(|i| i.seq.is_none())
                 .count()
         };
+        let excerpt = |text: &str, n: usize| text.chars().take(n).collect::<String>();
         match reply {
             Reply::Status(s, _, _) if (200..300).contains(&s) => {
-                sent += batch.len();
-                acked.extend(batch.iter().filter_map(|i| i.seq));
+                round.sent += batch.len();
+                round.acked.extend(batch.iter().filter_map(|i| i.seq));
             }
             Reply::Status(s @ (400 | 413 | 422), text, _) => {
                 if batch.len() > 1 {
@@ -235,51 +242,51 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
                 } else if let Some(item) = batch.into_iter().next() {
                     let reason = format!(
                         "upstream rejected the event: HTTP {s}: {}",
-                        text.chars().take(500).collect::<String>()
+                        excerpt(&text, 500)
                     );
                     tracing::error!(event_id = %item.event_id, kind = %item.kind, "{reason}");
-                    rejected.push((item, reason));
+                    round.rejected.push((item, reason));
                 }
             }
             Reply::Status(s @ (401 | 403), text, _) => {
-                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
-                return Round::Unauthorized {
-                    acked,
-                    rejected,
-                    sent,
-                    error: format!("HTTP {s}: {}", text.chars().take(300).collect::<String>()),
-                    dropped_ephemeral,
+                let error = format!("HTTP {s}: {}", excerpt(&text, 300));
+                round.end = End::Unauthorized {
+                    error,
+                    dropped_ephemeral: dropped_ephemeral(),
                 };
+                return round;
             }
             Reply::Status(s, text, retry_after) => {
-                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
-                return Round::Retry {
-                    acked,
-                    rejected,
-                    sent,
-                    error: format!("HTTP {s}: {}", text.chars().take(300).collect::<String>()),
+                let error = format!("HTTP {s}: {}", excerpt(&text, 300));
+                round.end = End::Retry {
+                    error,
                     retry_after,
-                    dropped_ephemeral,
+                    dropped_ephemeral: dropped_ephemeral(),
                 };
+                return round;
             }
             Reply::Network(e) => {
-                let dropped_ephemeral = remaining_ephemeral(&stack, &batch);
-                return Round::Retry {
-                    acked,
-                    rejected,
-                    sent,
+                round.end = End::Retry {
                     error: format!("network: {e}"),
                     retry_after: None,
-                    dropped_ephemeral,
+                    dropped_ephemeral: dropped_ephemeral(),
                 };
+                return round;
             }
         }
     }
-    Round::Done {
-        acked,
-        rejected,
-        sent,
-    }
+    round
+}
+
+/// A push round, settled in the outbox.
+struct Settled {
+    end: End,
+    sent: usize,
+    /// Outbox rows gone (acknowledged or dead-lettered).
+    removed: usize,
+    dead_lettered: usize,
+    /// Creation time of the oldest row still waiting.
+    oldest: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,41 +392,32 @@ impl HttpUpstream {
             } else {
                 Vec::new()
             };
-            let durable = items.len();
             items.extend(ephemeral);
             if items.is_empty() {
-                return Ok((None, 0, 0));
+                return Ok(None);
             }
-            let round = push_round(agent, cfg, items).await;
-            let (acked, rejected) = match &round {
-                Round::Done {
-                    acked, rejected, ..
-                }
-                | Round::Retry {
-                    acked, rejected, ..
-                }
-                | Round::Unauthorized {
-                    acked, rejected, ..
-                } => (acked.clone(), rejected.clone()),
-            };
-            let durable_rejected = rejected.iter().filter(|(i, _)| i.seq.is_some()).count();
-            let oldest = store
-                .run(Settle {
-                    acked: acked.clone(),
-                    rejected,
-                })
-                .await?;
-            Ok::<_, StoreError>((
-                Some((round, oldest, acked.len() + durable_rejected)),
-                durable,
-                durable_rejected,
-            ))
+            let Round {
+                acked,
+                rejected,
+                sent,
+                end,
+            } = push_round(agent, cfg, items).await;
+            let dead_lettered = rejected.iter().filter(|(i, _)| i.seq.is_some()).count();
+            let removed = acked.len() + dead_lettered;
+            let oldest = store.run(Settle { acked, rejected }).await?;
+            Ok::<_, StoreError>(Some(Settled {
+                end,
+                sent,
+                removed,
+                dead_lettered,
+                oldest,
+            }))
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
-            let (round, _durable, durable_rejected) = match res {
-                Ok((Some(r), d, dr)) => (r, d, dr),
-                Ok((None, _, _)) => return,
+            let settled = match res {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "upstream: cannot read or settle the outbox; retrying in 1 s");
                     act.dirty = true;
@@ -427,24 +425,22 @@ impl HttpUpstream {
                     return;
                 }
             };
-            let (round, oldest, removed) = round;
             let q = &act.stats.queue;
-            q.durable_depth.fetch_sub(removed as i64, Ordering::AcqRel);
-            q.oldest_ms.store(oldest, Ordering::Relaxed);
-            if durable_rejected > 0 {
-                act.stats.dead_letters.fetch_add(durable_rejected as i64, Ordering::Relaxed);
+            q.durable_depth.fetch_sub(settled.removed as i64, Ordering::AcqRel);
+            q.oldest_ms.store(settled.oldest, Ordering::Relaxed);
+            if settled.dead_lettered > 0 {
+                act.stats.dead_letters.fetch_add(settled.dead_lettered as i64, Ordering::Relaxed);
             }
-            match round {
-                Round::Done { sent, .. } => {
-                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+            act.stats.upstream.pushed.fetch_add(settled.sent as u64, Ordering::Relaxed);
+            match settled.end {
+                End::Done => {
                     act.stats.upstream.last_success_ms.store(now_ms(), Ordering::Relaxed);
                     act.attempt = 0;
                     act.set_link(Link::Connected, None, None);
                     act.dirty = true;
                     act.pump(ctx);
                 }
-                Round::Retry { sent, error, retry_after, dropped_ephemeral, .. } => {
-                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+                End::Retry { error, retry_after, dropped_ephemeral } => {
                     q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
                     act.attempt += 1;
                     let wait = retry_after
@@ -460,8 +456,7 @@ impl HttpUpstream {
                         act.pump(ctx);
                     });
                 }
-                Round::Unauthorized { sent, error, dropped_ephemeral, .. } => {
-                    act.stats.upstream.pushed.fetch_add(sent as u64, Ordering::Relaxed);
+                End::Unauthorized { error, dropped_ephemeral } => {
                     q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
                     tracing::error!(error = %error, "upstream refused the token: paused (nothing is dropped); fix the enrollment token");
                     act.set_link(Link::Unauthorized, Some(format!("unauthorized: {error}")), None);
