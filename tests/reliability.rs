@@ -8,7 +8,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,60 +46,6 @@ fn seed() -> u64 {
         })
 }
 
-struct Conductor(Child, u16);
-impl Conductor {
-    fn start(db: &Path, token: &str) -> Conductor {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(AGENT)
-            .args([
-                "conductor",
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--token",
-                token,
-                "--db",
-            ])
-            .arg(db)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("conductor", T, || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
-        Conductor(child, port)
-    }
-    fn received(&self, token: &str) -> Vec<Value> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent
-            .get(format!("http://127.0.0.1:{}/admin/events", self.1))
-            .header("authorization", format!("Bearer {token}"))
-            .call()
-            .unwrap();
-        serde_json::from_str::<Value>(&r.body_mut().read_to_string().unwrap())
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-}
-impl Drop for Conductor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// kill -9 of the agent at random moments during a steady stream of queue events (conductor
 /// mode, with a local subscriber written like the quickstart: replay key checked before the
 /// effect, recorded after): after the last restart every accepted event is at the conductor
@@ -111,22 +57,8 @@ fn kill_9_the_agent_at_random_moments_during_a_steady_stream() {
     let mut rng = Rng(seed());
     let s0 = rng.0;
     let mut ws = Workspace::new(json!({"durability": "full"}), "ledger,emitter");
-    let c = Conductor::start(&ws.path().join("conductor.db"), "tok");
-    let out = ws
-        .cmd()
-        .args([
-            "enroll",
-            "--endpoint",
-            &format!("http://127.0.0.1:{}", c.1),
-            "--token-env",
-            "TOK",
-            "--subject",
-            "ws-rel",
-        ])
-        .env("TOK", "tok")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
     let acked: Mutex<Vec<String>> = Mutex::new(Vec::new());
     for round in 0..rounds {
         ws.start();
@@ -166,7 +98,7 @@ fn kill_9_the_agent_at_random_moments_during_a_steady_stream() {
     wait_for("the subscriber to catch up", T, || {
         (ws.pack_status("ledger")["pending"] == 0).then_some(())
     });
-    let received = c.received("tok");
+    let received = c.received();
     let at_conductor: HashMap<String, i64> = received
         .iter()
         .map(|r| {
@@ -304,34 +236,12 @@ fn kill_9_exec_workers_at_random_moments() {
 #[test]
 fn a_5xx_storm_with_slow_answers_loses_nothing_and_keeps_order() {
     let mut ws = Workspace::new(json!({}), "emitter");
-    let c = Conductor::start(&ws.path().join("conductor.db"), "tok");
-    let out = ws
-        .cmd()
-        .args([
-            "enroll",
-            "--endpoint",
-            &format!("http://127.0.0.1:{}", c.1),
-            "--token-env",
-            "TOK",
-            "--subject",
-            "ws-rel",
-        ])
-        .env("TOK", "tok")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let admin: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let faults = |v: Value| {
-        admin
-            .post(format!("http://127.0.0.1:{}/admin/faults", c.1))
-            .header("authorization", "Bearer tok")
-            .send(v.to_string())
-            .unwrap();
-    };
-    faults(json!({"rate": 0.5, "latency_ms": 150}));
+    let c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    c.admin(
+        "/admin/faults",
+        Some(json!({"rate": 0.5, "latency_ms": 150})),
+    );
     ws.start();
     let api = ws.api();
     let mut ids = Vec::new();
@@ -351,11 +261,11 @@ fn a_5xx_storm_with_slow_answers_loses_nothing_and_keeps_order() {
         );
     }
     wait_for("delivered through the storm", T, || {
-        (c.received("tok").len() >= ids.len()).then_some(())
+        (c.received().len() >= ids.len()).then_some(())
     });
-    faults(json!({}));
+    c.admin("/admin/faults", Some(json!({})));
     let got: Vec<String> = c
-        .received("tok")
+        .received()
         .iter()
         .map(|r| r["event"]["event_id"].as_str().unwrap().to_string())
         .collect();

@@ -274,3 +274,138 @@ impl Api {
         )
     }
 }
+
+/// The development conductor (`lumenflow-agent conductor serve`) as a child process, on a free
+/// loopback port, with its SQLite file in the test workspace.
+pub struct Conductor {
+    child: Option<Child>,
+    pub port: u16,
+    db: PathBuf,
+    token: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Conductor {
+    pub fn start(dir: &Path, token: &str) -> Conductor {
+        let mut c = Conductor {
+            child: None,
+            port: free_port(),
+            db: dir.join("conductor.db"),
+            token: token.into(),
+        };
+        c.restart();
+        c
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new(AGENT)
+            .args([
+                "conductor",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--token",
+                &self.token,
+                "--db",
+            ])
+            .arg(&self.db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the conductor to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin(&self, path: &str, body: Option<Value>) -> Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let auth = format!("Bearer {}", self.token);
+        let mut r = match body {
+            Some(b) => agent
+                .post(format!("{}{path}", self.url()))
+                .header("authorization", &auth)
+                .send(b.to_string())
+                .unwrap(),
+            None => agent
+                .get(format!("{}{path}", self.url()))
+                .header("authorization", &auth)
+                .call()
+                .unwrap(),
+        };
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.admin("/admin/events", None)
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn publish(&self, ws: &str, events: Value) -> Value {
+        self.admin(
+            "/admin/publish",
+            Some(json!({"workspace_id": ws, "events": events})),
+        )
+    }
+}
+
+impl Drop for Conductor {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `enroll` the workspace with the conductor (subject `ws-test`), the token passed by env.
+pub fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
+    let out = ws
+        .cmd()
+        .args([
+            "enroll",
+            "--endpoint",
+            &c.url(),
+            "--token-env",
+            "TEST_TOKEN",
+            "--subject",
+            "ws-test",
+        ])
+        .env("TEST_TOKEN", token)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(token),
+        "the token is never printed"
+    );
+}
