@@ -442,6 +442,8 @@ impl HttpUpstream {
                 }
                 End::Retry { error, retry_after, dropped_ephemeral } => {
                     q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
+                    // Offered while this push was in flight, before the link was known down.
+                    act.ring.drop_all(&act.stats);
                     act.attempt += 1;
                     let wait = retry_after
                         .map(Duration::from_secs)
@@ -458,6 +460,7 @@ impl HttpUpstream {
                 }
                 End::Unauthorized { error, dropped_ephemeral } => {
                     q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
+                    act.ring.drop_all(&act.stats);
                     tracing::error!(error = %error, "upstream refused the token: paused (nothing is dropped); fix the enrollment token");
                     act.set_link(Link::Unauthorized, Some(format!("unauthorized: {error}")), None);
                     act.dirty = true;

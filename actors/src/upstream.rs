@@ -58,6 +58,17 @@ impl EphemeralRing {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
+
+    /// Drops and counts everything waiting: the upstream turned out to be down, and ephemeral
+    /// events are never delivered late.
+    pub fn drop_all(&mut self, stats: &AgentStats) {
+        let n = self.events.len();
+        self.events.clear();
+        stats
+            .queue
+            .ephemeral_dropped
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 pub enum UpstreamMode {
