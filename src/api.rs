@@ -115,6 +115,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Compares a presented token with the expected one in constant time.
+pub fn token_matches(presented: &str, expected: &str) -> bool {
+    constant_time_eq(presented.as_bytes(), expected.as_bytes())
+}
+
 fn loopback_host(headers: &HeaderMap) -> Result<(), String> {
     let Some(host) = headers.get(header::HOST) else {
         return Ok(());
@@ -140,14 +153,9 @@ async fn guard(State(state): State<ApiState>, req: Request, next: Next) -> Respo
     if let Err(m) = loopback_host(req.headers()) {
         return error(StatusCode::FORBIDDEN, m);
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
+    match bearer_token(req.headers()) {
         None => error(StatusCode::UNAUTHORIZED, "Unauthorized: missing \"Authorization: Bearer <token>\" (the token is in .lumenflow/state/agent/api.json)"),
-        Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => {
+        Some(t) if !token_matches(t.trim(), &state.token) => {
             error(StatusCode::UNAUTHORIZED, "Unauthorized: wrong token (the token is in .lumenflow/state/agent/api.json)")
         }
         Some(_) => next.run(req).await,

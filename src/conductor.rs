@@ -109,11 +109,7 @@ impl Conductor {
     }
 
     fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == &*self.token)
+        crate::api::bearer_token(headers).is_some_and(|t| crate::api::token_matches(t, &self.token))
     }
 }
 
