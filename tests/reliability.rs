@@ -92,11 +92,12 @@ fn kill_9_the_agent_at_random_moments_during_a_steady_stream() {
     ws.start();
     let acked = acked.into_inner().unwrap();
     let n = acked.len();
-    wait_for("the outbox to drain", T, || {
-        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
-    });
+    // The subscriber first (its entries go to the outbox), then the outbox.
     wait_for("the subscriber to catch up", T, || {
         (ws.pack_status("ledger")["pending"] == 0).then_some(())
+    });
+    wait_for("the outbox to drain", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
     });
     let received = c.received();
     let at_conductor: HashMap<String, i64> = received
@@ -114,22 +115,48 @@ fn kill_9_the_agent_at_random_moments_during_a_steady_stream() {
             .entry(line.split(' ').nth(1).unwrap().to_string())
             .or_insert(0) += 1;
     }
+    // The ledger's emitted entries (committed with its outcome), by the event they record.
+    let mut entries: HashMap<String, usize> = HashMap::new();
+    for r in &received {
+        if r["event"]["kind"] == "ledger:entry_recorded" {
+            let source = r["event"]["payload"]["source"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            *entries.entry(source).or_insert(0) += 1;
+        }
+    }
+    let jobs: HashMap<&str, i64> = received
+        .iter()
+        .filter(|r| r["event"]["kind"] == "emitter:job_completed")
+        .map(|r| {
+            (
+                r["event"]["event_id"].as_str().unwrap(),
+                r["deliveries"].as_i64().unwrap(),
+            )
+        })
+        .collect();
     let lost_upstream = acked
         .iter()
-        .filter(|id| !at_conductor.contains_key(*id))
+        .filter(|id| !jobs.contains_key(id.as_str()))
         .count();
     let lost_handler = acked.iter().filter(|id| !effects.contains_key(*id)).count();
+    let lost_entries = acked.iter().filter(|id| !entries.contains_key(*id)).count();
+    let doubled_entries: usize = entries.values().map(|n| n - 1).sum();
     let redelivered_upstream: i64 = at_conductor.values().map(|d| d - 1).sum();
     let rerun_handler: usize = effects.values().map(|n| n - 1).sum();
     let line = format!(
-        "RELIABILITY kill-9 agent: seed {s0}, {rounds} kills, {n} events acknowledged; at the conductor: {} distinct, {lost_upstream} lost, {redelivered_upstream} redeliveries (deduped by event_id); handler: {} distinct effects, {lost_handler} lost, {rerun_handler} re-executions",
-        at_conductor.len(),
+        "RELIABILITY kill-9 agent: seed {s0}, {rounds} kills, {n} events acknowledged; at the conductor: {} distinct, {lost_upstream} lost, {redelivered_upstream} redeliveries (deduped by event_id); handler effects through the agent (emitted entries): {} distinct, {lost_entries} lost, {doubled_entries} duplicated; outside the agent (file append, at least once): {} distinct, {lost_handler} lost, {rerun_handler} re-executions",
+        jobs.len(),
+        entries.len(),
         effects.len()
     );
     eprintln!("{line}");
     assert!(n > 0);
     assert_eq!(lost_upstream, 0, "{line}");
     assert_eq!(lost_handler, 0, "{line}");
+    assert_eq!(lost_entries, 0, "{line}");
+    assert_eq!(doubled_entries, 0, "{line}");
 }
 
 /// kill -9 of an exec worker at random moments while it handles a steady inbound stream:

@@ -302,3 +302,45 @@ runPack({ handlers: { 'conductor:job_poked': async (event) => {
         dlq(&ws)[0]
     );
 }
+
+/// A handler that crashes after its effects: what it emitted through the agent is committed
+/// only with its outcome, so the redeliveries do not double it; its effect outside the agent
+/// (a file append) runs once per attempt, as at-least-once delivery says.
+#[test]
+fn a_crash_after_the_effects_does_not_double_the_events_the_handler_emitted() {
+    let mut ws = Workspace::new(json!({}), "ledger,emitter");
+    ws.start();
+    let api = ws.api();
+    let r = api.emit(vec![
+        json!({"kind": "emitter:job_completed", "payload": {"crash_after_effects_until_attempt": 3}}),
+        json!({"kind": "emitter:job_completed", "payload": {"n": 2}}),
+    ]);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let flaky = r.body["event_ids"][0].as_str().unwrap().to_string();
+    let calm = r.body["event_ids"][1].as_str().unwrap().to_string();
+    let p = wait_for("both handled", T, || {
+        let p = ws.pack_status("ledger");
+        (p["handled"] == 2).then_some(p)
+    });
+    assert_eq!(p["restarts"], 2, "{p}");
+    let entries = |source: &str| {
+        ws.inbox()
+            .iter()
+            .filter(|r| {
+                r["event"]["kind"] == "ledger:entry_recorded"
+                    && r["event"]["payload"]["source"] == source
+            })
+            .count()
+    };
+    wait_for("both entries in mem:inbox", T, || {
+        (entries(&flaky) >= 1 && entries(&calm) >= 1).then_some(())
+    });
+    assert_eq!(entries(&flaky), 1, "one entry despite 3 attempts");
+    assert_eq!(entries(&calm), 1);
+    assert_eq!(
+        effect_count(&ws, &flaky),
+        3,
+        "the file append ran per attempt"
+    );
+    assert_eq!(effect_count(&ws, &calm), 1);
+}

@@ -16,11 +16,12 @@
 //! line over [`MAX_LINE`]) or a worker exit fails every request in flight with the reason, and
 //! the worker is killed: the host treats it as a crash.
 
+use crate::effects::Tag;
 use lumenflow_pack_sdk::envelope::EventDraft;
 use lumenflow_pack_sdk::native::{PackServices, ServiceError};
 use lumenflow_pack_sdk::{Envelope, HandlerOutcome, Manifest};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -58,8 +59,15 @@ type Reply = Result<Value, WorkerError>;
 
 struct Shared {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// `handle` requests not answered yet, with the delivery each one is. The worker handles
+    /// them one at a time, in order, so a request it makes belongs to the oldest of them.
+    handling: BTreeMap<u64, Tag>,
     dead: Option<WorkerError>,
 }
+
+/// The services a worker request is served with, for the delivery it belongs to (`None`:
+/// outside any delivery, e.g. from `onStart`).
+pub type ServicesFor = Arc<dyn Fn(Option<Tag>) -> Arc<dyn PackServices> + Send + Sync>;
 
 pub struct ExecWorker {
     pack: String,
@@ -80,6 +88,7 @@ fn fail_all(shared: &Mutex<Shared>, why: WorkerError) {
         s.dead = Some(why.clone());
     }
     let reason = s.dead.clone().unwrap_or(why);
+    s.handling.clear();
     for (_, tx) in s.pending.drain() {
         let _ = tx.send(Err(reason.clone()));
     }
@@ -292,7 +301,7 @@ impl ExecWorker {
     pub fn spawn(
         manifest: &Manifest,
         pack_dir: &Path,
-        services: Arc<dyn PackServices>,
+        services: ServicesFor,
     ) -> Result<ExecWorker, WorkerError> {
         let runtime = manifest
             .runtime
@@ -330,6 +339,7 @@ impl ExecWorker {
         let pack = manifest.id.clone();
         let shared = Arc::new(Mutex::new(Shared {
             pending: HashMap::new(),
+            handling: BTreeMap::new(),
             dead: None,
         }));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
@@ -403,14 +413,20 @@ impl ExecWorker {
                         tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
                     }
                     WorkerLine::Request { id, method, params } => {
-                        let (services, out) = (services.clone(), r_out.clone());
+                        let tag = lock(&r_shared).handling.values().next().copied();
+                        let (services, out) = (services(tag), r_out.clone());
                         actix::spawn(async move {
                             let reply = serve_request(services, id, method, params).await;
                             let _ = out.send(reply);
                         });
                     }
                     WorkerLine::Reply { id, reply } => {
-                        let Some(tx) = lock(&r_shared).pending.remove(&id) else {
+                        let tx = {
+                            let mut s = lock(&r_shared);
+                            s.handling.remove(&id);
+                            s.pending.remove(&id)
+                        };
+                        let Some(tx) = tx else {
                             let text = String::from_utf8_lossy(&line);
                             fail_all(
                                 &r_shared,
@@ -438,6 +454,15 @@ impl ExecWorker {
 
     /// Sends a request now; the returned receiver yields its reply.
     fn request(&self, method: &str, params: Value) -> oneshot::Receiver<Reply> {
+        self.request_for(method, params, None)
+    }
+
+    fn request_for(
+        &self,
+        method: &str,
+        params: Value,
+        tag: Option<Tag>,
+    ) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut n = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
@@ -452,6 +477,9 @@ impl ExecWorker {
                 return rx;
             }
             s.pending.insert(id, tx);
+            if let Some(tag) = tag {
+                s.handling.insert(id, tag);
+            }
         }
         let line =
             json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
@@ -536,10 +564,16 @@ impl ExecWorker {
     }
 
     /// Sends a `handle` request now (pipelined); await the result with [`ExecWorker::outcome`].
-    pub fn send_handle(&self, event: &Envelope, attempt: u32) -> oneshot::Receiver<Reply> {
-        self.request(
+    pub fn send_handle(
+        &self,
+        event: &Envelope,
+        attempt: u32,
+        tag: Tag,
+    ) -> oneshot::Receiver<Reply> {
+        self.request_for(
             "handle",
             json!({"event": event.to_value(), "delivery": {"attempt": attempt, "redelivered": attempt > 1}}),
+            Some(tag),
         )
     }
 

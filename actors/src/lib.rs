@@ -12,6 +12,7 @@
 //! PackRegistry which packs run; validated hot reloads, atomic route swaps
 //! Watcher      notify + debouncer on the packs root and agent.json
 //! PackHost     one per pack: in-order delivery, dedupe, crash -> restart, dead letters
+//!   EffectStage  (owned by a PackHost) handlers' emits and keys, committed with the outcome
 //!   ExecWorker   (owned by a PackHost) a handler program spoken to in JSON-RPC over stdio
 //! ```
 //!
@@ -21,6 +22,7 @@
 //! [`supervision`].
 
 pub mod dead_letters;
+pub mod effects;
 pub mod exec_worker;
 pub mod http_upstream;
 pub mod pack_host;

@@ -16,8 +16,10 @@
 //!   `crashed` with backoff; other packs are never affected.
 //! - `retry` redelivers with backoff (same attempt budget); `failed` dead-letters at once.
 
-use crate::exec_worker::{ExecWorker, WorkerError};
-use crate::replay_log::{event_key, record, ReplayLog, Seen};
+use crate::effects::{EffectStage, Tag};
+use crate::exec_worker::{ExecWorker, ServicesFor, WorkerError};
+use crate::queue::{insert_accepted, Accepted, Committed};
+use crate::replay_log::{event_key, handler_key, record, ReplayLog, Seen};
 use crate::router::{Emitter, InboundRow};
 use crate::stats::{AgentStats, PackState, PackStats};
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
@@ -34,8 +36,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Events handled between two commits of the pack's progress.
+/// Events handled between two commits of the pack's progress, at most.
 const CHUNK: usize = 256;
+/// A chunk takes no new event after this long, so slow handlers still commit progress (and
+/// their effects) often: a crash redelivers little.
+const CHUNK_TIME: Duration = Duration::from_millis(20);
+/// `handle` requests an exec worker has queued ahead of the one it is working on.
+const EXEC_WINDOW: usize = 32;
 /// Rows kept in memory; beyond that the host reads them from the inbound log when it gets there.
 const MEMORY_QUEUE_MAX: usize = 10_000;
 
@@ -200,6 +207,8 @@ struct DeadLetter {
 struct CompleteChunk {
     pack: String,
     records: Vec<String>,
+    /// What the finished events' handlers emitted (see `effects`).
+    emits: Vec<Accepted>,
     dead_letters: Vec<DeadLetter>,
     cursor: Option<i64>,
     cleared: Vec<i64>,
@@ -210,6 +219,9 @@ struct CompleteChunk {
 
 struct ChunkCommitted {
     recorded: usize,
+    /// The handlers' emits, back from the transaction, with their inbound seqs.
+    emits: Vec<Accepted>,
+    seqs: Vec<Option<i64>>,
     /// Attempts of the stopping event after this one, and whether it was dead-lettered.
     stopped: Option<(u32, bool)>,
 }
@@ -228,6 +240,7 @@ impl StoreOp for CompleteChunk {
     type Output = ChunkCommitted;
     fn run(self, conn: &Connection) -> Result<ChunkCommitted, StoreError> {
         let recorded = record(conn, &self.pack, &self.records)?;
+        let seqs = insert_accepted(conn, &self.emits)?;
         for d in &self.dead_letters {
             insert_dead_letter(conn, &self.pack, d)?;
         }
@@ -262,7 +275,12 @@ impl StoreOp for CompleteChunk {
             conn.prepare_cached("UPDATE pack_cursor SET cursor = max(cursor, ?2) WHERE pack = ?1")?
                 .execute(params![self.pack, c])?;
         }
-        Ok(ChunkCommitted { recorded, stopped })
+        Ok(ChunkCommitted {
+            recorded,
+            emits: self.emits,
+            seqs,
+            stopped,
+        })
     }
 }
 
@@ -295,6 +313,8 @@ struct ChunkResult {
     finished: usize,
     statuses: Vec<OutcomeStatus>,
     dead_lettered: usize,
+    /// A handler recorded its own replay key.
+    keyed: bool,
     /// The event that stopped the chunk: crash or retry, with attempts after it.
     crash: Option<(String, u32, bool)>,
     retry: Option<(u32, bool)>,
@@ -303,11 +323,39 @@ struct ChunkResult {
     commit_error: Option<StoreError>,
 }
 
-/// What the agent offers this pack's native handlers.
+/// What the agent offers this pack's handlers. With a `tag` (a call made while handling an
+/// event) emits and keys are staged and committed with the event's outcome; without one
+/// (e.g. a worker's `onStart`) they are committed at once.
+#[derive(Clone)]
 struct HostServices {
     pack: String,
     replay: Addr<ReplayLog>,
     emitter: Emitter,
+    agent: Arc<AgentStats>,
+    stage: Arc<EffectStage>,
+    tag: Option<Tag>,
+}
+
+impl HostServices {
+    fn for_delivery(&self, tag: Tag) -> Arc<dyn PackServices> {
+        Arc::new(HostServices {
+            tag: Some(tag),
+            ..self.clone()
+        })
+    }
+}
+
+fn emit_error(e: crate::router::EmitError) -> ServiceError {
+    match e {
+        crate::router::EmitError::Rejected { message, .. } => ServiceError::Rejected(message),
+        crate::router::EmitError::Queue(crate::queue::QueueError::Backpressure {
+            retry_after_s,
+            ..
+        }) => ServiceError::Backpressure {
+            retry_after_ms: retry_after_s * 1000,
+        },
+        e => ServiceError::Unavailable(e.to_string()),
+    }
 }
 
 fn unavailable<E: std::fmt::Display>(e: E) -> ServiceError {
@@ -318,7 +366,14 @@ impl PackServices for HostServices {
     fn replay_has(&self, key: String) -> BoxFuture<Result<bool, ServiceError>> {
         let replay = self.replay.clone();
         let pack = self.pack.clone();
+        let staged = match self.tag {
+            Some(tag) => self.stage.has(tag, &key),
+            None => Ok(false),
+        };
         Box::pin(async move {
+            if staged? {
+                return Ok(true);
+            }
             replay
                 .send(crate::replay_log::HasKey { pack, key })
                 .await
@@ -327,6 +382,10 @@ impl PackServices for HostServices {
         })
     }
     fn replay_put(&self, key: String) -> BoxFuture<Result<(), ServiceError>> {
+        if let Some(tag) = self.tag {
+            let staged = self.stage.put(tag, key);
+            return Box::pin(async move { staged });
+        }
         let replay = self.replay.clone();
         let pack = self.pack.clone();
         Box::pin(async move {
@@ -338,28 +397,51 @@ impl PackServices for HostServices {
         })
     }
     fn emit(&self, draft: EventDraft) -> BoxFuture<Result<String, ServiceError>> {
+        if let Some(tag) = self.tag {
+            let staged = self.stage_emit(tag, draft);
+            return Box::pin(async move { staged });
+        }
         let emitter = self.emitter.clone();
         let pack = self.pack.clone();
         Box::pin(async move {
-            match emitter
+            let mut ids = emitter
                 .emit(Some(&pack), vec![Incoming::Draft(draft)])
                 .await
-            {
-                Ok(mut ids) => ids
-                    .pop()
-                    .ok_or_else(|| ServiceError::Unavailable("no id".into())),
-                Err(crate::router::EmitError::Rejected { message, .. }) => {
-                    Err(ServiceError::Rejected(message))
-                }
-                Err(crate::router::EmitError::Queue(crate::queue::QueueError::Backpressure {
-                    retry_after_s,
-                    ..
-                })) => Err(ServiceError::Backpressure {
-                    retry_after_ms: retry_after_s * 1000,
-                }),
-                Err(e) => Err(ServiceError::Unavailable(e.to_string())),
-            }
+                .map_err(emit_error)?;
+            ids.pop()
+                .ok_or_else(|| ServiceError::Unavailable("no id".into()))
         })
+    }
+}
+
+impl HostServices {
+    /// Checks the event now (the handler learns of a bad kind at once) and stages it.
+    fn stage_emit(&self, tag: Tag, draft: EventDraft) -> Result<String, ServiceError> {
+        let events = self
+            .emitter
+            .prepare(Some(&self.pack), vec![Incoming::Draft(draft)])
+            .map_err(emit_error)?;
+        let queued = events
+            .iter()
+            .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
+            .count() as i64;
+        if queued > 0 {
+            let q = &self.agent.queue;
+            let max = q.max_depth.load(Ordering::Relaxed) as i64;
+            let depth = q.durable_depth.load(Ordering::Acquire) + self.stage.queued();
+            if depth + queued > max {
+                q.backpressure_rejections.fetch_add(1, Ordering::Relaxed);
+                return Err(ServiceError::Backpressure {
+                    retry_after_ms: 1000,
+                });
+            }
+        }
+        let id = events
+            .first()
+            .map(|e| e.envelope.event_id.clone())
+            .ok_or_else(|| ServiceError::Unavailable("no id".into()))?;
+        self.stage.emit(tag, events)?;
+        Ok(id)
     }
 }
 
@@ -423,6 +505,11 @@ pub struct PackHost {
     invalid: bool,
     /// Last time the idle cursor advance ran.
     idle_checked: Option<Instant>,
+    /// Effects of the chunk in progress.
+    stage: Arc<EffectStage>,
+    /// The handlers record their own replay keys (guarding effects outside the agent): each
+    /// event is committed before the next one starts, so a crash repeats at most one effect.
+    keyed: bool,
 }
 
 impl PackHost {
@@ -464,6 +551,8 @@ impl PackHost {
             worker: None,
             invalid: false,
             idle_checked: None,
+            stage: Arc::new(EffectStage::default()),
+            keyed: false,
         }
     }
 
@@ -498,17 +587,25 @@ impl PackHost {
         );
     }
 
-    fn services(&self) -> Arc<dyn PackServices> {
-        Arc::new(HostServices {
+    fn services(&self) -> HostServices {
+        HostServices {
             pack: self.id.clone(),
             replay: self.replay.clone(),
             emitter: self.emitter.clone(),
-        })
+            agent: self.agent.clone(),
+            stage: self.stage.clone(),
+            tag: None,
+        }
     }
 
     /// Starts the exec worker and checks its handshake, then loads the pending events.
     fn start_worker(&mut self, dir: PathBuf, ctx: &mut Context<Self>) {
-        let worker = match ExecWorker::spawn(&self.manifest, &dir, self.services()) {
+        let base = self.services();
+        let services: ServicesFor = Arc::new(move |tag| match tag {
+            Some(tag) => base.for_delivery(tag),
+            None => Arc::new(base.clone()),
+        });
+        let worker = match ExecWorker::spawn(&self.manifest, &dir, services) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 tracing::error!(pack = %self.id, error = %e, "cannot start the pack's worker");
@@ -670,7 +767,12 @@ impl PackHost {
         let timeout = self.timeout();
         let max_attempts = self.cfg.max_attempts;
         let services = self.services();
+        let stage = self.stage.clone();
+        let agent = self.agent.clone();
+        let (router, queue) = (self.emitter.router.clone(), self.emitter.queue.clone());
+        let window = if self.keyed { 1 } else { EXEC_WINDOW };
         async move {
+            let started = Instant::now();
             let mut r = ChunkResult::default();
             let keys: Vec<String> = chunk
                 .iter()
@@ -693,41 +795,71 @@ impl PackHost {
                     return r;
                 }
             };
+            let chunk_no = stage.open();
+            let tag = |p: &Pending| Tag {
+                chunk: chunk_no,
+                seq: p.seq,
+            };
             let mut records = Vec::new();
             let mut dead_letters = Vec::new();
             let mut cleared = Vec::new();
             let mut stopped_at = None;
             let mut in_chunk: HashSet<&str> = HashSet::new();
-            // Exec packs: send every handle request of the chunk now (pipelined); the worker
-            // handles them one at a time, in order.
-            let mut sent: Vec<Option<_>> = Vec::with_capacity(chunk.len());
-            if let (HandlerKind::Exec { .. }, Some(w)) = (&handler, &worker) {
+            let mut finished: HashSet<i64> = HashSet::new();
+            // Exec packs: handle requests are pipelined, EXEC_WINDOW ahead of the outcome being
+            // waited for (the worker handles them one at a time, in order). `fresh[i]`: the
+            // event goes to the handler (not seen, not a repeat within the chunk).
+            let mut fresh = Vec::with_capacity(chunk.len());
+            {
                 let mut first_seen: HashSet<&str> = HashSet::new();
-                for (i, p) in chunk.iter().enumerate() {
-                    let fresh = !seen[i] && first_seen.insert(keys[i].as_str());
-                    sent.push(fresh.then(|| w.send_handle(&p.envelope, p.attempts + 1)));
+                for (i, _) in chunk.iter().enumerate() {
+                    fresh.push(!seen[i] && first_seen.insert(keys[i].as_str()));
                 }
             }
+            let exec = match (&handler, &worker) {
+                (HandlerKind::Exec { .. }, Some(w)) => Some(w.clone()),
+                _ => None,
+            };
+            let mut sent = VecDeque::new();
+            let mut next_send = 0;
+            // Past CHUNK_TIME the chunk takes no new event (exec: sends no new request).
+            let mut limit = chunk.len();
             for (i, p) in chunk.iter().enumerate() {
+                if i >= limit {
+                    break;
+                }
+                if let Some(w) = &exec {
+                    while next_send < limit && sent.len() < window {
+                        let q = &chunk[next_send];
+                        if fresh[next_send] {
+                            sent.push_back((
+                                next_send,
+                                w.send_handle(&q.envelope, q.attempts + 1, tag(q)),
+                            ));
+                        }
+                        next_send += 1;
+                    }
+                }
                 let key = keys[i].as_str();
-                if seen[i] || in_chunk.contains(key) {
+                if !fresh[i] || in_chunk.contains(key) {
                     r.statuses.push(OutcomeStatus::Replayed);
                     r.finished += 1;
                     r.cursor = Some(p.seq);
                     continue;
                 }
                 let attempt = p.attempts + 1;
-                let ctx = HandlerCtx::new(pack.clone(), attempt, services.clone());
-                let outcome = match (&handler, &worker) {
+                let outcome = match (&handler, &exec) {
                     (HandlerKind::Native(np), _) => {
+                        let ctx =
+                            HandlerCtx::new(pack.clone(), attempt, services.for_delivery(tag(p)));
                         call_native(np, p.envelope.clone(), ctx, timeout).await
                     }
-                    (HandlerKind::Exec { .. }, Some(w)) => {
-                        match sent.get_mut(i).and_then(Option::take) {
-                            Some(rx) => w.outcome(rx, timeout).await.map_err(Crash::Worker),
-                            None => Err(Crash::Worker(WorkerError::Exited("not running".into()))),
+                    (HandlerKind::Exec { .. }, Some(w)) => match sent.pop_front() {
+                        Some((j, rx)) if j == i => {
+                            w.outcome(rx, timeout).await.map_err(Crash::Worker)
                         }
-                    }
+                        _ => Err(Crash::Worker(WorkerError::Exited("not running".into()))),
+                    },
                     (HandlerKind::Exec { .. }, None) => {
                         Err(Crash::Worker(WorkerError::Exited("not running".into())))
                     }
@@ -772,21 +904,53 @@ impl PackHost {
                         r.statuses.push(o.status);
                     }
                 }
+                finished.insert(p.seq);
                 r.finished += 1;
                 r.cursor = Some(p.seq);
+                let keyed = stage.keyed(p.seq);
+                r.keyed |= keyed;
+                if limit == chunk.len() && (keyed || started.elapsed() >= CHUNK_TIME) {
+                    // Requests already sent are answered first; the worker is working on them.
+                    limit = next_send.max(i + 1);
+                }
             }
+            // A chunk stopped by a crash or a retry may leave requests queued at the worker:
+            // their replies are ignored, their staged effects dropped (their tags are stale
+            // once the stage closes), and the events are sent again with the next chunk.
+            let staged = stage.close(&finished);
+            records.extend(staged.puts.iter().map(|k| handler_key(k)));
+            let emits = staged.emits;
+            let queued = emits
+                .iter()
+                .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
+                .count() as i64;
+            // Counted before the commit: the upstream may deliver (and count off) these rows
+            // as soon as they are committed.
+            agent
+                .queue
+                .durable_depth
+                .fetch_add(queued, Ordering::AcqRel);
             let op = CompleteChunk {
                 pack,
                 records,
+                emits,
                 dead_letters,
                 cursor: r.cursor,
                 cleared,
                 stopped_at,
                 max_attempts,
             };
-            match store.run(op).await {
+            let hook = move |c: &ChunkCommitted| {
+                if !c.emits.is_empty() {
+                    crate::queue::dispatch_when_committed(router, &c.emits)(&c.seqs);
+                }
+            };
+            match store.run_then(op, Some(Box::new(hook))).await {
                 Ok(c) => {
                     r.recorded = c.recorded;
+                    if !c.emits.is_empty() {
+                        queue.do_send(Committed { events: c.emits });
+                    }
                     if let (Some((attempts, true)), Some(p)) = (c.stopped, chunk.get(r.finished)) {
                         let error = r
                             .crash
@@ -810,7 +974,13 @@ impl PackHost {
                         }
                     }
                 }
-                Err(e) => r.commit_error = Some(e),
+                Err(e) => {
+                    agent
+                        .queue
+                        .durable_depth
+                        .fetch_sub(queued, Ordering::AcqRel);
+                    r.commit_error = Some(e);
+                }
             }
             r
         }
@@ -830,6 +1000,7 @@ impl PackHost {
             });
             return;
         }
+        self.keyed = r.keyed || (self.keyed && r.finished == 0);
         for s in &r.statuses {
             let c = match s {
                 OutcomeStatus::Handled => &self.stats.handled,

@@ -98,6 +98,8 @@ pub struct QueueStats {
     pub accepted_ephemeral: AtomicU64,
     pub ephemeral_dropped: AtomicU64,
     pub backpressure_rejections: AtomicU64,
+    /// `queue.max_depth` in force (handlers' emits check it without asking the queue actor).
+    pub max_depth: AtomicU64,
 }
 
 #[derive(Debug, Default)]

@@ -11,6 +11,7 @@
 //! Prints a PASS/FAIL line per check; exit 1 on any failure.
 
 use super::exit;
+use lumenflow_actors::effects::Tag;
 use lumenflow_actors::exec_worker::ExecWorker;
 use lumenflow_pack_sdk::envelope::{EventDraft, Incoming};
 use lumenflow_pack_sdk::manifest::{check_handlers, load_pack_dir};
@@ -203,7 +204,8 @@ async fn harness(
             .and_then(|r| r.timeout_ms)
             .unwrap_or(10_000),
     );
-    let worker = ExecWorker::spawn(manifest, dir, Arc::new(HarnessServices(recorder.clone())))
+    let services: Arc<dyn PackServices> = Arc::new(HarnessServices(recorder.clone()));
+    let worker = ExecWorker::spawn(manifest, dir, Arc::new(move |_| services.clone()))
         .map_err(|e| format!("handshake: {e}"))?;
     let handles = worker
         .initialize(manifest, dir, "conformance", timeout)
@@ -230,7 +232,12 @@ async fn harness(
             }
         };
         let before = effects(&recorder);
-        let first = worker.outcome(worker.send_handle(&event, 1), timeout).await;
+        let first = worker
+            .outcome(
+                worker.send_handle(&event, 1, Tag { chunk: 1, seq: 1 }),
+                timeout,
+            )
+            .await;
         let first = match first {
             Ok(o) => o,
             Err(e) => {
@@ -260,7 +267,12 @@ async fn harness(
             after_first.0 - before.0,
             after_first.1 - before.1
         ));
-        let second = worker.outcome(worker.send_handle(&event, 2), timeout).await;
+        let second = worker
+            .outcome(
+                worker.send_handle(&event, 2, Tag { chunk: 2, seq: 1 }),
+                timeout,
+            )
+            .await;
         let after_second = effects(&recorder);
         let emitted_again = after_second.0 - after_first.0;
         match second {

@@ -13,7 +13,11 @@
 //!   them to `$LUMENFLOW_TEST_EFFECTS.agent`.
 //! - `emitter` emits `emitter:job_completed` (queue) and `emitter:tick` (ephemeral).
 //! - `ledger` subscribes to `emitter:job_completed` and follows the quickstart's pattern:
-//!   `replay_has` before its effect (the same append as the recorder's), `replay_put` after.
+//!   `replay_has` before its effects, `replay_put` after. Two effects: an append to the effects
+//!   file (outside the agent: at least once) and an emitted `ledger:entry_recorded` (queue, no
+//!   idempotency key, `{"source": event_id}`; committed with the outcome: exactly once).
+//!   `{"crash_after_effects_until_attempt": n}` panics after both effects (and the key) on
+//!   attempts below n.
 //! - `sink` subscribes to `bench:ping` and does nothing (for throughput benchmarks).
 //! - `bench` emits `bench:ping` (queue) and `bench:pulse` (ephemeral).
 
@@ -28,8 +32,10 @@ const EMITTER: &str = r#"{"id":"emitter","version":"0.1.0",
   "backpressure_policy":{"emitter:job_completed":"queue","emitter:tick":"ephemeral"}}"#;
 const OBSERVER: &str = r#"{"id":"observer","version":"0.1.0",
   "subscribed_event_kinds":["agent:pack_crashed","agent:event_dead_lettered"]}"#;
-const LEDGER: &str =
-    r#"{"id":"ledger","version":"0.1.0","subscribed_event_kinds":["emitter:job_completed"]}"#;
+const LEDGER: &str = r#"{"id":"ledger","version":"0.1.0",
+  "subscribed_event_kinds":["emitter:job_completed"],
+  "emitted_event_kinds":["ledger:entry_recorded"],
+  "backpressure_policy":{"ledger:entry_recorded":"queue"}}"#;
 const SINK: &str = r#"{"id":"sink","version":"0.1.0","subscribed_event_kinds":["bench:ping"]}"#;
 const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
   "emitted_event_kinds":["bench:ping","bench:pulse"],
@@ -72,8 +78,8 @@ async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     }
 }
 
-/// The ledger pack: the quickstart's pattern. Replay key checked before the effect (an append
-/// to `$LUMENFLOW_TEST_EFFECTS`), recorded after it.
+/// The ledger pack: the quickstart's pattern. Replay key checked before the effects (an append
+/// to `$LUMENFLOW_TEST_EFFECTS`, an emitted entry), recorded after them.
 async fn ledger(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     let key = format!("ledger:{}", e.event_id);
     match ctx.replay_has(&key).await {
@@ -91,7 +97,23 @@ async fn ledger(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
     {
         return HandlerOutcome::retry(err.to_string());
     }
+    let mut payload = serde_json::Map::new();
+    payload.insert("source".into(), e.event_id.clone().into());
+    if let Err(err) = ctx.emit("ledger:entry_recorded", payload, None).await {
+        return HandlerOutcome::retry(err.to_string());
+    }
     match ctx.replay_put(&key).await {
+        Ok(())
+            if e.payload
+                .get("crash_after_effects_until_attempt")
+                .and_then(|v| v.as_u64())
+                .is_some_and(|n| u64::from(ctx.attempt) < n) =>
+        {
+            panic!(
+                "crash after the effects of {} (attempt {})",
+                e.event_id, ctx.attempt
+            )
+        }
         Ok(()) => HandlerOutcome::handled("recorded"),
         Err(err) => HandlerOutcome::retry(err.to_string()),
     }

@@ -65,12 +65,17 @@ impl HandlerCtx {
         self.services.replay_has(key.to_string()).await
     }
 
-    /// Records `key` in the replay log (after the effect, as in the quickstart).
+    /// Records `key` in the replay log (after the effect, as in the quickstart). During a
+    /// delivery the key is committed together with the event's outcome: a handler that crashes
+    /// before finishing leaves no key behind.
     pub async fn replay_put(&self, key: &str) -> Result<(), ServiceError> {
         self.services.replay_put(key.to_string()).await
     }
 
-    /// Emits an event of this pack; `idempotency_key` makes the id deterministic.
+    /// Emits an event of this pack; `idempotency_key` makes the id deterministic. The event is
+    /// checked at once (an undeclared kind is an error here) and, during a delivery, committed
+    /// together with the event's outcome: a delivery that crashes or asks for a retry emits
+    /// nothing, so a redelivered event's emits are not doubled.
     pub async fn emit(
         &self,
         kind: &str,

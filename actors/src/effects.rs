@@ -1,0 +1,164 @@
+//! `EffectStage`: the effects a pack's handlers ask of the agent while a chunk of events is being
+//! handled (emits, replay keys), held until the chunk's progress is committed. Owned by one
+//! `PackHost` (one stage per host incarnation; chunks run one at a time).
+//!
+//! Guarantees (the transactional outbox of SPEC §6's at-least-once delivery):
+//! - **Effects commit with the outcome.** An event's emits and `replay.put` keys are written in
+//!   the same SQLite transaction that records the event as finished and moves the cursor. An
+//!   event that crashes, times out or asks for a retry leaves nothing behind: when it is
+//!   redelivered, its effects are staged again, so each one is committed exactly once.
+//! - **Read your writes.** `replay.has` sees keys staged earlier in the same chunk.
+//! - **No stale effects.** Every call carries the [`Tag`] of the delivery it belongs to; a call
+//!   from an abandoned delivery (a timed-out task, a killed worker's last lines) is refused.
+//!
+//! Effects outside the agent (a file, an HTTP call) cannot join that transaction: they run at
+//! least once, and the quickstart's rule applies (upsert-shaped, or keyed by event_id).
+
+use crate::queue::Accepted;
+use lumenflow_pack_sdk::native::ServiceError;
+use lumenflow_pack_sdk::DeliveryClass;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// Which delivery an effect belongs to: the chunk it ran in and the event's inbound seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub chunk: u64,
+    pub seq: i64,
+}
+
+/// What a closed chunk commits.
+#[derive(Default)]
+pub struct Staged {
+    pub emits: Vec<Accepted>,
+    /// Handler keys, as given by the handler.
+    pub puts: Vec<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    chunk: u64,
+    open: bool,
+    emits: Vec<(i64, Accepted)>,
+    puts: Vec<(i64, String)>,
+    keys: HashSet<String>,
+    queued: i64,
+}
+
+#[derive(Default)]
+pub struct EffectStage {
+    inner: Mutex<Inner>,
+}
+
+fn stale(tag: Tag) -> ServiceError {
+    ServiceError::Unavailable(format!(
+        "the delivery of inbound event {} this call belongs to was abandoned (crash or timeout)",
+        tag.seq
+    ))
+}
+
+impl EffectStage {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a chunk; returns its number (for the chunk's tags).
+    pub fn open(&self) -> u64 {
+        let mut s = self.lock();
+        let chunk = s.chunk + 1;
+        *s = Inner {
+            chunk,
+            open: true,
+            ..Inner::default()
+        };
+        chunk
+    }
+
+    fn check(s: &Inner, tag: Tag) -> Result<(), ServiceError> {
+        if s.open && s.chunk == tag.chunk {
+            Ok(())
+        } else {
+            Err(stale(tag))
+        }
+    }
+
+    /// Durable events staged in the open chunk (they count against `queue.max_depth`).
+    pub fn queued(&self) -> i64 {
+        self.lock().queued
+    }
+
+    pub fn emit(&self, tag: Tag, events: Vec<Accepted>) -> Result<(), ServiceError> {
+        let mut s = self.lock();
+        Self::check(&s, tag)?;
+        for e in events {
+            if e.class == DeliveryClass::Queue {
+                s.queued += 1;
+            }
+            s.emits.push((tag.seq, e));
+        }
+        Ok(())
+    }
+
+    pub fn put(&self, tag: Tag, key: String) -> Result<(), ServiceError> {
+        let mut s = self.lock();
+        Self::check(&s, tag)?;
+        s.keys.insert(key.clone());
+        s.puts.push((tag.seq, key));
+        Ok(())
+    }
+
+    /// Did the delivery of `seq` put a key? (A handler recording its own key is guarding an
+    /// effect outside the agent; the host commits such an event before starting the next.)
+    pub fn keyed(&self, seq: i64) -> bool {
+        self.lock().puts.iter().any(|(s, _)| *s == seq)
+    }
+
+    /// Was `key` put earlier in this chunk? (`Err` for a stale tag.)
+    pub fn has(&self, tag: Tag, key: &str) -> Result<bool, ServiceError> {
+        let s = self.lock();
+        Self::check(&s, tag)?;
+        Ok(s.keys.contains(key))
+    }
+
+    /// Ends the chunk: returns the effects of the deliveries in `finished` (in the order they
+    /// were asked for) and drops the rest. Later calls with this chunk's tags are refused.
+    pub fn close(&self, finished: &HashSet<i64>) -> Staged {
+        let mut s = self.lock();
+        s.open = false;
+        s.keys.clear();
+        s.queued = 0;
+        Staged {
+            emits: std::mem::take(&mut s.emits)
+                .into_iter()
+                .filter(|(seq, _)| finished.contains(seq))
+                .map(|(_, e)| e)
+                .collect(),
+            puts: std::mem::take(&mut s.puts)
+                .into_iter()
+                .filter(|(seq, _)| finished.contains(seq))
+                .map(|(_, k)| k)
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_finished_deliveries_commit_and_stale_tags_are_refused() {
+        let stage = EffectStage::default();
+        let c = stage.open();
+        let (a, b) = (Tag { chunk: c, seq: 1 }, Tag { chunk: c, seq: 2 });
+        stage.put(a, "k1".into()).unwrap();
+        stage.put(b, "k2".into()).unwrap();
+        assert!(stage.has(b, "k1").unwrap(), "read your writes in the chunk");
+        let staged = stage.close(&HashSet::from([1]));
+        assert_eq!(staged.puts, vec!["k1".to_string()]);
+        assert!(stage.put(a, "late".into()).is_err(), "closed chunk");
+        let c2 = stage.open();
+        assert!(stage.put(a, "old chunk".into()).is_err());
+        assert!(!stage.has(Tag { chunk: c2, seq: 1 }, "k1").unwrap());
+    }
+}
