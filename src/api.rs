@@ -440,6 +440,39 @@ mod tests {
             let body = json!({"workspace_id": "w", "events": events}).to_string();
             let _ = parse_batch(body.as_bytes());
         }
+
+        /// Any Host header value: accepted only when it names a loopback host; never a panic.
+        #[test]
+        fn arbitrary_host_headers(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60)) {
+            let Ok(v) = HeaderValue::from_bytes(&bytes) else { return Ok(()) };
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, v);
+            if loopback_host(&h).is_ok() {
+                let text = String::from_utf8_lossy(&bytes);
+                proptest::prop_assert!(
+                    text.starts_with("127.0.0.1") || text.starts_with("localhost") || text.starts_with("[::1]") || text.starts_with("::1"),
+                    "accepted {:?}", text
+                );
+            }
+        }
+
+        /// Any Authorization header value: only `Bearer <the token>` gets in; never a panic.
+        #[test]
+        fn arbitrary_authorization_headers(bytes in proptest::prop_oneof![
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60),
+            "(Bearer |bearer |Basic |Bearer)?[ \t]{0,2}s3cret-toke[mn]?[a-z \t]{0,2}".prop_map(String::into_bytes),
+        ]) {
+            const TOKEN: &str = "s3cret-token";
+            let Ok(v) = HeaderValue::from_bytes(&bytes) else { return Ok(()) };
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v);
+            if let Some(t) = bearer_token(&h) {
+                if token_matches(t.trim(), TOKEN) {
+                    let text = String::from_utf8_lossy(&bytes).to_string();
+                    proptest::prop_assert_eq!(text.strip_prefix("Bearer ").map(str::trim), Some(TOKEN));
+                }
+            }
+        }
     }
 
     #[test]

@@ -53,21 +53,23 @@ impl Enrollment {
         let _ = meta;
         let text = std::fs::read_to_string(&path)
             .map_err(|e| EnrollmentError::Invalid(shown.clone(), e.to_string()))?;
-        let e: Enrollment = serde_json::from_str(&text).map_err(|e| {
-            EnrollmentError::Invalid(
-                shown.clone(),
-                format!("expected {{\"endpoint\", \"token\", \"subject\"}}: {e}"),
-            )
+        Enrollment::parse(&text, &shown).map(Some)
+    }
+
+    /// Reads an enrollment file's text; `shown` names the file in errors.
+    pub fn parse(text: &str, shown: &str) -> Result<Enrollment, EnrollmentError> {
+        let invalid = |m: String| EnrollmentError::Invalid(shown.to_string(), m);
+        let e: Enrollment = serde_json::from_str(text).map_err(|e| {
+            invalid(format!(
+                "expected {{\"endpoint\", \"token\", \"subject\"}}: {e}"
+            ))
         })?;
         crate::config::check_upstream(&e.endpoint)
-            .map_err(|m| EnrollmentError::Invalid(shown.clone(), format!("endpoint: {m}")))?;
+            .map_err(|m| invalid(format!("endpoint: {m}")))?;
         if e.token.is_empty() || e.subject.is_empty() {
-            return Err(EnrollmentError::Invalid(
-                shown,
-                "token and subject must not be empty".into(),
-            ));
+            return Err(invalid("token and subject must not be empty".into()));
         }
-        Ok(Some(e))
+        Ok(e)
     }
 
     pub fn write(&self, ws: &Workspace) -> anyhow::Result<()> {
@@ -81,5 +83,65 @@ impl Enrollment {
             }
         }
         crate::agent::write_private_json(&path, &serde_json::to_value(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FILE: &str = ".lumenflow/state/conductor/enrollment.json";
+
+    #[test]
+    fn a_good_enrollment_parses_and_bad_ones_name_the_file() {
+        let ok = r#"{"endpoint": "http://127.0.0.1:9", "token": "t", "subject": "ws"}"#;
+        assert_eq!(Enrollment::parse(ok, FILE).unwrap().subject, "ws");
+        for bad in [
+            "",
+            "{}",
+            r#"{"endpoint": "ftp://x", "token": "t", "subject": "ws"}"#,
+            r#"{"endpoint": "http://x", "token": "", "subject": "ws"}"#,
+            r#"{"endpoint": "http://x", "token": "t", "subject": "ws", "extra": 1}"#,
+        ] {
+            let e = Enrollment::parse(bad, FILE).unwrap_err().to_string();
+            assert!(e.starts_with(FILE), "{e}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any file content is an enrollment or an error naming the file; never a panic, and
+        /// the token never appears in the error.
+        #[test]
+        fn arbitrary_enrollment_text(text in ".{0,200}") {
+            if let Err(e) = Enrollment::parse(&text, FILE) {
+                prop_assert!(e.to_string().starts_with(FILE));
+            }
+        }
+
+        #[test]
+        fn arbitrary_enrollment_fields(
+            endpoint in prop_oneof![".{0,40}", "(http|https)://[a-z0-9.:\\[\\]/-]{0,30}"],
+            token in "[ -~]{0,20}",
+            subject in ".{0,20}",
+        ) {
+            let text = serde_json::json!({"endpoint": endpoint, "token": token, "subject": subject}).to_string();
+            match Enrollment::parse(&text, FILE) {
+                Ok(e) => {
+                    prop_assert_eq!(&e.token, &token);
+                    prop_assert!(!e.token.is_empty() && !e.subject.is_empty());
+                    let shown = format!("{:?}", e);
+                    prop_assert!(!shown.contains("token:"));
+                }
+                Err(e) => {
+                    let m = e.to_string();
+                    prop_assert!(m.starts_with(FILE));
+                    if token.len() >= 8 {
+                        prop_assert!(!m.contains(&token), "the token leaked into: {}", m);
+                    }
+                }
+            }
+        }
     }
 }

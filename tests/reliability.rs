@@ -179,12 +179,14 @@ fn kill_9_exec_workers_at_random_moments() {
     .unwrap();
     std::fs::write(
         dir.join("manifest.json"),
-        json!({"id": "worker", "version": "0.1.0", "subscribed_event_kinds": ["conductor:job_poked"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string(),
+        json!({"id": "worker", "version": "0.1.0", "subscribed_event_kinds": ["conductor:job_poked"],
+            "emitted_event_kinds": ["worker:entry_recorded"], "backpressure_policy": {"worker:entry_recorded": "queue"},
+            "runtime": {"command": ["node", "handler.mjs"]}}).to_string(),
     )
     .unwrap();
     std::fs::write(
         dir.join("handler.mjs"),
-        "import { runPack } from './lumenflow-pack.mjs';\nimport { appendFileSync, writeFileSync } from 'node:fs';\nwriteFileSync('worker.pid', String(process.pid));\nrunPack({ handlers: { 'conductor:job_poked': async (e) => { await new Promise((r) => setTimeout(r, 2)); appendFileSync('effects.txt', e.event_id + '\\n'); return { status: 'handled' }; } } });\n",
+        "import { runPack } from './lumenflow-pack.mjs';\nimport { appendFileSync, writeFileSync } from 'node:fs';\nwriteFileSync('worker.pid', String(process.pid));\nrunPack({ handlers: { 'conductor:job_poked': async (e, ctx) => { await new Promise((r) => setTimeout(r, 2)); appendFileSync('effects.txt', e.event_id + '\\n'); await ctx.emit('worker:entry_recorded', { source: e.event_id }); return { status: 'handled' }; } } });\n",
     )
     .unwrap();
     ws.start();
@@ -244,10 +246,26 @@ fn kill_9_exec_workers_at_random_moments() {
     let p = ws.pack_status("worker");
     let lost = ids.iter().filter(|id| !effects.contains_key(*id)).count();
     let reruns: usize = effects.values().map(|n| n - 1).sum();
+    // The worker's emitted entries (committed with its outcomes), by the event they record.
+    let inbox = wait_for("every entry in mem:inbox", T, || {
+        let i = ws.inbox();
+        (i.len() >= ids.len()).then_some(i)
+    });
+    let mut entries: HashMap<String, usize> = HashMap::new();
+    for r in &inbox {
+        let source = r["event"]["payload"]["source"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        *entries.entry(source).or_insert(0) += 1;
+    }
+    let lost_entries = ids.iter().filter(|id| !entries.contains_key(*id)).count();
+    let doubled: usize = entries.values().map(|n| n - 1).sum();
     let line = format!(
-        "RELIABILITY kill-9 workers: seed {s0}, {kills} kills, {} restarts, {} events; {} handled, {lost} lost, {} dead-lettered, {reruns} re-executions; drained {:?} after the last kill",
+        "RELIABILITY kill-9 workers: seed {s0}, {kills} kills, {} restarts, {} events; emitted entries (through the agent): {} distinct, {lost_entries} lost, {doubled} duplicated; file appends (outside): {} distinct, {lost} lost, {reruns} re-executions; {} dead-lettered; drained {:?} after the last kill",
         p["restarts"],
         ids.len(),
+        entries.len(),
         effects.len(),
         p["dead_lettered"],
         started.elapsed()
@@ -255,6 +273,8 @@ fn kill_9_exec_workers_at_random_moments() {
     eprintln!("{line}");
     assert!(p["restarts"].as_u64().unwrap() >= kills as u64, "{line}");
     assert_eq!(lost, 0, "{line}");
+    assert_eq!(lost_entries, 0, "{line}");
+    assert_eq!(doubled, 0, "{line}");
     assert_eq!(p["dead_lettered"], 0, "{line}");
 }
 
@@ -465,4 +485,266 @@ fn a_non_loopback_host_header_is_refused_even_with_the_token() {
         "{body}"
     );
     assert_eq!(api.get("/v1/status").status, 200);
+}
+
+/// Writes `tests/fixtures/state-v1.sql` (a database as the first release wrote it) into the
+/// workspace's state directory.
+fn install_v1_state(ws: &Workspace) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ws.path().join(".lumenflow/state/agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let db = dir.join("agent.db");
+    let sql = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-v1.sql"),
+    )
+    .unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.execute_batch(&sql).unwrap();
+    // Recorded "just before the upgrade", inside the replay retention.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for table in ["replay_log", "replay_recent"] {
+        c.execute(&format!("UPDATE {table} SET recorded_ms = ?1"), [now])
+            .unwrap();
+    }
+    drop(c);
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    db
+}
+
+/// A state directory written by the first release (schema version 1) is taken over as it is:
+/// its outbox is delivered, each pack resumes at its cursor with its attempts, its replay log
+/// and dead letters are kept.
+#[test]
+fn a_state_directory_from_an_older_schema_version_is_upgraded_with_nothing_lost() {
+    let mut ws = Workspace::new(json!({}), "recorder,emitter");
+    install_v1_state(&ws);
+    ws.start();
+    let inbox = wait_for("the 3 waiting queue events in mem:inbox", T, || {
+        let i = ws.inbox();
+        (i.len() >= 4).then_some(i)
+    });
+    let ids: Vec<&str> = inbox
+        .iter()
+        .map(|r| r["event"]["event_id"].as_str().unwrap())
+        .collect();
+    for n in ["31", "01", "02", "03"] {
+        let id = format!("0193a000-0000-7000-8000-0000000000{n}");
+        assert_eq!(
+            ids.iter().filter(|i| **i == id).count(),
+            1,
+            "{id} once: {ids:?}"
+        );
+    }
+    let p = wait_for("the recorder to resume at its cursor", T, || {
+        let p = ws.pack_status("recorder");
+        (p["handled"].as_u64() == Some(2) && p["pending"] == 0).then_some(p)
+    });
+    assert_eq!(p["replayed"], 1, "row 4 was in the replay log: {p}");
+    let effects = ws.effects();
+    assert_eq!(effects.len(), 2, "{effects:?}");
+    assert!(effects[0].contains("000000000012 attempt=1"), "{effects:?}");
+    assert!(
+        effects[1].contains("000000000013 attempt=2"),
+        "the attempt recorded before the upgrade counts: {effects:?}"
+    );
+    let dlq: Vec<Value> =
+        serde_json::from_slice(&ws.run(&["dlq", "list", "--json"]).stdout).unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0]["event_id"], "0193a000-0000-7000-8000-000000000021");
+}
+
+/// A state database from a newer agent is refused at start, naming the versions, and left as
+/// it is.
+#[test]
+fn a_state_database_from_a_newer_agent_is_refused_and_left_untouched() {
+    let ws = Workspace::new(json!({}), "recorder");
+    let db = install_v1_state(&ws);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let before = std::fs::read(&db).unwrap();
+    let out = ws.run(&["start"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("schema version 99, newer than this agent's"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the database was modified"
+    );
+}
+
+/// A loopback proxy in front of the development conductor that, while `reset` is set, forwards
+/// each request, lets the conductor answer, and then resets the agent's connection (TCP RST,
+/// no answer): the events are at the conductor but the agent never heard so.
+struct ResetProxy {
+    port: u16,
+    reset: std::sync::Arc<AtomicBool>,
+    resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Reads one HTTP/1.1 message (headers, then a Content-Length body); None at end of stream.
+fn read_http_message(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
+                buf.extend_from_slice(&byte[..n]);
+            }
+            return Some(buf);
+        }
+        let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
+        buf.extend_from_slice(&byte[..n]);
+    }
+}
+
+impl ResetProxy {
+    fn start(target: u16) -> ResetProxy {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reset = std::sync::Arc::new(AtomicBool::new(true));
+        let resets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, n) = (reset.clone(), resets.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let (r, n) = (r.clone(), n.clone());
+                std::thread::spawn(move || {
+                    while let Some(req) = read_http_message(&mut client) {
+                        let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                            return;
+                        };
+                        if up.write_all(&req).is_err() {
+                            return;
+                        }
+                        let Some(resp) = read_http_message(&mut up) else {
+                            return;
+                        };
+                        if r.load(Ordering::SeqCst) {
+                            // SO_LINGER 0: close sends RST instead of FIN.
+                            use std::os::fd::AsRawFd;
+                            let linger = libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            };
+                            unsafe {
+                                libc::setsockopt(
+                                    client.as_raw_fd(),
+                                    libc::SOL_SOCKET,
+                                    libc::SO_LINGER,
+                                    &linger as *const libc::linger as *const libc::c_void,
+                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                                );
+                            }
+                            n.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        if client.write_all(&resp).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ResetProxy {
+            port,
+            reset,
+            resets,
+        }
+    }
+}
+
+/// Connection resets after the conductor accepted a push: the agent hears nothing, so it keeps
+/// the events and pushes them again once answers come back; the conductor deduplicates by
+/// event_id. Nothing is lost, nothing is stored twice.
+#[test]
+fn connection_resets_after_the_conductor_accepted_lose_nothing_and_store_nothing_twice() {
+    let mut ws = Workspace::new(json!({}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    let proxy = ResetProxy::start(c.port);
+    let out = ws
+        .cmd()
+        .args([
+            "enroll",
+            "--endpoint",
+            &format!("http://127.0.0.1:{}", proxy.port),
+            "--token-env",
+            "TEST_TOKEN",
+            "--subject",
+            "ws-test",
+        ])
+        .env("TEST_TOKEN", "tok")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    ws.start();
+    let api = ws.api();
+    let mut ids: Vec<String> = Vec::new();
+    for b in 0..10 {
+        let r = api.emit(
+            (0..10)
+                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": b * 10 + i}}))
+                .collect(),
+        );
+        assert_eq!(r.status, 200);
+        ids.extend(
+            r.body["event_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    // The conductor has every event, the agent has heard of none.
+    wait_for("all 100 at the conductor, unacknowledged", T, || {
+        (c.received().len() >= 100 && proxy.resets.load(Ordering::SeqCst) >= 3).then_some(())
+    });
+    assert_eq!(ws.status()["queue"]["durable_depth"], 100);
+    proxy.reset.store(false, Ordering::SeqCst);
+    wait_for("the outbox to drain", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+    let received = c.received();
+    let at: HashMap<&str, i64> = received
+        .iter()
+        .map(|r| {
+            (
+                r["event"]["event_id"].as_str().unwrap(),
+                r["deliveries"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let lost = ids
+        .iter()
+        .filter(|id| !at.contains_key(id.as_str()))
+        .count();
+    let redelivered: i64 = at.values().map(|d| d - 1).sum();
+    let line = format!(
+        "RELIABILITY connection resets: {} events, {} resets, {} stored at the conductor, {lost} lost, {redelivered} redeliveries deduplicated",
+        ids.len(),
+        proxy.resets.load(Ordering::SeqCst),
+        received.len()
+    );
+    eprintln!("{line}");
+    assert_eq!(lost, 0, "{line}");
+    assert_eq!(received.len(), 100, "{line}");
+    assert!(redelivered >= 100, "each was pushed again: {line}");
 }
