@@ -72,10 +72,19 @@ impl Conductor {
     pub fn open(db_path: &std::path::Path, token: String) -> anyhow::Result<Self> {
         let db = Connection::open(db_path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
+        // A push is answered after its transaction commits (to the WAL; fsync at checkpoints).
+        db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS received (seq INTEGER PRIMARY KEY, workspace_id TEXT, event_id TEXT UNIQUE, kind TEXT, body TEXT, received_ms INTEGER, deliveries INTEGER NOT NULL DEFAULT 1);
+            "CREATE TABLE IF NOT EXISTS received (seq INTEGER PRIMARY KEY, workspace_id TEXT, event_id TEXT UNIQUE, kind TEXT, body TEXT, received_ms INTEGER, deliveries INTEGER NOT NULL DEFAULT 1, received_us INTEGER);
              CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY, workspace_id TEXT, body TEXT);",
         )?;
+        // Databases from before `received_us` (first delivery time, µs, for latency figures).
+        let has_us = db
+            .prepare("SELECT 1 FROM pragma_table_info('received') WHERE name = 'received_us'")?
+            .exists([])?;
+        if !has_us {
+            db.execute_batch("ALTER TABLE received ADD COLUMN received_us INTEGER")?;
+        }
         Ok(Conductor {
             inner: Arc::new(Mutex::new(Inner {
                 db,
@@ -186,14 +195,30 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
         }
     }
     let inner = c.lock();
-    let now = lumenflow_actors::store::now_ms();
-    for e in events {
-        let id = e["event_id"].as_str().unwrap_or_default();
-        let kind = e["kind"].as_str().unwrap_or_default();
-        let _ = inner.db.execute(
-            "INSERT INTO received(workspace_id, event_id, kind, body, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(event_id) DO UPDATE SET deliveries = deliveries + 1",
-            params![ws, id, kind, e.to_string(), now],
+    let now_us = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    // One transaction per push: answered only once the batch is stored.
+    let stored: rusqlite::Result<()> = (|| {
+        let tx = inner.db.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO received(workspace_id, event_id, kind, body, received_ms, received_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(event_id) DO UPDATE SET deliveries = deliveries + 1",
+            )?;
+            for e in events {
+                let id = e["event_id"].as_str().unwrap_or_default();
+                let kind = e["kind"].as_str().unwrap_or_default();
+                stmt.execute(params![ws, id, kind, e.to_string(), now_us / 1000, now_us])?;
+            }
+        }
+        tx.commit()
+    })();
+    if let Err(e) = stored {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot store the batch: {e}"),
         );
     }
     axum::Json(json!({"accepted": events.len()})).into_response()
@@ -296,13 +321,13 @@ async fn publish(State(c): State<Conductor>, body: Bytes) -> Response {
 async fn received(State(c): State<Conductor>) -> Response {
     let inner = c.lock();
     let rows: rusqlite::Result<Vec<Value>> = (|| {
-        let mut stmt = inner
-            .db
-            .prepare("SELECT workspace_id, body, deliveries FROM received ORDER BY seq")?;
+        let mut stmt = inner.db.prepare(
+            "SELECT workspace_id, body, deliveries, received_us FROM received ORDER BY seq",
+        )?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?)))?
             .map(|r| {
-                r.map(|(ws, b, n)| json!({"workspace_id": ws, "deliveries": n, "event": serde_json::from_str::<Value>(&b).unwrap_or(Value::Null)}))
+                r.map(|(ws, b, n, us)| json!({"workspace_id": ws, "deliveries": n, "received_us": us, "event": serde_json::from_str::<Value>(&b).unwrap_or(Value::Null)}))
             })
             .collect();
         rows

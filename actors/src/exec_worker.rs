@@ -454,13 +454,13 @@ impl ExecWorker {
 
     /// Sends a request now; the returned receiver yields its reply.
     fn request(&self, method: &str, params: Value) -> oneshot::Receiver<Reply> {
-        self.request_for(method, params, None)
+        self.request_for(method, &params, None)
     }
 
-    fn request_for(
+    fn request_for<P: serde::Serialize>(
         &self,
         method: &str,
-        params: Value,
+        params: &P,
         tag: Option<Tag>,
     ) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
@@ -481,8 +481,20 @@ impl ExecWorker {
                 s.handling.insert(id, tag);
             }
         }
-        let line =
-            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        #[derive(serde::Serialize)]
+        struct Request<'a, P> {
+            jsonrpc: &'static str,
+            id: u64,
+            method: &'a str,
+            params: &'a P,
+        }
+        let line = serde_json::to_string(&Request {
+            jsonrpc: "2.0",
+            id,
+            method,
+            params,
+        })
+        .unwrap_or_default();
         if self.out.send(line).is_err() {
             fail_all(&self.shared, WorkerError::Exited("its stdin closed".into()));
         }
@@ -570,11 +582,24 @@ impl ExecWorker {
         attempt: u32,
         tag: Tag,
     ) -> oneshot::Receiver<Reply> {
-        self.request_for(
-            "handle",
-            json!({"event": event.to_value(), "delivery": {"attempt": attempt, "redelivered": attempt > 1}}),
-            Some(tag),
-        )
+        #[derive(serde::Serialize)]
+        struct Delivery {
+            attempt: u32,
+            redelivered: bool,
+        }
+        #[derive(serde::Serialize)]
+        struct Handle<'a> {
+            event: &'a Envelope,
+            delivery: Delivery,
+        }
+        let params = Handle {
+            event,
+            delivery: Delivery {
+                attempt,
+                redelivered: attempt > 1,
+            },
+        };
+        self.request_for("handle", &params, Some(tag))
     }
 
     /// Waits for one `handle` reply and reads it as an outcome.

@@ -326,21 +326,25 @@ struct ChunkResult {
 /// What the agent offers this pack's handlers. With a `tag` (a call made while handling an
 /// event) emits and keys are staged and committed with the event's outcome; without one
 /// (e.g. a worker's `onStart`) they are committed at once.
-#[derive(Clone)]
-struct HostServices {
+struct HostShared {
     pack: String,
     replay: Addr<ReplayLog>,
     emitter: Emitter,
     agent: Arc<AgentStats>,
     stage: Arc<EffectStage>,
+}
+
+#[derive(Clone)]
+struct HostServices {
+    shared: Arc<HostShared>,
     tag: Option<Tag>,
 }
 
 impl HostServices {
     fn for_delivery(&self, tag: Tag) -> Arc<dyn PackServices> {
         Arc::new(HostServices {
+            shared: self.shared.clone(),
             tag: Some(tag),
-            ..self.clone()
         })
     }
 }
@@ -364,10 +368,10 @@ fn unavailable<E: std::fmt::Display>(e: E) -> ServiceError {
 
 impl PackServices for HostServices {
     fn replay_has(&self, key: String) -> BoxFuture<Result<bool, ServiceError>> {
-        let replay = self.replay.clone();
-        let pack = self.pack.clone();
+        let replay = self.shared.replay.clone();
+        let pack = self.shared.pack.clone();
         let staged = match self.tag {
-            Some(tag) => self.stage.has(tag, &key),
+            Some(tag) => self.shared.stage.has(tag, &key),
             None => Ok(false),
         };
         Box::pin(async move {
@@ -383,11 +387,11 @@ impl PackServices for HostServices {
     }
     fn replay_put(&self, key: String) -> BoxFuture<Result<(), ServiceError>> {
         if let Some(tag) = self.tag {
-            let staged = self.stage.put(tag, key);
+            let staged = self.shared.stage.put(tag, key);
             return Box::pin(async move { staged });
         }
-        let replay = self.replay.clone();
-        let pack = self.pack.clone();
+        let replay = self.shared.replay.clone();
+        let pack = self.shared.pack.clone();
         Box::pin(async move {
             replay
                 .send(crate::replay_log::PutKey { pack, key })
@@ -401,8 +405,8 @@ impl PackServices for HostServices {
             let staged = self.stage_emit(tag, draft);
             return Box::pin(async move { staged });
         }
-        let emitter = self.emitter.clone();
-        let pack = self.pack.clone();
+        let emitter = self.shared.emitter.clone();
+        let pack = self.shared.pack.clone();
         Box::pin(async move {
             let mut ids = emitter
                 .emit(Some(&pack), vec![Incoming::Draft(draft)])
@@ -418,17 +422,18 @@ impl HostServices {
     /// Checks the event now (the handler learns of a bad kind at once) and stages it.
     fn stage_emit(&self, tag: Tag, draft: EventDraft) -> Result<String, ServiceError> {
         let events = self
+            .shared
             .emitter
-            .prepare(Some(&self.pack), vec![Incoming::Draft(draft)])
+            .prepare(Some(&self.shared.pack), vec![Incoming::Draft(draft)])
             .map_err(emit_error)?;
         let queued = events
             .iter()
             .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
             .count() as i64;
         if queued > 0 {
-            let q = &self.agent.queue;
+            let q = &self.shared.agent.queue;
             let max = q.max_depth.load(Ordering::Relaxed) as i64;
-            let depth = q.durable_depth.load(Ordering::Acquire) + self.stage.queued();
+            let depth = q.durable_depth.load(Ordering::Acquire) + self.shared.stage.queued();
             if depth + queued > max {
                 q.backpressure_rejections.fetch_add(1, Ordering::Relaxed);
                 return Err(ServiceError::Backpressure {
@@ -440,7 +445,7 @@ impl HostServices {
             .first()
             .map(|e| e.envelope.event_id.clone())
             .ok_or_else(|| ServiceError::Unavailable("no id".into()))?;
-        self.stage.emit(tag, events)?;
+        self.shared.stage.emit(tag, events)?;
         Ok(id)
     }
 }
@@ -455,29 +460,36 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Runs one native handler call as its own task, so a panic ends that task, not the actor.
+/// Runs one native handler call. A panic, in the handler's synchronous part or while its
+/// future is polled, is caught here and becomes a crash; it never reaches the actor. The first
+/// poll happens at once: a handler that finishes without waiting (most do) costs no task and
+/// no timer; one that waits is given `timeout` from then on.
 async fn call_native(
     pack: &NativePack,
     envelope: Arc<Envelope>,
     ctx: HandlerCtx,
     timeout: Duration,
 ) -> Result<HandlerOutcome, Crash> {
-    let Some(handler) = pack.handlers.get(&envelope.kind).cloned() else {
+    use futures_util::FutureExt;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::task::Poll;
+    let Some(handler) = pack.handlers.get(&envelope.kind) else {
         return Ok(HandlerOutcome::ignored("no-handler"));
     };
-    let env = (*envelope).clone();
-    // The handler's synchronous part runs inside the task too.
-    let task = actix::spawn(async move { handler(env, ctx).await });
-    let abort = task.abort_handle();
-    match tokio::time::timeout(timeout, task).await {
-        Err(_) => {
-            abort.abort();
-            Err(Crash::Timeout(timeout))
-        }
-        Ok(Err(join)) if join.is_panic() => Err(Crash::Panic(panic_message(join.into_panic()))),
-        Ok(Err(join)) => Err(Crash::Panic(format!("handler task ended: {join}"))),
-        Ok(Ok(outcome)) => Ok(outcome),
-    }
+    let fut = catch_unwind(AssertUnwindSafe(|| handler(envelope, ctx)))
+        .map_err(|p| Crash::Panic(panic_message(p)))?;
+    let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
+    let first =
+        std::future::poll_fn(|cx| Poll::Ready(std::future::Future::poll(fut.as_mut(), cx))).await;
+    let done = match first {
+        Poll::Ready(r) => r,
+        Poll::Pending => match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            // Dropping the future cancels the handler.
+            Err(_) => return Err(Crash::Timeout(timeout)),
+        },
+    };
+    done.map_err(|p| Crash::Panic(panic_message(p)))
 }
 
 pub struct PackHost {
@@ -589,11 +601,13 @@ impl PackHost {
 
     fn services(&self) -> HostServices {
         HostServices {
-            pack: self.id.clone(),
-            replay: self.replay.clone(),
-            emitter: self.emitter.clone(),
-            agent: self.agent.clone(),
-            stage: self.stage.clone(),
+            shared: Arc::new(HostShared {
+                pack: self.id.clone(),
+                replay: self.replay.clone(),
+                emitter: self.emitter.clone(),
+                agent: self.agent.clone(),
+                stage: self.stage.clone(),
+            }),
             tag: None,
         }
     }

@@ -115,8 +115,12 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
             Durability::Normal => "NORMAL",
         },
     )?;
-    // Up to 64 MiB of page cache: the replay log's working set at 1M entries.
-    conn.pragma_update(None, "cache_size", -65536)?;
+    // Reads of large tables (the replay log at 1M entries is ~80 MiB) go through a memory map,
+    // served by the OS page cache. SQLite's own cache stays small: at every commit it scans
+    // its page hash to drop pages past the end of the file, and with a 64 MiB cache that scan
+    // was 10% of the agent's CPU under a steady queue load (measured with perf).
+    conn.pragma_update(None, "cache_size", -8192)?;
+    conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }

@@ -1,16 +1,25 @@
-//! `cargo run --release -p lumenflow-bench [-- --quick]`
+//! `cargo run --release -p lumenflow-bench [-- --quick] [-- --runs N]`
 //!
 //! Runs the release `lumenflow-test-agent` (the agent with native test packs) against
-//! temporary workspaces and prints one table, each row with its baseline measured in the same
-//! run on the same machine:
+//! temporary workspaces and prints one table of medians (3 runs of each throughput scenario;
+//! 1 with `--quick`), each row with its durability setting and, where there is one, the
+//! baseline or peer measured in the same run on the same machine:
 //!
-//! - raw SQLite: batched inserts of the same event bodies (500 per transaction), WAL, at the
-//!   same `synchronous` setting: the durable limit of one SQLite writer;
-//! - queue-kind end to end: local API (batches of 100, 4 clients) -> durable commit -> producer
-//!   acknowledged -> mem:inbox upstream -> removed from the outbox;
-//! - ephemeral end to end: local API -> memory ring -> mem:inbox;
+//! - baselines: raw SQLite batched inserts of the same event bodies (500 per transaction), WAL,
+//!   at the same `synchronous` setting (the durable limit of one SQLite writer); a raw loopback
+//!   HTTP sink taking the same batches from the same client (the transport limit);
+//! - peers a user might use as a local durable buffer instead (`peers.rs`): Redis Streams with
+//!   `appendfsync always` and `everysec`, NATS JetStream with file storage, publish acked;
+//! - queue kind end to end: local API (batches of 100 and of 1, 4 clients) -> durable commit ->
+//!   producer acknowledged -> upstream acknowledged (mem:inbox, and the development conductor
+//!   over loopback HTTP) -> removed from the outbox;
+//! - ephemeral end to end: local API -> memory ring -> upstream;
 //! - inbound -> native handler with replay dedupe, replay log at 0 and at 1M entries;
-//! - idle RSS with 10 packs, `status` round trip (HTTP and the CLI process), start-up time.
+//! - inbound -> Node exec handler;
+//! - emit -> upstream latency p50/p99 at a fixed 10k events/s (conductor);
+//! - hot reload, crash -> next event, `status`, start-up, idle RSS with 10 packs, RSS per pack.
+
+mod peers;
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -98,16 +107,7 @@ impl Agent {
     }
 
     fn post(&self, http: &ureq::Agent, path: &str, body: String) -> (u16, String) {
-        let mut r = http
-            .post(format!("{}{path}", self.url))
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .send(body)
-            .expect("post");
-        (
-            r.status().as_u16(),
-            r.body_mut().read_to_string().unwrap_or_default(),
-        )
+        post_to(http, &self.url, &self.token, path, body)
     }
 
     fn status(&self, http: &ureq::Agent) -> Value {
@@ -199,24 +199,62 @@ fn body(kind: &str, from: usize, n: usize) -> String {
     json!({"workspace_id": "bench", "events": events}).to_string()
 }
 
-/// Posts `total` events in batches of `batch` from `clients` threads; returns seconds.
+fn post_to(http: &ureq::Agent, url: &str, token: &str, path: &str, body: String) -> (u16, String) {
+    let mut r = http
+        .post(format!("{url}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .send(body)
+        .expect("post");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+/// Posts `total` events in batches of `batch` from `clients` threads to `url` (the agent, or
+/// the raw HTTP sink); returns seconds.
 fn blast(agent: &Agent, path: &str, kind: &str, total: usize, batch: usize, clients: usize) -> f64 {
+    blast_to(&agent.url, &agent.token, path, kind, total, batch, clients)
+}
+
+fn blast_to(
+    url: &str,
+    token: &str,
+    path: &str,
+    kind: &str,
+    total: usize,
+    batch: usize,
+    clients: usize,
+) -> f64 {
     let per = total / clients;
+    // Request bodies are built before the clock starts, as the peers' are.
+    let bodies: Vec<Vec<(usize, String)>> = (0..clients)
+        .map(|c| {
+            (0..per)
+                .step_by(batch)
+                .map(|sent| {
+                    let n = batch.min(per - sent);
+                    (n, body(kind, c * per + sent, n))
+                })
+                .collect()
+        })
+        .collect();
     let t = Instant::now();
     std::thread::scope(|s| {
-        for c in 0..clients {
+        for mine in &bodies {
             s.spawn(move || {
                 let http = Agent::http();
-                let mut sent = 0;
-                while sent < per {
-                    let n = batch.min(per - sent);
-                    let (status, text) = agent.post(&http, path, body(kind, c * per + sent, n));
-                    if status == 429 {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
+                for (_, b) in mine {
+                    loop {
+                        let (status, text) = post_to(&http, url, token, path, b.clone());
+                        if status == 429 {
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                        assert_eq!(status, 200, "{text}");
+                        break;
                     }
-                    assert_eq!(status, 200, "{text}");
-                    sent += n;
                 }
             });
         }
@@ -341,50 +379,342 @@ fn node_start_ms(dir: &Path) -> f64 {
     median(&mut times)
 }
 
+/// The event bodies the agent would store, for the baselines and peers.
+fn envelope_bodies(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            json!({"schema_version": 2, "event_id": uuid::Uuid::now_v7().to_string(), "kind": "bench:ping",
+                "timestamp": "2026-04-20T00:00:00.000Z", "from": "bench",
+                "payload": {"job_id": format!("job-{i}"), "result": "ok", "seq": i}})
+            .to_string()
+        })
+        .collect()
+}
+
+/// The median of `runs` measurements.
+fn med(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
+    let mut v: Vec<f64> = (0..runs).map(|_| f()).collect();
+    median(&mut v)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The development conductor (`conductor serve`), on loopback, with its own database.
+struct DevConductor {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl DevConductor {
+    fn start(bin: &Path) -> DevConductor {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args([
+                "conductor",
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token",
+                "bench-token",
+                "--db",
+            ])
+            .arg(dir.path().join("conductor.db"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("conductor");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "conductor did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        DevConductor {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// Enrolls the workspace `dir` with this conductor.
+    fn enroll(&self, bin: &Path, dir: &Path) {
+        let out = Command::new(bin)
+            .args([
+                "enroll",
+                "--endpoint",
+                &self.url,
+                "--token-env",
+                "BENCH_TOKEN",
+                "--subject",
+                "bench",
+            ])
+            .current_dir(dir)
+            .env("LUMENFLOW_AGENT_NO_USER_CONFIG", "1")
+            .env("BENCH_TOKEN", "bench-token")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let mut r = Agent::http()
+            .get(format!("{}/admin/events", self.url))
+            .header("authorization", "Bearer bench-token")
+            .call()
+            .expect("admin/events");
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+}
+
+impl Drop for DevConductor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Queue kind end to end: `total` events in batches of `batch` from 4 clients, until the
+/// upstream acknowledged them all (outbox empty). Events/s.
+fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
+    let http = Agent::http();
+    let pushed_before = agent.status(&http)["upstream"]["pushed"].as_u64().unwrap();
+    let t0 = Instant::now();
+    blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
+    agent.wait_until("outbox drained", |s| {
+        s["queue"]["durable_depth"] == 0
+            && s["upstream"]["pushed"].as_u64().unwrap() >= pushed_before + total as u64
+    });
+    total as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Ephemeral end to end: until every event was pushed or counted dropped. (events/s, dropped)
+fn ephemeral_e2e(agent: &Agent, total: usize) -> (f64, u64) {
+    let http = Agent::http();
+    let s0 = agent.status(&http);
+    let base = s0["upstream"]["pushed"].as_u64().unwrap()
+        + s0["queue"]["ephemeral_dropped"].as_u64().unwrap();
+    let dropped0 = s0["queue"]["ephemeral_dropped"].as_u64().unwrap();
+    let t0 = Instant::now();
+    blast(agent, "/api/v1/events", "bench:pulse", total, 100, 4);
+    agent.wait_until("ephemeral pushed", |s| {
+        s["upstream"]["pushed"].as_u64().unwrap()
+            + s["queue"]["ephemeral_dropped"].as_u64().unwrap()
+            >= base + total as u64
+    });
+    let rate = total as f64 / t0.elapsed().as_secs_f64();
+    let dropped = agent.status(&http)["queue"]["ephemeral_dropped"]
+        .as_u64()
+        .unwrap()
+        - dropped0;
+    (rate, dropped)
+}
+
+const FULL: &str = "fsync per group commit, ack after commit";
+const NORMAL: &str = "WAL, no fsync; ack after commit";
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
+    // `--only queue,native`: run just those scenarios (names: baselines peers queue conductor ephemeral
+    // latency native exec crash reload idle rss).
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let want = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == name))
+    };
     let n: usize = if quick { 40_000 } else { 200_000 };
     let replay_n: usize = if quick { 200_000 } else { 1_000_000 };
     let bin = agent_bin();
     let mut rows: Vec<Row> = Vec::new();
-    eprintln!("lumenflow-bench: {n} events per scenario, replay log {replay_n}");
+    let mut notes: Vec<String> = Vec::new();
+    eprintln!(
+        "lumenflow-bench: {n} events per scenario, replay log {replay_n}, medians of {runs} runs"
+    );
 
-    for (durability, sync) in [("full", "FULL"), ("normal", "NORMAL")] {
-        let base = sqlite_baseline(n, 500, sync);
+    // Baselines: the durable limit (raw SQLite) and the transport limit (raw loopback HTTP).
+    // (`--only` without `baselines` skips them, e.g. to profile the agent alone.)
+    let baselines = want("baselines");
+    let sqlite_full = if baselines {
+        med(runs, || sqlite_baseline(n, 500, "FULL"))
+    } else {
+        f64::NAN
+    };
+    let sqlite_normal = if baselines {
+        med(runs, || sqlite_baseline(n, 500, "NORMAL"))
+    } else {
+        f64::NAN
+    };
+    let sink = peers::HttpSink::start();
+    let sink_url = format!("http://127.0.0.1:{}", sink.port);
+    let http_limit = if baselines {
+        med(runs, || {
+            n as f64 / blast_to(&sink_url, "-", "/api/v1/events", "bench:ping", n, 100, 4)
+        })
+    } else {
+        f64::NAN
+    };
+    eprintln!("baselines: sqlite FULL {sqlite_full:.0}/s, NORMAL {sqlite_normal:.0}/s, loopback HTTP {http_limit:.0}/s");
+    let base_full = (
+        "raw SQLite insert, 500/txn, synchronous=FULL".to_string(),
+        sqlite_full,
+    );
+    let base_normal = (
+        "raw SQLite insert, 500/txn, synchronous=NORMAL".to_string(),
+        sqlite_normal,
+    );
+    let base_http = (
+        "raw loopback HTTP sink, same batches and client".to_string(),
+        http_limit,
+    );
+    rows.push(Row {
+        scenario: "baseline: raw SQLite inserts of the same bodies, 500 per transaction, 1 thread"
+            .into(),
+        durability: "synchronous=FULL (fsync per commit)",
+        value: sqlite_full,
+        unit: "events/s",
+        baseline: None,
+        target: "",
+    });
+    rows.push(Row {
+        scenario: "baseline: raw SQLite inserts of the same bodies, 500 per transaction, 1 thread"
+            .into(),
+        durability: "synchronous=NORMAL (WAL, no fsync)",
+        value: sqlite_normal,
+        unit: "events/s",
+        baseline: None,
+        target: "",
+    });
+    rows.push(Row {
+        scenario: "baseline: raw loopback HTTP sink, batches of 100, 4 clients (answers at once)"
+            .into(),
+        durability: "none",
+        value: http_limit,
+        unit: "events/s",
+        baseline: None,
+        target: "",
+    });
+
+    // Peers, fed the same bodies, batches of 100 pipelined, 4 clients.
+    let bodies = envelope_bodies(n);
+    let mut redis_always = None;
+    let mut jetstream = None;
+    if !want("peers") {
+    } else if peers::installed("redis-server") {
+        let v = peers::version("redis-server");
+        for (fsync, durability, base) in [
+            (
+                "always",
+                "AOF, appendfsync always (fsync before the reply)",
+                &base_full,
+            ),
+            (
+                "everysec",
+                "AOF, appendfsync everysec (fsync once a second)",
+                &base_normal,
+            ),
+        ] {
+            let rate = med(runs, || {
+                let server = peers::start_redis(fsync).expect("redis-server did not start");
+                peers::redis_streams(server.port, &bodies, 100, 4)
+            });
+            eprintln!("redis streams appendfsync={fsync}: {rate:.0}/s");
+            if fsync == "always" {
+                redis_always = Some(rate);
+            }
+            rows.push(Row {
+                scenario: format!(
+                    "peer: Redis Streams XADD, pipelines of 100, 4 clients ({})",
+                    v.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+                ),
+                durability,
+                value: rate,
+                unit: "events/s",
+                baseline: Some(base.clone()),
+                target: "",
+            });
+        }
+    } else {
+        notes.push("Redis Streams skipped: `redis-server` is not installed (Debian: `apt-get install redis-server`).".into());
+    }
+    if !want("peers") {
+    } else if peers::installed("nats-server") {
+        let v = peers::version("nats-server");
+        let rate = med(runs, || {
+            let server = peers::start_nats(None).expect("nats-server did not start");
+            peers::nats_create_stream(server.port).expect("create stream");
+            peers::nats_jetstream(server.port, &bodies, 100, 4)
+        });
+        eprintln!("nats jetstream: {rate:.0}/s");
+        jetstream = Some(rate);
+        rows.push(Row { scenario: format!("peer: NATS JetStream publish, acked, file storage, pipelines of 100, 4 clients ({v})"), durability: "written to the file store, fsync every 2 min (sync_interval default); ack after write", value: rate, unit: "events/s", baseline: Some(base_normal.clone()), target: "" });
+        match peers::start_nats(Some("always")) {
+            Some(server) if peers::nats_create_stream(server.port).is_ok() => {
+                drop(server);
+                let rate = med(runs, || {
+                    let server = peers::start_nats(Some("always")).expect("nats-server");
+                    peers::nats_create_stream(server.port).expect("create stream");
+                    peers::nats_jetstream(server.port, &bodies, 100, 4)
+                });
+                rows.push(Row { scenario: format!("peer: NATS JetStream as above, sync_interval: always ({v})"), durability: "fsync per write; ack after", value: rate, unit: "events/s", baseline: Some(base_full.clone()), target: "" });
+            }
+            _ => notes.push(format!("NATS JetStream with `sync_interval: always` skipped: {v} does not accept the option (added in 2.10).")),
+        }
+    } else {
+        notes.push("NATS JetStream skipped: `nats-server` is not installed (Debian: `apt-get install nats-server`).".into());
+    }
+
+    // Queue kind end to end, mem:inbox.
+    let (mut queue_full_100, mut queue_normal_100) = (0.0, 0.0);
+    for (durability, label, base) in [("full", FULL, &base_full), ("normal", NORMAL, &base_normal)]
+        .into_iter()
+        .filter(|_| want("queue"))
+    {
         let ws = workspace(json!({"durability": durability}));
         let agent = Agent::start(&bin, ws.path(), "bench");
         for batch in [100usize, 1] {
             let total = if batch == 1 { n / 20 } else { n };
-            let t0 = Instant::now();
-            let ingest = blast(&agent, "/api/v1/events", "bench:ping", total, batch, 4);
-            let accepted_before = agent.status(&Agent::http())["queue"]["accepted_queue"]
-                .as_u64()
-                .unwrap();
-            agent.wait_until("outbox drained", |s| {
-                s["queue"]["durable_depth"] == 0
-                    && s["upstream"]["pushed"].as_u64().unwrap() >= accepted_before
-            });
-            let e2e = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "queue durability={durability} batch={batch}: ingest {:.0}/s, end-to-end {:.0}/s",
-                total as f64 / ingest,
-                total as f64 / e2e
-            );
+            let rate = med(runs, || queue_e2e(&agent, total, batch));
+            eprintln!("queue -> mem:inbox durability={durability} batch={batch}: {rate:.0}/s");
+            match (durability, batch) {
+                ("full", 100) => queue_full_100 = rate,
+                ("normal", 100) => queue_normal_100 = rate,
+                _ => {}
+            }
             rows.push(Row {
                 scenario: format!(
                     "queue kind, API batch {batch}, 4 clients -> mem:inbox (end to end)"
                 ),
-                durability: if durability == "full" {
-                    "fsync per group commit, ack after commit"
-                } else {
-                    "WAL, no fsync; ack after commit"
-                },
-                value: total as f64 / e2e,
+                durability: label,
+                value: rate,
                 unit: "events/s",
-                baseline: Some((
-                    format!("raw SQLite insert, 500/txn, synchronous={sync}"),
-                    base,
-                )),
+                baseline: Some(base.clone()),
                 target: if batch == 100 {
                     ">= 100k/s and >= 0.3x"
                 } else {
@@ -395,35 +725,122 @@ fn main() {
         agent.stop();
     }
 
-    {
+    // Queue kind end to end, the development conductor over loopback HTTP.
+    if want("conductor") {
+        let ws = workspace(json!({"durability": "full"}));
+        let conductor = DevConductor::start(&bin);
+        conductor.enroll(&bin, ws.path());
+        let agent = Agent::start(&bin, ws.path(), "bench");
+        for batch in [100usize, 1] {
+            let total = if batch == 1 { n / 20 } else { n };
+            let rate = med(runs, || queue_e2e(&agent, total, batch));
+            eprintln!("queue -> conductor batch={batch}: {rate:.0}/s");
+            rows.push(Row {
+                scenario: format!("queue kind, API batch {batch}, 4 clients -> development conductor over loopback HTTP (end to end)"),
+                durability: "agent: fsync per group commit, ack after commit; conductor: WAL, ack after commit",
+                value: rate,
+                unit: "events/s",
+                baseline: Some(if batch == 100 { base_http.clone() } else { base_full.clone() }),
+                target: "",
+            });
+        }
+        let (rate, dropped) = ephemeral_e2e(&agent, n);
+        rows.push(Row { scenario: format!("ephemeral kind, API batch 100, 4 clients -> development conductor ({dropped} dropped)"), durability: "memory until sent", value: rate, unit: "events/s", baseline: Some(base_http.clone()), target: "" });
+        agent.stop();
+    }
+
+    if want("ephemeral") {
         let ws = workspace(json!({}));
         let agent = Agent::start(&bin, ws.path(), "bench");
-        let t0 = Instant::now();
-        blast(&agent, "/api/v1/events", "bench:pulse", n, 100, 4);
-        agent.wait_until("ephemeral pushed", |s| {
-            s["upstream"]["pushed"].as_u64().unwrap()
-                + s["queue"]["ephemeral_dropped"].as_u64().unwrap()
-                >= n as u64
+        let mut dropped = 0;
+        let rate = med(runs, || {
+            let (r, d) = ephemeral_e2e(&agent, n);
+            dropped += d;
+            r
         });
-        let e2e = n as f64 / t0.elapsed().as_secs_f64();
-        let dropped = agent.status(&Agent::http())["queue"]["ephemeral_dropped"]
-            .as_u64()
-            .unwrap();
-        eprintln!("ephemeral: {e2e:.0}/s ({dropped} dropped)");
+        eprintln!("ephemeral -> mem:inbox: {rate:.0}/s ({dropped} dropped)");
         rows.push(Row {
             scenario: format!(
                 "ephemeral kind, API batch 100, 4 clients -> mem:inbox ({dropped} dropped)"
             ),
             durability: "memory until sent",
-            value: e2e,
+            value: rate,
             unit: "events/s",
-            baseline: None,
+            baseline: Some(base_http.clone()),
             target: "",
         });
         agent.stop();
     }
 
-    for prefill in [0usize, replay_n] {
+    // Emit -> upstream latency at a fixed 10k events/s (batches of 10 every millisecond).
+    if want("latency") {
+        let ws = workspace(json!({"durability": "full"}));
+        let conductor = DevConductor::start(&bin);
+        conductor.enroll(&bin, ws.path());
+        let agent = Agent::start(&bin, ws.path(), "bench");
+        let secs = if quick { 2 } else { 5 };
+        let ticks = secs * 1000;
+        let http = Agent::http();
+        let t0 = Instant::now();
+        let mut late = 0;
+        for tick in 0..ticks {
+            let due = t0 + Duration::from_micros(tick as u64 * 1000);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            } else if now - due > Duration::from_millis(5) {
+                late += 1;
+            }
+            let sent = now_us();
+            let events: Vec<Value> = (0..10)
+                .map(|i| json!({"kind": "bench:ping", "payload": {"sent_us": sent, "n": tick * 10 + i}}))
+                .collect();
+            let (status, text) = agent.post(
+                &http,
+                "/api/v1/events",
+                json!({"events": events}).to_string(),
+            );
+            assert_eq!(status, 200, "{text}");
+        }
+        let offered = (ticks * 10) as f64 / t0.elapsed().as_secs_f64();
+        agent.wait_until("outbox drained", |s| s["queue"]["durable_depth"] == 0);
+        let mut lat: Vec<f64> = conductor
+            .events()
+            .iter()
+            .filter_map(|r| {
+                Some(
+                    (r["received_us"].as_i64()? - r["event"]["payload"]["sent_us"].as_i64()?)
+                        as f64
+                        / 1000.0,
+                )
+            })
+            .collect();
+        assert_eq!(lat.len(), ticks * 10, "every event at the conductor");
+        let p50 = percentile(&mut lat, 0.5);
+        let p99 = percentile(&mut lat, 0.99);
+        let max = percentile(&mut lat, 1.0);
+        eprintln!("latency at {offered:.0}/s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({late} ticks late)");
+        let scenario = format!("emit -> stored at the development conductor, {offered:.0} events/s offered for {secs} s (10 every ms)");
+        rows.push(Row {
+            scenario: format!("{scenario}, p50"),
+            durability: FULL,
+            value: p50,
+            unit: "ms",
+            baseline: None,
+            target: "",
+        });
+        rows.push(Row {
+            scenario: format!("{scenario}, p99 (max {max:.1} ms)"),
+            durability: FULL,
+            value: p99,
+            unit: "ms",
+            baseline: None,
+            target: "<= 5 ms",
+        });
+        agent.stop();
+    }
+
+    for prefill in [0usize, replay_n].into_iter().filter(|_| want("native")) {
         let ws = workspace(json!({"durability": "normal"}));
         // Create the database (schema) once, then prefill the replay log.
         let agent = Agent::start(&bin, ws.path(), "sink");
@@ -437,29 +854,35 @@ fn main() {
             );
         }
         let agent = Agent::start(&bin, ws.path(), "sink");
-        let t0 = Instant::now();
-        blast(&agent, "/v1/inbound", "bench:ping", n, 100, 4);
-        agent.wait_until("sink handled all", |s| {
-            s["packs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= n as u64)
+        let mut done = 0u64;
+        let rate = med(runs, || {
+            let t0 = Instant::now();
+            blast(&agent, "/v1/inbound", "bench:ping", n, 100, 4);
+            done += n as u64;
+            agent.wait_until("sink handled all", |s| {
+                s["packs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= done)
+            });
+            n as f64 / t0.elapsed().as_secs_f64()
         });
-        let rate = n as f64 / t0.elapsed().as_secs_f64();
         eprintln!("inbound -> native, replay log {prefill}: {rate:.0}/s");
         rows.push(Row {
-            scenario: format!("inbound -> native handler, dedupe, replay log at {prefill}"),
+            scenario: format!(
+                "inbound -> native handler, dedupe, replay log at {prefill} (+{} per run)",
+                n
+            ),
             durability: "WAL, no fsync; recorded with the cursor",
             value: rate,
             unit: "events/s",
-            baseline: None,
+            baseline: Some(base_normal.clone()),
             target: if prefill > 0 { ">= 100k/s" } else { "" },
         });
         agent.stop();
     }
-
-    {
+    if want("exec") {
         // Inbound -> one Node exec pack (the repository's helper; the handler returns at once).
         let ws = workspace(json!({"durability": "normal"}));
         let dir = ws.path().join("packs/node-sink");
@@ -501,7 +924,7 @@ fn main() {
         agent.stop();
     }
 
-    {
+    if want("crash") {
         // Crash -> next event handled. Native: the recorder panics on attempt 1 of an event
         // and handles attempt 2; the cost is the median latency of such an event minus that of
         // a normal one. Exec: a Node worker that exits on attempt 1.
@@ -541,7 +964,7 @@ fn main() {
         agent.stop();
     }
 
-    {
+    if want("reload") {
         // Hot reload: save (write temp + rename) -> new manifest active, per status.
         let ws = workspace(json!({}));
         let dir = ws.path().join("packs/hot");
@@ -597,7 +1020,7 @@ fn main() {
         agent.stop();
     }
 
-    {
+    if want("idle") {
         let ws = workspace(json!({}));
         for i in 0..10 {
             let dir = ws.path().join(format!("packs/pack-{i}"));
@@ -657,6 +1080,43 @@ fn main() {
         agent.stop();
     }
 
+    if want("rss") {
+        // RSS growth per pack: the same idle agent with 10 and with 110 emit-only packs.
+        let rss_with = |packs: usize| -> f64 {
+            let ws = workspace(json!({}));
+            for i in 0..packs {
+                let dir = ws.path().join(format!("packs/pack-{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let m = json!({"id": format!("pack-{i}"), "version": "0.1.0",
+                    "subscribed_event_kinds": [format!("conductor:poke_{i}")],
+                    "emitted_event_kinds": [format!("pack-{i}:done")], "backpressure_policy": {format!("pack-{i}:done"): "queue"}});
+                std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+            }
+            let agent = Agent::start(&bin, ws.path(), "");
+            std::thread::sleep(Duration::from_secs(2));
+            let rss = agent.rss_kb() as f64;
+            agent.stop();
+            rss
+        };
+        let (small, large) = (rss_with(10), rss_with(110));
+        let per_pack = (large - small) / 100.0;
+        eprintln!(
+            "RSS: 10 packs {small:.0} KiB, 110 packs {large:.0} KiB: {per_pack:.1} KiB per pack"
+        );
+        rows.push(Row {
+            scenario: format!(
+                "RSS growth per pack (idle, 10 -> 110 packs: {:.1} -> {:.1} MiB)",
+                small / 1024.0,
+                large / 1024.0
+            ),
+            durability: "",
+            value: per_pack,
+            unit: "KiB",
+            baseline: None,
+            target: "",
+        });
+    }
+
     println!();
     println!("| scenario | durability | result | baseline (same run) | ratio | target |");
     println!("|---|---|---|---|---|---|");
@@ -674,5 +1134,17 @@ fn main() {
             "| {} | {} | {} | {} | {} | {} |",
             r.scenario, r.durability, value, base, ratio, r.target
         );
+    }
+    println!();
+    println!("Agent beside its peers (queue kind through the local API to mem:inbox, batches of 100, 4 clients; peers fed the same bodies):");
+    println!();
+    if let Some(r) = redis_always {
+        println!("- fsync before the producer's ack: agent {queue_full_100:.0}/s vs Redis Streams appendfsync=always {r:.0}/s: {:.2}x", queue_full_100 / r);
+    }
+    if let Some(j) = jetstream {
+        println!("- no fsync before the ack: agent {queue_normal_100:.0}/s vs NATS JetStream (file, default sync) {j:.0}/s: {:.2}x", queue_normal_100 / j);
+    }
+    for note in &notes {
+        println!("- {note}");
     }
 }

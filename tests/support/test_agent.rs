@@ -24,6 +24,7 @@
 use lumenflow_agent::sdk::Envelope;
 use lumenflow_agent::sdk::{HandlerCtx, HandlerOutcome, NativePack};
 use std::io::Write;
+use std::sync::Arc;
 
 const RECORDER: &str = r#"{"id":"recorder","version":"0.1.0",
   "subscribed_event_kinds":["conductor:recovery_requested","emitter:job_completed","emitter:tick"]}"#;
@@ -41,7 +42,7 @@ const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
   "emitted_event_kinds":["bench:ping","bench:pulse"],
   "backpressure_policy":{"bench:ping":"queue","bench:pulse":"ephemeral"}}"#;
 
-async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
+async fn record(e: Arc<Envelope>, ctx: HandlerCtx) -> HandlerOutcome {
     let p = &e.payload;
     if let Some(ms) = p.get("sleep_ms").and_then(|v| v.as_u64()) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -80,7 +81,7 @@ async fn record(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
 
 /// The ledger pack: the quickstart's pattern. Replay key checked before the effects (an append
 /// to `$LUMENFLOW_TEST_EFFECTS`, an emitted entry), recorded after them.
-async fn ledger(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
+async fn ledger(e: Arc<Envelope>, ctx: HandlerCtx) -> HandlerOutcome {
     let key = format!("ledger:{}", e.event_id);
     match ctx.replay_has(&key).await {
         Ok(true) => return HandlerOutcome::replayed("noop"),
@@ -120,10 +121,14 @@ async fn ledger(e: Envelope, ctx: HandlerCtx) -> HandlerOutcome {
 }
 
 /// The observer pack: appends `<kind> <payload>` to `$LUMENFLOW_TEST_EFFECTS.agent`.
-async fn observe(e: Envelope, _ctx: HandlerCtx) -> HandlerOutcome {
+async fn observe(e: Arc<Envelope>, _ctx: HandlerCtx) -> HandlerOutcome {
     let path =
         std::env::var("LUMENFLOW_TEST_EFFECTS").unwrap_or_else(|_| "effects.log".into()) + ".agent";
-    let line = format!("{} {}\n", e.kind, serde_json::Value::Object(e.payload));
+    let line = format!(
+        "{} {}\n",
+        e.kind,
+        serde_json::Value::Object(e.payload.clone())
+    );
     let _ = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -206,26 +206,36 @@ impl Envelope {
 
     /// The envelope as JSON, schema fields first, extra fields after them.
     pub fn to_value(&self) -> Value {
-        let mut m = Map::with_capacity(6 + self.extra.len());
-        m.insert("schema_version".into(), Value::from(SCHEMA_VERSION));
-        m.insert("event_id".into(), Value::String(self.event_id.clone()));
-        m.insert("kind".into(), Value::String(self.kind.clone()));
-        m.insert("timestamp".into(), Value::String(self.timestamp.clone()));
-        m.insert("from".into(), Value::String(self.from.clone()));
-        m.insert("payload".into(), Value::Object(self.payload.clone()));
-        for (k, v) in &self.extra {
-            m.insert(k.clone(), v.clone());
-        }
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
+    /// The wire form: the six fields of schema 2 in order, then the extra fields.
     pub fn to_json(&self) -> String {
-        self.to_value().to_string()
+        // Serialising a map of strings and JSON values cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// Milliseconds since the epoch of `timestamp` (validated at parse/build time).
     pub fn timestamp_ms(&self) -> i64 {
         parse_timestamp(&self.timestamp).unwrap_or(0)
+    }
+}
+
+/// Written straight from the fields (no intermediate `Value`, no copy of the payload).
+impl serde::Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(6 + self.extra.len()))?;
+        m.serialize_entry("schema_version", &SCHEMA_VERSION)?;
+        m.serialize_entry("event_id", &self.event_id)?;
+        m.serialize_entry("kind", &self.kind)?;
+        m.serialize_entry("timestamp", &self.timestamp)?;
+        m.serialize_entry("from", &self.from)?;
+        m.serialize_entry("payload", &self.payload)?;
+        for (k, v) in &self.extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
     }
 }
 

@@ -88,8 +88,10 @@ impl HandlerCtx {
     }
 }
 
+/// A handler gets the event shared (`Arc`): the agent keeps it for redelivery and dead
+/// letters, so handing it over costs no copy.
 pub type NativeHandler =
-    Arc<dyn Fn(Envelope, HandlerCtx) -> BoxFuture<HandlerOutcome> + Send + Sync>;
+    Arc<dyn Fn(Arc<Envelope>, HandlerCtx) -> BoxFuture<HandlerOutcome> + Send + Sync>;
 
 /// A validated manifest with a handler for every subscribed kind.
 #[derive(Clone)]
@@ -126,7 +128,7 @@ impl NativePackBuilder {
     /// Registers the handler of one subscribed kind.
     pub fn on<F, Fut>(mut self, kind: &str, handler: F) -> Self
     where
-        F: Fn(Envelope, HandlerCtx) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<Envelope>, HandlerCtx) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerOutcome> + Send + 'static,
     {
         let h: NativeHandler = Arc::new(move |e, ctx| Box::pin(handler(e, ctx)));
