@@ -479,7 +479,13 @@ impl DevConductor {
             .header("authorization", "Bearer bench-token")
             .call()
             .expect("admin/events");
-        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+        let text = r
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .expect("admin/events body");
+        serde_json::from_str(&text).expect("admin/events JSON")
     }
 }
 
@@ -495,13 +501,20 @@ impl Drop for DevConductor {
 fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
     let http = Agent::http();
     let pushed_before = agent.status(&http)["upstream"]["pushed"].as_u64().unwrap();
+    let cpu0 = agent.cpu_s();
     let t0 = Instant::now();
-    blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
+    let ingest = blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
     agent.wait_until("outbox drained", |s| {
         s["queue"]["durable_depth"] == 0
             && s["upstream"]["pushed"].as_u64().unwrap() >= pushed_before + total as u64
     });
-    total as f64 / t0.elapsed().as_secs_f64()
+    let rate = total as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "  batch {batch}: {rate:.0}/s end to end ({:.0}/s acknowledged to producers), agent CPU {:.1} µs/event",
+        total as f64 / ingest,
+        (agent.cpu_s() - cpu0) * 1e6 / total as f64
+    );
+    rate
 }
 
 /// Ephemeral end to end: until every event was pushed or counted dropped. (events/s, dropped)
