@@ -494,6 +494,51 @@ fn ephemeral_events_and_a_full_queue_pushes_back() {
 /// Regression: concurrent inbound batches once reached a pack out of commit order and 2.4% of
 /// the events were skipped. 4 clients x 50 batches x 100 events, past the 10k in-memory queue
 /// (so the reload-from-log path runs too): every event is handled exactly once.
+/// Duplicates spread over many chunks, while the agent carries replay-log lookups from one
+/// chunk's commit to the next (the handler takes 1 ms, so chunks end on time with events
+/// queued behind them): every event handled once, every repeat `replayed`.
+#[test]
+fn repeated_events_across_chunks_are_replayed_not_handled_again() {
+    let mut ws = Workspace::new(json!({"durability": "normal"}), "recorder");
+    ws.start();
+    let api = ws.api();
+    let envelope = |n: usize| {
+        json!({"schema_version": 2, "event_id": format!("0193b000-0000-7000-8000-{n:012}"),
+            "kind": "conductor:recovery_requested", "timestamp": "2026-11-25T00:00:00.000Z",
+            "from": "conductor", "payload": {"n": n, "sleep_ms": 1}})
+    };
+    // 0..1000, then 500..2000 (500 repeats among 1000 new), then 1950..2050 (repeats
+    // straddling the end), in batches of 100.
+    for range in [0..1000, 500..2000, 1950..2050] {
+        let all: Vec<usize> = range.collect();
+        for batch in all.chunks(100) {
+            let events: Vec<Value> = batch.iter().map(|n| envelope(*n)).collect();
+            let r = api.post("/v1/inbound", &json!({"events": events}));
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    let p = wait_for(
+        "2050 handled, 550 replayed",
+        Duration::from_secs(60),
+        || {
+            let p = ws.pack_status("recorder");
+            (p["handled"].as_u64().unwrap_or(0) + p["replayed"].as_u64().unwrap_or(0) >= 2600
+                && p["pending"] == 0)
+                .then_some(p)
+        },
+    );
+    assert_eq!(p["handled"], 2050, "{p}");
+    assert_eq!(p["replayed"], 550, "{p}");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for line in ws.effects() {
+        *seen
+            .entry(line.split(' ').nth(1).unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2050);
+    assert!(seen.values().all(|n| *n == 1), "an effect happened twice");
+}
+
 #[test]
 fn concurrent_inbound_batches_are_each_handled_exactly_once() {
     let mut ws = Workspace::new(json!({"durability": "normal"}), "recorder");

@@ -19,7 +19,7 @@
 use crate::effects::{EffectStage, Tag};
 use crate::exec_worker::{ExecWorker, ServicesFor, WorkerError};
 use crate::queue::{insert_accepted, Accepted, Committed};
-use crate::replay_log::{event_key, handler_key, record, ReplayLog, Seen};
+use crate::replay_log::{event_key, handler_key, record, seen, ReplayLog, Seen};
 use crate::router::{Emitter, InboundRow};
 use crate::stats::{AgentStats, PackState, PackStats};
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
@@ -215,13 +215,21 @@ struct CompleteChunk {
     /// (seq, envelope, error): the event that crashed or asked for a retry.
     stopped_at: Option<(i64, Arc<Envelope>, String)>,
     max_attempts: u32,
+    /// The events expected next (seq, replay key): looked up in this transaction, after this
+    /// chunk's records, so the next chunk needs no lookup of its own (one store round trip
+    /// per chunk instead of two).
+    lookahead: Vec<(i64, String)>,
 }
+
+/// Replay-log answers for upcoming events: (seq, already recorded).
+type Prefetched = Vec<(i64, bool)>;
 
 struct ChunkCommitted {
     recorded: usize,
     /// The handlers' emits, back from the transaction, with their inbound seqs.
     emits: Vec<Accepted>,
     seqs: Vec<Option<i64>>,
+    next: Prefetched,
     /// Attempts of the stopping event after this one, and whether it was dead-lettered.
     stopped: Option<(u32, bool)>,
 }
@@ -275,10 +283,22 @@ impl StoreOp for CompleteChunk {
             conn.prepare_cached("UPDATE pack_cursor SET cursor = max(cursor, ?2) WHERE pack = ?1")?
                 .execute(params![self.pack, c])?;
         }
+        let next = if stopped.is_some() || self.lookahead.is_empty() {
+            Vec::new()
+        } else {
+            let keys: Vec<&str> = self.lookahead.iter().map(|(_, k)| k.as_str()).collect();
+            let found = seen(conn, &self.pack, &keys)?;
+            self.lookahead
+                .iter()
+                .map(|(seq, _)| *seq)
+                .zip(found)
+                .collect()
+        };
         Ok(ChunkCommitted {
             recorded,
             emits: self.emits,
             seqs,
+            next,
             stopped,
         })
     }
@@ -315,6 +335,8 @@ struct ChunkResult {
     dead_lettered: usize,
     /// A handler recorded its own replay key.
     keyed: bool,
+    /// Replay-log answers for the events after this chunk.
+    next_seen: Prefetched,
     /// The event that stopped the chunk: crash or retry, with attempts after it.
     crash: Option<(String, u32, bool)>,
     retry: Option<(u32, bool)>,
@@ -519,6 +541,8 @@ pub struct PackHost {
     idle_checked: Option<Instant>,
     /// Effects of the chunk in progress.
     stage: Arc<EffectStage>,
+    /// Replay-log answers for the next events, from the last chunk's commit.
+    prefetched: Option<Prefetched>,
     /// The handlers record their own replay keys (guarding effects outside the agent): each
     /// event is committed before the next one starts, so a crash repeats at most one effect.
     keyed: bool,
@@ -564,6 +588,7 @@ impl PackHost {
             invalid: false,
             idle_checked: None,
             stage: Arc::new(EffectStage::default()),
+            prefetched: None,
             keyed: false,
         }
     }
@@ -678,6 +703,7 @@ impl PackHost {
     }
 
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.prefetched = None;
         self.loaded = false;
         self.overflow = false;
         self.queue.clear();
@@ -761,17 +787,42 @@ impl PackHost {
             return;
         }
         self.busy.store(true, Ordering::Release);
-        let chunk: Vec<Pending> = self.queue.iter().take(CHUNK).cloned().collect();
-        let fut = self.run_chunk(chunk);
+        let mut chunk: Vec<Pending> = self.queue.iter().take(CHUNK).cloned().collect();
+        let ahead: Vec<(i64, String)> = self
+            .queue
+            .iter()
+            .skip(chunk.len())
+            .take(CHUNK)
+            .map(|p| (p.seq, event_key(&p.envelope.event_id)))
+            .collect();
+        // Use the last commit's lookups for as many leading events as they cover.
+        let known: Vec<bool> = match self.prefetched.take() {
+            Some(pre) => pre
+                .iter()
+                .zip(&chunk)
+                .take_while(|((seq, _), p)| *seq == p.seq)
+                .map(|((_, s), _)| *s)
+                .collect(),
+            None => Vec::new(),
+        };
+        if !known.is_empty() {
+            chunk.truncate(known.len());
+        }
+        let fut = self.run_chunk(chunk, ahead, (!known.is_empty()).then_some(known));
         ctx.spawn(
             fut.into_actor(self)
                 .map(|res, act, ctx| act.after_chunk(res, ctx)),
         );
     }
 
+    /// Handles `chunk` and commits its progress. `ahead`: the events queued after it, whose
+    /// replay-log lookups ride on the commit; `known`: this chunk's lookups when the previous
+    /// commit already made them.
     fn run_chunk(
         &self,
         chunk: Vec<Pending>,
+        ahead: Vec<(i64, String)>,
+        known: Option<Vec<bool>>,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
         let pack = self.id.clone();
         let replay = self.replay.clone();
@@ -792,22 +843,25 @@ impl PackHost {
                 .iter()
                 .map(|p| event_key(&p.envelope.event_id))
                 .collect();
-            let seen = match replay
-                .send(Seen {
-                    pack: pack.clone(),
-                    keys: keys.clone(),
-                })
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    r.commit_error = Some(e);
-                    return r;
-                }
-                Err(e) => {
-                    r.commit_error = Some(StoreError::Unavailable(e.to_string()));
-                    return r;
-                }
+            let seen = match known {
+                Some(k) => k,
+                None => match replay
+                    .send(Seen {
+                        pack: pack.clone(),
+                        keys: keys.clone(),
+                    })
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        r.commit_error = Some(e);
+                        return r;
+                    }
+                    Err(e) => {
+                        r.commit_error = Some(StoreError::Unavailable(e.to_string()));
+                        return r;
+                    }
+                },
             };
             let chunk_no = stage.open();
             let tag = |p: &Pending| Tag {
@@ -944,6 +998,18 @@ impl PackHost {
                 .queue
                 .durable_depth
                 .fetch_add(queued, Ordering::AcqRel);
+            // The next chunk starts where this one stopped: its unfinished events, then `ahead`.
+            let lookahead: Vec<(i64, String)> = if stopped_at.is_some() {
+                Vec::new()
+            } else {
+                chunk[r.finished..]
+                    .iter()
+                    .zip(&keys[r.finished..])
+                    .map(|(p, k)| (p.seq, k.clone()))
+                    .chain(ahead)
+                    .take(CHUNK)
+                    .collect()
+            };
             let op = CompleteChunk {
                 pack,
                 records,
@@ -953,6 +1019,7 @@ impl PackHost {
                 cleared,
                 stopped_at,
                 max_attempts,
+                lookahead,
             };
             let hook = move |c: &ChunkCommitted| {
                 if !c.emits.is_empty() {
@@ -962,6 +1029,7 @@ impl PackHost {
             match store.run_then(op, Some(Box::new(hook))).await {
                 Ok(c) => {
                     r.recorded = c.recorded;
+                    r.next_seen = c.next;
                     if !c.emits.is_empty() {
                         queue.do_send(Committed { events: c.emits });
                     }
@@ -1000,7 +1068,7 @@ impl PackHost {
         }
     }
 
-    fn after_chunk(&mut self, r: ChunkResult, ctx: &mut Context<Self>) {
+    fn after_chunk(&mut self, mut r: ChunkResult, ctx: &mut Context<Self>) {
         self.busy.store(false, Ordering::Release);
         if let Some(e) = r.commit_error {
             // Effects may have happened but are not recorded: redeliver from the log.
@@ -1015,6 +1083,8 @@ impl PackHost {
             return;
         }
         self.keyed = r.keyed || (self.keyed && r.finished == 0);
+        self.prefetched = (r.crash.is_none() && r.retry.is_none() && !r.next_seen.is_empty())
+            .then(|| std::mem::take(&mut r.next_seen));
         for s in &r.statuses {
             let c = match s {
                 OutcomeStatus::Handled => &self.stats.handled,
@@ -1165,6 +1235,7 @@ impl Supervised for PackHost {
         self.busy.store(false, Ordering::Release);
         self.queue.clear();
         self.early.clear();
+        self.prefetched = None;
         self.loaded = false;
         self.high_water = 0;
         if let Some(w) = self.worker.take() {

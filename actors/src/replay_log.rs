@@ -48,14 +48,25 @@ pub fn record(conn: &Connection, pack: &str, keys: &[String]) -> Result<usize, S
 
 /// Is `key` recorded for `pack` (either level)?
 pub fn contains(conn: &Connection, pack: &str, key: &str) -> Result<bool, StoreError> {
+    Ok(seen(conn, pack, std::slice::from_ref(&key))?[0])
+}
+
+/// Which of `keys` the pack has recorded (either level); the statements are prepared once.
+pub fn seen<K: AsRef<str>>(
+    conn: &Connection,
+    pack: &str,
+    keys: &[K],
+) -> Result<Vec<bool>, StoreError> {
     let mut recent =
         conn.prepare_cached("SELECT 1 FROM replay_recent WHERE pack = ?1 AND key = ?2")?;
-    if recent.exists(params![pack, key])? {
-        return Ok(true);
-    }
     let mut merged =
         conn.prepare_cached("SELECT 1 FROM replay_log WHERE pack = ?1 AND key = ?2")?;
-    Ok(merged.exists(params![pack, key])?)
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        let k = k.as_ref();
+        out.push(recent.exists(params![pack, k])? || merged.exists(params![pack, k])?);
+    }
+    Ok(out)
 }
 
 /// Which of `keys` the pack has recorded.
@@ -67,10 +78,7 @@ pub struct SeenOp {
 impl StoreOp for SeenOp {
     type Output = Vec<bool>;
     fn run(self, conn: &Connection) -> Result<Vec<bool>, StoreError> {
-        self.keys
-            .iter()
-            .map(|k| contains(conn, &self.pack, k))
-            .collect()
+        seen(conn, &self.pack, &self.keys)
     }
 }
 
