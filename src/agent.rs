@@ -231,7 +231,15 @@ impl Agent {
                 stats.clone(),
                 cfg.queue_max_depth,
             );
-            Supervisor::start(move |_| DurableQueue::new(s, u, r, max, st))
+            let direct = matches!(self.upstream, UpstreamChoice::MemInbox);
+            Supervisor::start(move |_| {
+                let q = DurableQueue::new(s, u, r, max, st.clone());
+                if direct {
+                    q.deliver_to_mem_inbox()
+                } else {
+                    q
+                }
+            })
         };
         let emitter = Emitter {
             table: table.clone(),

@@ -12,6 +12,9 @@
 //! - `ephemeral` kinds never touch the disk on the way upstream: they go to the upstream's
 //!   memory ring, which drops and counts them when it is disconnected.
 //! - Local subscribers are dispatched from the Store's commit hook: in commit order, always.
+//! - With the embedded mem:inbox as upstream, a queue event accepted while nothing waits in the
+//!   outbox is written straight into mem:inbox by the accepting transaction (one row instead of
+//!   an outbox row, its move and its delete); otherwise it waits behind the others.
 
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
@@ -57,20 +60,26 @@ pub fn insert_accepted(
     let mut out_stmt = conn.prepare_cached(
         "INSERT INTO outbox(event_id, kind, pack, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    for e in events.iter().filter(|e| e.class == DeliveryClass::Queue) {
+        out_stmt.execute(params![
+            e.envelope.event_id,
+            e.envelope.kind,
+            e.pack,
+            now,
+            &*e.body
+        ])?;
+    }
+    insert_local(conn, events)
+}
+
+/// Inserts the inbound rows of the events local packs subscribe to; their seqs, in order.
+fn insert_local(conn: &Connection, events: &[Accepted]) -> Result<Vec<Option<i64>>, StoreError> {
+    let now = now_ms();
     let mut in_stmt = conn.prepare_cached(
         "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut seqs = Vec::with_capacity(events.len());
     for e in events {
-        if e.class == DeliveryClass::Queue {
-            out_stmt.execute(params![
-                e.envelope.event_id,
-                e.envelope.kind,
-                e.pack,
-                now,
-                &*e.body
-            ])?;
-        }
         if e.local {
             in_stmt.execute(params![
                 e.envelope.event_id,
@@ -118,13 +127,54 @@ pub fn dispatch_when_committed(
 /// Inserts a batch handed over through [`Accept`] in one transaction.
 struct AcceptOp {
     events: Vec<Accepted>,
+    /// The upstream is mem:inbox: see [`DurableQueue::new`].
+    direct: bool,
+}
+
+struct AcceptedBatch {
+    seqs: Vec<Option<i64>>,
+    /// Queue events delivered straight into mem:inbox.
+    direct: usize,
+    /// The events come back, so admission needs no copy of the batch.
+    events: Vec<Accepted>,
 }
 
 impl StoreOp for AcceptOp {
-    /// The events come back with their seqs, so admission needs no copy of the batch.
-    type Output = (Vec<Option<i64>>, Vec<Accepted>);
+    type Output = AcceptedBatch;
     fn run(self, conn: &Connection) -> Result<Self::Output, StoreError> {
-        Ok((insert_accepted(conn, &self.events)?, self.events))
+        let nothing_waiting = self.direct
+            && !conn
+                .prepare_cached("SELECT 1 FROM outbox LIMIT 1")?
+                .exists([])?;
+        if !nothing_waiting {
+            return Ok(AcceptedBatch {
+                seqs: insert_accepted(conn, &self.events)?,
+                direct: 0,
+                events: self.events,
+            });
+        }
+        // Nothing is waiting ahead of them: the queue events go straight into mem:inbox,
+        // in this transaction. That is what the upstream would do with them next (an outbox
+        // row moved to mem:inbox in one transaction), minus a copy, a delete and a commit.
+        let now = now_ms();
+        let mut inbox = conn.prepare_cached(
+            "INSERT INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut direct = 0;
+        for e in self
+            .events
+            .iter()
+            .filter(|e| e.class == DeliveryClass::Queue)
+        {
+            inbox.execute(params![e.envelope.event_id, e.envelope.kind, now, &*e.body])?;
+            direct += 1;
+        }
+        let seqs = insert_local(conn, &self.events)?;
+        Ok(AcceptedBatch {
+            seqs,
+            direct,
+            events: self.events,
+        })
     }
 }
 
@@ -142,6 +192,7 @@ pub struct DurableQueue {
     upstream: Recipient<Push>,
     router: Addr<Router>,
     stats: Arc<AgentStats>,
+    direct_to_inbox: bool,
 }
 
 impl DurableQueue {
@@ -158,7 +209,17 @@ impl DurableQueue {
             upstream,
             router,
             stats,
+            direct_to_inbox: false,
         }
+    }
+
+    /// The upstream is the embedded mem:inbox, a table of the same database: a queue event
+    /// accepted while nothing waits in the outbox is written straight into it, in the
+    /// transaction that accepts it (order kept: nothing is ahead of it). Otherwise it waits in
+    /// the outbox like any other.
+    pub fn deliver_to_mem_inbox(mut self) -> Self {
+        self.direct_to_inbox = true;
+        self
     }
 }
 
@@ -197,17 +258,36 @@ impl Handler<Accept> for DurableQueue {
         let store = self.store.clone();
         let upstream = self.upstream.clone();
         let router = self.router.clone();
+        let direct = self.direct_to_inbox;
         Box::pin(async move {
             let events = msg.events;
             let needs_store = events
                 .iter()
                 .any(|e| e.class == DeliveryClass::Queue || e.local);
-            let events = if needs_store {
+            let (events, waiting) = if needs_store {
                 let hook = dispatch_when_committed(router, &events);
-                let on_commit: OnCommit<(Vec<Option<i64>>, Vec<Accepted>)> =
-                    Box::new(move |(seqs, _)| hook(seqs));
-                match store.run_then(AcceptOp { events }, Some(on_commit)).await {
-                    Ok((_, events)) => events,
+                let on_commit: OnCommit<AcceptedBatch> = Box::new(move |b| hook(&b.seqs));
+                match store
+                    .run_then(AcceptOp { events, direct }, Some(on_commit))
+                    .await
+                {
+                    Ok(b) => {
+                        if b.direct > 0 {
+                            // Delivered already: never waited in the outbox.
+                            let d = b.direct as i64;
+                            stats.queue.durable_depth.fetch_sub(d, Ordering::AcqRel);
+                            stats
+                                .queue
+                                .accepted_queue
+                                .fetch_add(d as u64, Ordering::Relaxed);
+                            stats.upstream.pushed.fetch_add(d as u64, Ordering::Relaxed);
+                            stats
+                                .upstream
+                                .last_success_ms
+                                .store(now_ms(), Ordering::Relaxed);
+                        }
+                        (b.events, n_queue - b.direct as i64)
+                    }
                     Err(e) => {
                         stats
                             .queue
@@ -217,9 +297,9 @@ impl Handler<Accept> for DurableQueue {
                     }
                 }
             } else {
-                events
+                (events, n_queue)
             };
-            announce(&stats, &upstream, events, n_queue);
+            announce(&stats, &upstream, events, waiting);
             Ok(())
         })
     }
@@ -311,5 +391,68 @@ impl Handler<SetMaxDepth> for DurableQueue {
     type Result = ();
     fn handle(&mut self, SetMaxDepth(max): SetMaxDepth, _: &mut Context<Self>) {
         self.stats.queue.max_depth.store(max, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumenflow_pack_sdk::EventDraft;
+
+    fn accepted(n: usize) -> Vec<Accepted> {
+        (0..n)
+            .map(|i| {
+                let mut p = serde_json::Map::new();
+                p.insert("i".into(), i.into());
+                let e = EventDraft::new("demo:done", p).build("ws", std::time::SystemTime::now());
+                Accepted {
+                    body: e.to_json().into(),
+                    envelope: Arc::new(e),
+                    pack: "demo".into(),
+                    class: DeliveryClass::Queue,
+                    local: false,
+                }
+            })
+            .collect()
+    }
+
+    fn count(c: &Connection, table: &str) -> i64 {
+        c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn queue_events_go_straight_to_mem_inbox_only_when_nothing_waits_ahead() {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
+        let b = AcceptOp {
+            events: accepted(3),
+            direct: true,
+        }
+        .run(&c)
+        .unwrap();
+        assert_eq!(
+            (b.direct, count(&c, "mem_inbox"), count(&c, "outbox")),
+            (3, 3, 0)
+        );
+        // Without direct delivery (an HTTP upstream) they wait in the outbox.
+        let b = AcceptOp {
+            events: accepted(2),
+            direct: false,
+        }
+        .run(&c)
+        .unwrap();
+        assert_eq!((b.direct, count(&c, "outbox")), (0, 2));
+        // Something waits: later events queue behind it, order kept.
+        let b = AcceptOp {
+            events: accepted(4),
+            direct: true,
+        }
+        .run(&c)
+        .unwrap();
+        assert_eq!(
+            (b.direct, count(&c, "mem_inbox"), count(&c, "outbox")),
+            (0, 3, 6)
+        );
     }
 }
