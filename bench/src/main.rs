@@ -214,7 +214,16 @@ fn post_to(http: &ureq::Agent, url: &str, token: &str, path: &str, body: String)
 
 /// Posts `total` events in batches of `batch` from `clients` threads to `url` (the agent, or
 /// the raw HTTP sink); returns seconds.
-fn blast(agent: &Agent, path: &str, kind: &str, total: usize, batch: usize, clients: usize) -> f64 {
+/// Returns when the first request was sent (request bodies are built before) and the seconds
+/// the sending took.
+fn blast(
+    agent: &Agent,
+    path: &str,
+    kind: &str,
+    total: usize,
+    batch: usize,
+    clients: usize,
+) -> (Instant, f64) {
     blast_to(&agent.url, &agent.token, path, kind, total, batch, clients)
 }
 
@@ -226,7 +235,7 @@ fn blast_to(
     total: usize,
     batch: usize,
     clients: usize,
-) -> f64 {
+) -> (Instant, f64) {
     let per = total / clients;
     // Request bodies are built before the clock starts, as the peers' are.
     let bodies: Vec<Vec<(usize, String)>> = (0..clients)
@@ -259,7 +268,7 @@ fn blast_to(
             });
         }
     });
-    t.elapsed().as_secs_f64()
+    (t, t.elapsed().as_secs_f64())
 }
 
 /// Raw SQLite: the same bodies inserted in transactions of `batch`, one connection.
@@ -502,8 +511,7 @@ fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
     let http = Agent::http();
     let pushed_before = agent.status(&http)["upstream"]["pushed"].as_u64().unwrap();
     let cpu0 = agent.cpu_s();
-    let t0 = Instant::now();
-    let ingest = blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
+    let (t0, ingest) = blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
     agent.wait_until("outbox drained", |s| {
         s["queue"]["durable_depth"] == 0
             && s["upstream"]["pushed"].as_u64().unwrap() >= pushed_before + total as u64
@@ -524,8 +532,7 @@ fn ephemeral_e2e(agent: &Agent, total: usize) -> (f64, u64) {
     let base = s0["upstream"]["pushed"].as_u64().unwrap()
         + s0["queue"]["ephemeral_dropped"].as_u64().unwrap();
     let dropped0 = s0["queue"]["ephemeral_dropped"].as_u64().unwrap();
-    let t0 = Instant::now();
-    blast(agent, "/api/v1/events", "bench:pulse", total, 100, 4);
+    let (t0, _) = blast(agent, "/api/v1/events", "bench:pulse", total, 100, 4);
     agent.wait_until("ephemeral pushed", |s| {
         s["upstream"]["pushed"].as_u64().unwrap()
             + s["queue"]["ephemeral_dropped"].as_u64().unwrap()
@@ -588,7 +595,7 @@ fn main() {
     let sink_url = format!("http://127.0.0.1:{}", sink.port);
     let http_limit = if baselines {
         med(runs, || {
-            n as f64 / blast_to(&sink_url, "-", "/api/v1/events", "bench:ping", n, 100, 4)
+            n as f64 / blast_to(&sink_url, "-", "/api/v1/events", "bench:ping", n, 100, 4).1
         })
     } else {
         f64::NAN
@@ -869,8 +876,7 @@ fn main() {
         let agent = Agent::start(&bin, ws.path(), "sink");
         let mut done = 0u64;
         let rate = med(runs, || {
-            let t0 = Instant::now();
-            blast(&agent, "/v1/inbound", "bench:ping", n, 100, 4);
+            let (t0, _) = blast(&agent, "/v1/inbound", "bench:ping", n, 100, 4);
             done += n as u64;
             agent.wait_until("sink handled all", |s| {
                 s["packs"]
@@ -912,8 +918,7 @@ fn main() {
         let agent = Agent::start(&bin, ws.path(), "");
         let total = n / 2;
         let cpu0 = agent.cpu_s();
-        let t0 = Instant::now();
-        blast(&agent, "/v1/inbound", "bench:ping", total, 100, 4);
+        let (t0, _) = blast(&agent, "/v1/inbound", "bench:ping", total, 100, 4);
         agent.wait_until("node-sink handled all", |s| {
             s["packs"]
                 .as_array()
