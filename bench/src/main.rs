@@ -1099,7 +1099,9 @@ fn main() {
     }
 
     if want("rss") {
-        // RSS growth per pack: the same idle agent with 10 and with 110 emit-only packs.
+        // RSS growth per pack: the same idle agent with 10 and with 410 packs (a subscription
+        // and an emitted kind each), 400 apart so that the growth stands out of the noise of a
+        // few hundred KiB.
         let rss_with = |packs: usize| -> f64 {
             let ws = workspace(json!({}));
             for i in 0..packs {
@@ -1116,14 +1118,14 @@ fn main() {
             agent.stop();
             rss
         };
-        let (small, large) = (rss_with(10), rss_with(110));
-        let per_pack = (large - small) / 100.0;
+        let (small, large) = (rss_with(10), rss_with(410));
+        let per_pack = (large - small) / 400.0;
         eprintln!(
-            "RSS: 10 packs {small:.0} KiB, 110 packs {large:.0} KiB: {per_pack:.1} KiB per pack"
+            "RSS: 10 packs {small:.0} KiB, 410 packs {large:.0} KiB: {per_pack:.1} KiB per pack"
         );
         rows.push(Row {
             scenario: format!(
-                "RSS growth per pack (idle, 10 -> 110 packs: {:.1} -> {:.1} MiB)",
+                "RSS growth per pack (idle, 10 -> 410 packs: {:.1} -> {:.1} MiB)",
                 small / 1024.0,
                 large / 1024.0
             ),
