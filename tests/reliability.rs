@@ -46,6 +46,27 @@ fn seed() -> u64 {
         })
 }
 
+/// Emits `batches` batches of `per` `emitter:job_completed` events; their ids, in order.
+fn emit_jobs(api: &Api, batches: usize, per: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for b in 0..batches {
+        let r = api.emit(
+            (0..per)
+                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": b * per + i}}))
+                .collect(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        ids.extend(
+            r.body["event_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    ids
+}
+
 /// kill -9 of the agent at random moments during a steady stream of queue events (conductor
 /// mode, with a local subscriber written like the quickstart: replay key checked before the
 /// effect, recorded after): after the last restart every accepted event is at the conductor
@@ -291,22 +312,7 @@ fn a_5xx_storm_with_slow_answers_loses_nothing_and_keeps_order() {
     );
     ws.start();
     let api = ws.api();
-    let mut ids = Vec::new();
-    for b in 0..20 {
-        let r = api.emit(
-            (0..25)
-                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": b * 25 + i}}))
-                .collect(),
-        );
-        assert_eq!(r.status, 200);
-        ids.extend(
-            r.body["event_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    let ids = emit_jobs(&api, 20, 25);
     wait_for("delivered through the storm", T, || {
         (c.received().len() >= ids.len()).then_some(())
     });
@@ -697,22 +703,7 @@ fn connection_resets_after_the_conductor_accepted_lose_nothing_and_store_nothing
     assert_eq!(out.status.code(), Some(0));
     ws.start();
     let api = ws.api();
-    let mut ids: Vec<String> = Vec::new();
-    for b in 0..10 {
-        let r = api.emit(
-            (0..10)
-                .map(|i| json!({"kind": "emitter:job_completed", "payload": {"n": b * 10 + i}}))
-                .collect(),
-        );
-        assert_eq!(r.status, 200);
-        ids.extend(
-            r.body["event_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    let ids = emit_jobs(&api, 10, 10);
     // The conductor has every event, the agent has heard of none.
     wait_for("all 100 at the conductor, unacknowledged", T, || {
         (c.received().len() >= 100 && proxy.resets.load(Ordering::SeqCst) >= 3).then_some(())

@@ -546,6 +546,16 @@ fn ephemeral_e2e(agent: &Agent, total: usize) -> (f64, u64) {
     (rate, dropped)
 }
 
+/// A workspace (durability `full`) enrolled with a fresh development conductor, and its agent
+/// with the `bench` pack.
+fn with_conductor(bin: &Path) -> (tempfile::TempDir, DevConductor, Agent) {
+    let ws = workspace(json!({"durability": "full"}));
+    let conductor = DevConductor::start(bin);
+    conductor.enroll(bin, ws.path());
+    let agent = Agent::start(bin, ws.path(), "bench");
+    (ws, conductor, agent)
+}
+
 const FULL: &str = "fsync per group commit, ack after commit";
 const NORMAL: &str = "WAL, no fsync; ack after commit";
 
@@ -747,10 +757,7 @@ fn main() {
 
     // Queue kind end to end, the development conductor over loopback HTTP.
     if want("conductor") {
-        let ws = workspace(json!({"durability": "full"}));
-        let conductor = DevConductor::start(&bin);
-        conductor.enroll(&bin, ws.path());
-        let agent = Agent::start(&bin, ws.path(), "bench");
+        let (_ws, _conductor, agent) = with_conductor(&bin);
         for batch in [100usize, 1] {
             let total = if batch == 1 { n / 20 } else { n };
             let rate = med(runs, || queue_e2e(&agent, total, batch));
@@ -794,10 +801,7 @@ fn main() {
 
     // Emit -> upstream latency at a fixed 10k events/s (batches of 10 every millisecond).
     if want("latency") {
-        let ws = workspace(json!({"durability": "full"}));
-        let conductor = DevConductor::start(&bin);
-        conductor.enroll(&bin, ws.path());
-        let agent = Agent::start(&bin, ws.path(), "bench");
+        let (_ws, conductor, agent) = with_conductor(&bin);
         let secs = if quick { 2 } else { 5 };
         let ticks = secs * 1000;
         let http = Agent::http();
