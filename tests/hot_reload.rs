@@ -302,3 +302,40 @@ fn agent_json_edits_are_validated_live_settings_applied_and_restart_only_ones_na
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Editing an exec pack's handler source restarts its worker with the new code (the manifest
+/// unchanged); an event sent after the restart is handled by the new code, none is lost, and
+/// files the handler writes in its folder (not source) restart nothing.
+#[test]
+fn editing_the_handler_code_restarts_the_worker_with_it() {
+    let mut ws = Workspace::new(json!({}), "");
+    let dir = flex_pack(&ws, &["conductor:a_happened"]);
+    ws.start();
+    wait_for("flex running", T, || {
+        (ws.pack_status("flex")["state"] == "running").then_some(())
+    });
+    inbound(&ws, "conductor:a_happened");
+    wait_for("v1 handled", T, || (effects(&dir).len() == 1).then_some(()));
+    // The handler itself writes effects.txt in the pack folder: not source, no restart.
+    still_reloads(&ws, 0);
+    // Saved like an editor does: a temporary file renamed over the handler.
+    let v2 = std::fs::read_to_string(dir.join("handler.mjs"))
+        .unwrap()
+        .replace("`${event.kind}\\n`", "`v2 ${event.kind}\\n`");
+    assert!(v2.contains("v2 "), "the edit applies");
+    std::fs::write(dir.join(".handler.mjs.swp"), v2).unwrap();
+    std::fs::rename(dir.join(".handler.mjs.swp"), dir.join("handler.mjs")).unwrap();
+    wait_reloads(&ws, 1);
+    assert!(
+        ws.log().contains("restarted: its handler code changed"),
+        "{}",
+        ws.log()
+    );
+    inbound(&ws, "conductor:a_happened");
+    let e = wait_for("the new code handles the next event", T, || {
+        let e = effects(&dir);
+        (e.len() == 2).then_some(e)
+    });
+    assert_eq!(e, vec!["conductor:a_happened", "v2 conductor:a_happened"]);
+    still_reloads(&ws, 1);
+}

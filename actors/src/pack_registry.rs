@@ -24,7 +24,7 @@ use actix::prelude::*;
 use lumenflow_pack_sdk::manifest::{load_pack_dir, scan_packs_root, PackLoad};
 use lumenflow_pack_sdk::{Manifest, NativePack};
 use rusqlite::Connection;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -254,9 +254,11 @@ impl Handler<StartAll> for PackRegistry {
     }
 }
 
-/// Re-reads pack folders (`None`: all of them) and applies what changed.
+/// Re-reads pack folders (`None`: all of them) and applies what changed. A running exec pack
+/// in `code` (its handler source changed) is restarted even when its manifest did not change.
 pub struct ReloadPacks {
     pub folders: Option<Vec<String>>,
+    pub code: BTreeSet<String>,
 }
 impl Message for ReloadPacks {
     type Result = ();
@@ -265,6 +267,8 @@ impl Message for ReloadPacks {
 enum Change {
     Start(Arc<Manifest>, HandlerKind, String),
     Replace(Arc<Manifest>, HandlerKind, String),
+    /// Same manifest, new handler code: a new worker.
+    Restart(Arc<Manifest>, HandlerKind, String),
     Remove(String),
 }
 
@@ -347,6 +351,8 @@ impl Handler<ReloadPacks> for PackRegistry {
                         .is_some_and(|r| r.manifest.hash == manifest.hash);
                     if !same {
                         changes.push(Change::Replace(Arc::new(manifest), handler, folder));
+                    } else if m.code.contains(&folder) && manifest.runtime.is_some() {
+                        changes.push(Change::Restart(Arc::new(manifest), handler, folder));
                     } else if had_error {
                         // Back to the running content: the reload error is gone.
                         self.deps.stats.pack(&rid).set_last_error(None);
@@ -364,7 +370,7 @@ impl Handler<ReloadPacks> for PackRegistry {
         let stopping: Vec<(String, Addr<PackHost>)> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Replace(m, ..) => self
+                Change::Replace(m, ..) | Change::Restart(m, ..) => self
                     .running
                     .get(&m.id)
                     .map(|r| (m.id.clone(), r.addr.clone())),
@@ -400,6 +406,7 @@ impl Handler<ReloadPacks> for PackRegistry {
                 let (m, handler, folder, verb) = match c {
                     Change::Start(m, h, f) => (m, h, f, "started"),
                     Change::Replace(m, h, f) => (m, h, f, "reloaded"),
+                    Change::Restart(m, h, f) => (m, h, f, "restarted: its handler code changed"),
                     Change::Remove(id) => {
                         act.deps.stats.pack(&id).set_state(PackState::Stopped);
                         act.deps.stats.reload.count.fetch_add(1, Ordering::Relaxed);

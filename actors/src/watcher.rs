@@ -38,11 +38,21 @@ impl Watcher {
     }
 }
 
+/// Extensions of handler source files: an edit restarts the pack's worker.
+pub const CODE_EXTENSIONS: &[&str] = &[
+    "mjs", "js", "cjs", "ts", "mts", "py", "rb", "rs", "go", "sh", "lua", "php", "pl",
+];
+
+/// Folders inside a pack that are build output or dependencies, never handler source.
+const NOT_SOURCE_DIRS: &[&str] = &["node_modules", "target", "dist", "build", "__pycache__"];
+
 /// What one batch of debounced events asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Pack folder names that changed.
+    /// Pack folder names whose manifest (or the folder itself) changed.
     pub packs: BTreeSet<String>,
+    /// Pack folder names where a handler source file changed (see [`CODE_EXTENSIONS`]).
+    pub code: BTreeSet<String>,
     pub all_packs: bool,
     pub config: bool,
 }
@@ -78,6 +88,21 @@ pub fn classify(
                         && (parts.len() == 1 || MANIFEST_FILES.contains(&parts[1].as_str())) =>
                 {
                     c.packs.insert(folder.clone());
+                }
+                // Handler source (not in a dot folder, dependencies or build output; not an
+                // editor's dot-file): the pack's worker restarts with it.
+                [folder, inner @ .., file]
+                    if !folder.starts_with('.')
+                        && !file.starts_with('.')
+                        && inner.iter().all(|d| {
+                            !d.starts_with('.') && !NOT_SOURCE_DIRS.contains(&d.as_str())
+                        })
+                        && std::path::Path::new(file)
+                            .extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| CODE_EXTENSIONS.contains(&e)) =>
+                {
+                    c.code.insert(folder.clone());
                 }
                 _ => {}
             }
@@ -145,6 +170,9 @@ impl Handler<FsChanged> for Watcher {
                 (
                     events
                         .into_iter()
+                        // Reads are not changes: a worker starting opens its handler file, and
+                        // the agent opens manifests to load them (a restart loop otherwise).
+                        .filter(|e| !e.event.kind.is_access())
                         .flat_map(|e| e.event.paths)
                         .collect::<Vec<_>>(),
                     rescan,
@@ -167,10 +195,14 @@ impl Handler<FsChanged> for Watcher {
             self.registry.do_send(ReloadConfig);
         }
         if changes.all_packs {
-            self.registry.do_send(ReloadPacks { folders: None });
-        } else if !changes.packs.is_empty() {
             self.registry.do_send(ReloadPacks {
-                folders: Some(changes.packs.into_iter().collect()),
+                folders: None,
+                code: changes.code,
+            });
+        } else if !changes.packs.is_empty() || !changes.code.is_empty() {
+            self.registry.do_send(ReloadPacks {
+                folders: Some(changes.packs.union(&changes.code).cloned().collect()),
+                code: changes.code,
             });
         }
     }
@@ -213,6 +245,24 @@ mod tests {
             false,
         );
         assert!(c.packs.is_empty(), "{:?}", c.packs);
+        assert_eq!(c.code.into_iter().collect::<Vec<_>>(), vec!["acme"]);
+        // Not handler source: output files, dependencies, build output, editor files.
+        let c = classify(
+            root,
+            cfg,
+            &[
+                p("/ws/packs/acme/effects.txt"),
+                p("/ws/packs/acme/worker.pid"),
+                p("/ws/packs/acme/node_modules/x/index.js"),
+                p("/ws/packs/rusty/target/release/build/x/main.rs"),
+                p("/ws/packs/acme/.handler.mjs.swp"),
+                p("/ws/packs/acme/.git/hooks/pre-commit.sh"),
+            ],
+            false,
+        );
+        assert!(c.code.is_empty() && c.packs.is_empty(), "{c:?}");
+        let c = classify(root, cfg, &[p("/ws/packs/rusty/src/main.rs")], false);
+        assert_eq!(c.code.into_iter().collect::<Vec<_>>(), vec!["rusty"]);
         let c = classify(
             root,
             cfg,
