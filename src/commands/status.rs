@@ -115,6 +115,15 @@ fn dash(v: &Value) -> String {
     }
 }
 
+/// `42s`, `3m05s`, `2h07m`.
+fn age(s: i64) -> String {
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+    }
+}
+
 fn print_live(s: &Value) {
     let a = &s["agent"];
     let up = a["uptime_s"].as_u64().unwrap_or(0);
@@ -140,16 +149,35 @@ fn print_live(s: &Value) {
     );
     println!();
     println!(
-        "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>8}  LAST ERROR",
-        "PACK", "VERSION", "STATE", "HANDLED", "REPLAYED", "IGNORED", "FAILED", "RESTARTS"
+        "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  LAST ERROR",
+        "PACK",
+        "VERSION",
+        "STATE",
+        "HANDLED",
+        "REPLAYED",
+        "IGNORED",
+        "FAILED",
+        "PENDING",
+        "RESTARTS",
+        "MANIFEST",
+        "LOADED"
     );
     let packs = s["packs"].as_array().cloned().unwrap_or_default();
     if packs.is_empty() {
         println!("(no packs)");
     }
+    let now_ms = lumenflow_actors::store::now_ms();
     for p in &packs {
+        let hash: String = p["manifest_hash"]
+            .as_str()
+            .map(|h| h.chars().take(8).collect())
+            .unwrap_or_else(|| "-".into());
+        let loaded = p["loaded_at_ms"]
+            .as_i64()
+            .map(|t| format!("{} ago", age((now_ms - t).max(0) / 1000)))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>8}  {}",
+            "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  {}",
             dash(&p["id"]),
             dash(&p["version"]),
             dash(&p["state"]),
@@ -157,7 +185,10 @@ fn print_live(s: &Value) {
             dash(&p["replayed"]),
             dash(&p["ignored"]),
             dash(&p["failed"]),
+            dash(&p["pending"]),
             dash(&p["restarts"]),
+            hash,
+            loaded,
             dash(&p["last_error"])
         );
     }
@@ -179,4 +210,14 @@ fn print_live(s: &Value) {
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ages_read_at_a_glance() {
+        assert_eq!(super::age(42), "42s");
+        assert_eq!(super::age(185), "3m05s");
+        assert_eq!(super::age(7620), "2h07m");
+    }
 }
