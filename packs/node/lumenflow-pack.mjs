@@ -13,8 +13,11 @@
 //   };
 //   runPack({ handlers: { 'conductor:recovery_requested': onRecoveryRequested } });
 //
-// Events are handled one at a time, in the order the agent sends them. stdout belongs to the
-// protocol: console.log is redirected to stderr, which the agent forwards to its log.
+// Events are handled one at a time, in the order the agent sends them. What a handler emits
+// and the keys it puts are committed by the agent together with the handler's outcome: if the
+// handler throws, or the worker dies, before it returns, none of them is kept and the event is
+// delivered again. stdout belongs to the protocol: console.log is redirected to stderr, which
+// the agent forwards to its log.
 
 import { createInterface } from 'node:readline';
 
