@@ -313,3 +313,59 @@ createInterface({ input: process.stdin }).on('line', (line) => {
         r#"Missing handler: subscribed kind "conductor:recovery_requested" has no registered handler"#
     );
 }
+
+/// A handler that asks for a retry while events are already queued behind it (pipelined): the
+/// queued ones do not run until the retried event has, and none runs twice.
+#[test]
+fn a_retry_holds_the_events_queued_behind_it_so_order_is_kept_and_none_runs_twice() {
+    let mut ws = acme_workspace("");
+    let dir = ws.path().join("packs/retrier");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"id": "retrier", "version": "0.1.0", "subscribed_event_kinds": ["conductor:job_poked"],
+            "runtime": {"command": ["node", "handler.mjs"]}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("handler.mjs"),
+        r#"import { runPack } from '../node/lumenflow-pack.mjs';
+import { appendFileSync } from 'node:fs';
+runPack({ handlers: { 'conductor:job_poked': async (e, ctx) => {
+  appendFileSync('runs.txt', `${e.payload.n} attempt=${ctx.attempt}\n`);
+  if (e.payload.n === 0 && ctx.attempt === 1) return { status: 'retry', action: 'not yet' };
+  return { status: 'handled' };
+} } });
+"#,
+    )
+    .unwrap();
+    ws.start();
+    let events: Vec<Value> = (0..5)
+        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+        .collect();
+    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = wait_for("all 5 handled", T, || {
+        let p = ws.pack_status("retrier");
+        (p["handled"] == 5 && p["pending"] == 0).then_some(p)
+    });
+    assert_eq!(p["retried"], 1, "{p}");
+    let runs: Vec<String> = std::fs::read_to_string(dir.join("runs.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            "0 attempt=1",
+            "0 attempt=2",
+            "1 attempt=1",
+            "2 attempt=1",
+            "3 attempt=1",
+            "4 attempt=1"
+        ],
+        "in order, each once"
+    );
+}

@@ -3,13 +3,18 @@
 //! `PackHost`; not an actor of its own (it lives and dies with its host's incarnation).
 //!
 //! - agent -> worker: `initialize {protocol_version, pack, workspace}` -> `{handles: [kind]}`;
-//!   `handle {event, delivery: {attempt, redelivered}}` -> outcome; `shutdown`.
+//!   `handle {event, delivery: {attempt, redelivered}}` -> outcome; `shutdown`; notification
+//!   `resume` (see below).
 //! - worker -> agent: `emit {kind, payload, idempotency_key?}` -> `{event_id}` (or an error
 //!   carrying the validation message); `replay.has {key}` -> bool; `replay.put {key}`;
 //!   notification `log {level, message}`.
 //!
 //! Requests are pipelined: `handle` writes its request at once and returns a future for the
-//! reply, so throughput is not bound by one round trip per event. The worker's stderr is its
+//! reply, so throughput is not bound by one round trip per event. When a handler answers
+//! `retry`, the requests already queued behind it must not run (they are sent again after the
+//! retried event): a worker answers them with error 1004 ("held") until the agent's `resume`
+//! notification, which comes before the next requests. The Node helper does this; a worker
+//! that does not runs them, and they run again later. The worker's stderr is its
 //! log, forwarded with the pack id.
 //!
 //! Anything that breaks the protocol (a line that is not JSON-RPC, a reply to an unknown id, a
@@ -450,6 +455,14 @@ impl ExecWorker {
             next_id: Mutex::new(1),
             child: Mutex::new(Some(child)),
         })
+    }
+
+    /// Sends a notification (no reply expected).
+    pub fn notify(&self, method: &str) {
+        let line = json!({"jsonrpc": "2.0", "method": method}).to_string();
+        if self.out.send(line).is_err() {
+            fail_all(&self.shared, WorkerError::Exited("its stdin closed".into()));
+        }
     }
 
     /// Sends a request now; the returned receiver yields its reply.

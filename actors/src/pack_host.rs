@@ -543,6 +543,9 @@ pub struct PackHost {
     stage: Arc<EffectStage>,
     /// Replay-log answers for the next events, from the last chunk's commit.
     prefetched: Option<Prefetched>,
+    /// The last chunk ended with a `retry`: tell the exec worker to `resume` before sending it
+    /// the held events again.
+    resume: bool,
     /// The handlers record their own replay keys (guarding effects outside the agent): each
     /// event is committed before the next one starts, so a crash repeats at most one effect.
     keyed: bool,
@@ -589,6 +592,7 @@ impl PackHost {
             idle_checked: None,
             stage: Arc::new(EffectStage::default()),
             prefetched: None,
+            resume: false,
             keyed: false,
         }
     }
@@ -807,6 +811,11 @@ impl PackHost {
         };
         if !known.is_empty() {
             chunk.truncate(known.len());
+        }
+        if std::mem::take(&mut self.resume) {
+            if let Some(w) = &self.worker {
+                w.notify("resume");
+            }
         }
         let fut = self.run_chunk(chunk, ahead, (!known.is_empty()).then_some(known));
         ctx.spawn(
@@ -1085,6 +1094,7 @@ impl PackHost {
         self.keyed = r.keyed || (self.keyed && r.finished == 0);
         self.prefetched = (r.crash.is_none() && r.retry.is_none() && !r.next_seen.is_empty())
             .then(|| std::mem::take(&mut r.next_seen));
+        self.resume |= r.retry.is_some();
         for s in &r.statuses {
             let c = match s {
                 OutcomeStatus::Handled => &self.stats.handled,

@@ -34,6 +34,10 @@ export function runPack({ handlers = {}, onStart } = {}) {
   let queue = Promise.resolve();
   let shuttingDown = false;
   let pack = null;
+  // After a handler asks for a retry, the requests the agent had already queued behind it are
+  // answered "held" without running, until the agent says `resume` (it sends them again after
+  // the retried event): so no event runs twice and the order is kept.
+  let held = false;
 
   const send = (msg) => out.write(JSON.stringify({ jsonrpc: '2.0', ...msg }) + '\n');
   const reply = (id, result) => send({ id, result });
@@ -94,6 +98,10 @@ export function runPack({ handlers = {}, onStart } = {}) {
       }
       case 'handle': {
         queue = queue.then(async () => {
+          if (held) {
+            replyError(id, 1004, 'held: an earlier event asked for a retry');
+            return;
+          }
           const { event, delivery } = params;
           const handler = handlers[event.kind];
           if (!handler) {
@@ -102,11 +110,18 @@ export function runPack({ handlers = {}, onStart } = {}) {
           }
           try {
             const ctx = { ...baseCtx, attempt: delivery.attempt, redelivered: delivery.redelivered };
-            const outcome = await handler(event, ctx);
-            reply(id, normalize(outcome));
+            const outcome = normalize(await handler(event, ctx));
+            if (outcome.status === 'retry') held = true;
+            reply(id, outcome);
           } catch (e) {
             replyError(id, -32000, String(e?.stack ?? e));
           }
+        });
+        return;
+      }
+      case 'resume': {
+        queue = queue.then(() => {
+          held = false;
         });
         return;
       }

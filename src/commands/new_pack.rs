@@ -257,10 +257,17 @@ impl Ctx<'_> {
 
 fn main() {
     let mut agent = Agent { lines: io::stdin().lock().lines(), backlog: VecDeque::new(), next_id: 1 };
+    // After a `retry`, requests already queued behind it are answered "held" until `resume`
+    // (the agent sends them again after the retried event).
+    let mut held = false;
     while let Some(msg) = agent.next() {
         let id = msg["id"].clone();
         match msg["method"].as_str() {
             Some("initialize") => agent.send(json!({"jsonrpc": "2.0", "id": id, "result": {"handles": HANDLES}})),
+            Some("resume") => held = false,
+            Some("handle") if held => {
+                agent.send(json!({"jsonrpc": "2.0", "id": id, "error": {"code": 1004, "message": "held: an earlier event asked for a retry"}}))
+            }
             Some("handle") => {
                 let event = msg["params"]["event"].clone();
                 let attempt = msg["params"]["delivery"]["attempt"].as_u64().unwrap_or(1);
@@ -270,7 +277,10 @@ fn main() {
                     _ => Ok(json!({"status": "ignored", "action": "no-handler"})),
                 };
                 match result {
-                    Ok(outcome) => agent.send(json!({"jsonrpc": "2.0", "id": id, "result": outcome})),
+                    Ok(outcome) => {
+                        held = outcome["status"] == "retry";
+                        agent.send(json!({"jsonrpc": "2.0", "id": id, "result": outcome}))
+                    }
                     Err(e) => agent.send(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000, "message": e}})),
                 }
             }
