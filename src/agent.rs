@@ -87,8 +87,24 @@ impl Agent {
         self
     }
 
+    /// The roots of `tls.ca_file`, read once at start (a path relative to the workspace).
+    fn root_certs(&self) -> anyhow::Result<Option<Arc<Vec<ureq::tls::Certificate<'static>>>>> {
+        let Some(file) = &self.cfg.tls_ca_file else {
+            return Ok(None);
+        };
+        let path = self.ws.root.join(file);
+        let at = format!("{}: tls.ca_file", self.ws.display(&self.ws.config_file()));
+        let pem = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{at}: cannot read {}: {e}", path.display()))?;
+        let certs = lumenflow_actors::http_upstream::load_root_certs(&pem)
+            .map_err(|m| anyhow::anyhow!("{at}: {}: {m}", path.display()))?;
+        tracing::info!(file = %path.display(), certificates = certs.len(), "https upstream: trusting the roots of tls.ca_file");
+        Ok(Some(Arc::new(certs)))
+    }
+
     /// Runs in the foreground until SIGINT/SIGTERM.
     pub fn run(mut self) -> anyhow::Result<()> {
+        let root_certs = self.root_certs()?;
         // Conductor mode: the enrollment wins over agent.json's upstream, and its subject is
         // the workspace identity.
         match crate::enrollment::Enrollment::load(&self.ws)? {
@@ -101,6 +117,7 @@ impl Agent {
                     workspace_id: e.subject,
                     batch_max: self.cfg.queue_batch_max,
                     enrollment_file: Some(self.ws.enrollment_file()),
+                    root_certs: root_certs.clone(),
                 });
             }
             None if self.cfg.upstream != "mem:inbox" => {
@@ -115,6 +132,7 @@ impl Agent {
                     workspace_id: self.cfg.identity.clone(),
                     batch_max: self.cfg.queue_batch_max,
                     enrollment_file: None,
+                    root_certs,
                 });
             }
             None => {}

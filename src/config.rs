@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub window_s: u64,
     pub max_attempts: u32,
     pub handler_timeout_ms: u64,
+    /// PEM file of extra root certificates for an https upstream (relative to the workspace).
+    pub tls_ca_file: Option<String>,
 }
 
 impl AgentConfig {
@@ -56,6 +58,7 @@ impl AgentConfig {
             window_s: 30,
             max_attempts: 3,
             handler_timeout_ms: 30_000,
+            tls_ca_file: None,
         }
     }
 
@@ -183,6 +186,21 @@ impl AgentConfig {
                         })? as usize;
                     }
                 }
+                "tls" => {
+                    let m = obj_of(v, key, &err)?;
+                    check_keys(m, "tls.", &["ca_file"], &err)?;
+                    if let Some(x) = m.get("ca_file") {
+                        let path = x.as_str().filter(|s| !s.is_empty()).ok_or_else(|| {
+                            err(
+                                "tls.ca_file",
+                                format!(
+                                    "expected the path of a PEM file of CA certificates, found {x}"
+                                ),
+                            )
+                        })?;
+                        self.tls_ca_file = Some(path.to_string());
+                    }
+                }
                 "replay" => {
                     let m = obj_of(v, key, &err)?;
                     check_keys(m, "replay.", &["retention_days"], &err)?;
@@ -256,6 +274,7 @@ const TOP_KEYS: &[&str] = &[
     "replay",
     "supervision",
     "handler",
+    "tls",
 ];
 
 fn check_keys(
@@ -399,6 +418,12 @@ mod tests {
             .unwrap_err()
             .contains("inside the workspace"));
         assert!(apply(json!([1])).is_err());
+        assert!(apply(json!({"tls": {"ca_file": ""}}))
+            .unwrap_err()
+            .contains("tls.ca_file: expected the path of a PEM file"));
+        assert!(apply(json!({"tls": {"ca": "x.pem"}}))
+            .unwrap_err()
+            .contains("tls.ca: unknown key (did you mean \"tls.ca_file\"?)"));
     }
 
     proptest::proptest! {

@@ -323,3 +323,79 @@ fn a_413_splits_the_batch_and_a_deny_policy_pauses_forwarding() {
     c.admin("/admin/policy", Some(json!({"default_decision": "allow"})));
     wait_for("resumed", T, || (c.received().len() == 11).then_some(()));
 }
+
+fn enroll_at(ws: &Workspace, endpoint: &str) {
+    let out = ws
+        .cmd()
+        .args([
+            "enroll",
+            "--endpoint",
+            endpoint,
+            "--token-env",
+            "TEST_TOKEN",
+            "--subject",
+            "ws-test",
+        ])
+        .env("TEST_TOKEN", "tok")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An https control plane whose certificate comes from a private CA: trusted through
+/// `tls.ca_file`, events arrive over TLS; without it, the certificate is refused, named in
+/// `status`, and the events wait.
+#[test]
+fn https_upstream_with_a_private_ca_delivers_and_without_the_ca_refuses_and_keeps_events() {
+    let mut ws = Workspace::new(json!({"tls": {"ca_file": "ca.pem"}}), "emitter");
+    let c = Conductor::start(ws.path(), "tok");
+    let front = TlsFront::start(ws.path(), c.port);
+    let endpoint = format!("https://localhost:{}", front.port);
+    enroll_at(&ws, &endpoint);
+    ws.start();
+    let r = ws.api().emit(
+        (0..5)
+            .map(|n| json!({"kind": "emitter:job_completed", "payload": {"n": n}}))
+            .collect(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("5 events at the conductor over TLS", T, || {
+        (c.received().len() == 5 && ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+
+    // The same control plane without the CA: refused, said so, nothing lost.
+    let mut other = Workspace::new(json!({}), "emitter");
+    enroll_at(&other, &endpoint);
+    other.start();
+    let r = other.api().emit(vec![
+        json!({"kind": "emitter:job_completed", "payload": {"n": 99}}),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = wait_for("the certificate refusal in status", T, || {
+        let s = other.status();
+        s["upstream"]["last_error"]
+            .as_str()
+            .is_some_and(|e| {
+                e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer")
+            })
+            .then_some(s)
+    });
+    assert_eq!(s["queue"]["durable_depth"], 1, "{s}");
+    assert_eq!(c.received().len(), 5, "nothing arrived without trust");
+
+    // A bad ca_file is a start error naming the file and the key.
+    let bad = Workspace::new(json!({"tls": {"ca_file": "missing.pem"}}), "emitter");
+    enroll_at(&bad, &endpoint);
+    let out = bad.run(&["start"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("agent.json: tls.ca_file: cannot read") && err.contains("missing.pem"),
+        "{err}"
+    );
+}

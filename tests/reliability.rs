@@ -597,30 +597,6 @@ struct ResetProxy {
     resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Reads one HTTP/1.1 message (headers, then a Content-Length body); None at end of stream.
-fn read_http_message(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
-                buf.extend_from_slice(&byte[..n]);
-            }
-            return Some(buf);
-        }
-        let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
-        buf.extend_from_slice(&byte[..n]);
-    }
-}
-
 impl ResetProxy {
     fn start(target: u16) -> ResetProxy {
         use std::io::Write;

@@ -41,6 +41,24 @@ pub struct HttpConfig {
     pub batch_max: usize,
     /// Re-read for a new token while unauthorized.
     pub enrollment_file: Option<PathBuf>,
+    /// Root certificates to trust instead of the bundled Mozilla roots (`tls.ca_file`).
+    pub root_certs: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
+}
+
+/// Reads the certificates of a PEM file (`tls.ca_file`); an error names what is wrong.
+pub fn load_root_certs(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => return Err(format!("not a valid PEM file: {e}")),
+        }
+    }
+    if certs.is_empty() {
+        return Err("no certificate in it (expected -----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(certs)
 }
 
 /// One event of a push batch.
@@ -121,12 +139,21 @@ enum Reply {
     Network(String),
 }
 
-fn http_agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
+fn http_agent(
+    timeout: Duration,
+    roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>,
+) -> ureq::Agent {
+    let mut b = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .build()
-        .into()
+        .http_status_as_error(false);
+    if let Some(roots) = roots {
+        b = b.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(roots.clone()))
+                .build(),
+        );
+    }
+    b.build().into()
 }
 
 async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> Reply {
@@ -321,6 +348,7 @@ impl HttpUpstream {
         stats: Arc<AgentStats>,
         pull_cursor: Option<String>,
     ) -> Self {
+        let push_agent = http_agent(PUSH_TIMEOUT, cfg.root_certs.as_ref());
         HttpUpstream {
             cfg,
             store,
@@ -333,7 +361,7 @@ impl HttpUpstream {
             link: Link::Connected,
             heartbeat_every: Duration::from_secs(30),
             pull_cursor,
-            push_agent: http_agent(PUSH_TIMEOUT),
+            push_agent,
             session_id: uuid::Uuid::now_v7().to_string(),
         }
     }
@@ -527,7 +555,10 @@ impl HttpUpstream {
     }
 
     fn pull(&mut self, ctx: &mut Context<Self>) {
-        let agent = http_agent(Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT);
+        let agent = http_agent(
+            Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT,
+            self.cfg.root_certs.as_ref(),
+        );
         let cfg = self.cfg.clone();
         let cursor = self.pull_cursor.clone();
         let router = self.router.clone();

@@ -409,3 +409,83 @@ pub fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
         "the token is never printed"
     );
 }
+
+/// Reads one HTTP/1.1 message (headers, then a Content-Length body); None at end of stream.
+#[allow(dead_code)]
+pub fn read_http_message<S: std::io::Read>(s: &mut S) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
+                buf.extend_from_slice(&byte[..n]);
+            }
+            return Some(buf);
+        }
+        let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
+        buf.extend_from_slice(&byte[..n]);
+    }
+}
+
+/// An https front for the development conductor: a self-signed certificate for `localhost`
+/// (its PEM written to `dir/ca.pem`), every request forwarded to the conductor on `target`.
+#[allow(dead_code)]
+pub struct TlsFront {
+    pub port: u16,
+}
+
+#[allow(dead_code)]
+impl TlsFront {
+    pub fn start(dir: &Path, target: u16) -> TlsFront {
+        use std::io::Write;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), ck.cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+        let cfg = std::sync::Arc::new(
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let Ok(tls) = rustls::ServerConnection::new(cfg) else {
+                        return;
+                    };
+                    let mut s = rustls::StreamOwned::new(tls, conn);
+                    while let Some(req) = read_http_message(&mut s) {
+                        let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                            return;
+                        };
+                        if up.write_all(&req).is_err() {
+                            return;
+                        }
+                        let Some(resp) = read_http_message(&mut up) else {
+                            return;
+                        };
+                        if s.write_all(&resp).and_then(|()| s.flush()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        TlsFront { port }
+    }
+}
