@@ -324,29 +324,6 @@ fn a_413_splits_the_batch_and_a_deny_policy_pauses_forwarding() {
     wait_for("resumed", T, || (c.received().len() == 11).then_some(()));
 }
 
-fn enroll_at(ws: &Workspace, endpoint: &str) {
-    let out = ws
-        .cmd()
-        .args([
-            "enroll",
-            "--endpoint",
-            endpoint,
-            "--token-env",
-            "TEST_TOKEN",
-            "--subject",
-            "ws-test",
-        ])
-        .env("TEST_TOKEN", "tok")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An https control plane whose certificate comes from a private CA: trusted through
 /// `tls.ca_file`, events arrive over TLS; without it, the certificate is refused, named in
 /// `status`, and the events wait.
@@ -356,7 +333,7 @@ fn https_upstream_with_a_private_ca_delivers_and_without_the_ca_refuses_and_keep
     let c = Conductor::start(ws.path(), "tok");
     let front = TlsFront::start(ws.path(), c.port);
     let endpoint = format!("https://localhost:{}", front.port);
-    enroll_at(&ws, &endpoint);
+    enroll_at(&ws, &endpoint, "tok");
     ws.start();
     let r = ws.api().emit(
         (0..5)
@@ -370,7 +347,7 @@ fn https_upstream_with_a_private_ca_delivers_and_without_the_ca_refuses_and_keep
 
     // The same control plane without the CA: refused, said so, nothing lost.
     let mut other = Workspace::new(json!({}), "emitter");
-    enroll_at(&other, &endpoint);
+    enroll_at(&other, &endpoint, "tok");
     other.start();
     let r = other.api().emit(vec![
         json!({"kind": "emitter:job_completed", "payload": {"n": 99}}),
@@ -390,7 +367,7 @@ fn https_upstream_with_a_private_ca_delivers_and_without_the_ca_refuses_and_keep
 
     // A bad ca_file is a start error naming the file and the key.
     let bad = Workspace::new(json!({"tls": {"ca_file": "missing.pem"}}), "emitter");
-    enroll_at(&bad, &endpoint);
+    enroll_at(&bad, &endpoint, "tok");
     let out = bad.run(&["start"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{err}");

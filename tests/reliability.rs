@@ -611,13 +611,7 @@ impl ResetProxy {
                 let (r, n) = (r.clone(), n.clone());
                 std::thread::spawn(move || {
                     while let Some(req) = read_http_message(&mut client) {
-                        let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                            return;
-                        };
-                        if up.write_all(&req).is_err() {
-                            return;
-                        }
-                        let Some(resp) = read_http_message(&mut up) else {
+                        let Some(resp) = exchange(target, &req) else {
                             return;
                         };
                         if r.load(Ordering::SeqCst) {
@@ -662,21 +656,7 @@ fn connection_resets_after_the_conductor_accepted_lose_nothing_and_store_nothing
     let mut ws = Workspace::new(json!({}), "emitter");
     let c = Conductor::start(ws.path(), "tok");
     let proxy = ResetProxy::start(c.port);
-    let out = ws
-        .cmd()
-        .args([
-            "enroll",
-            "--endpoint",
-            &format!("http://127.0.0.1:{}", proxy.port),
-            "--token-env",
-            "TEST_TOKEN",
-            "--subject",
-            "ws-test",
-        ])
-        .env("TEST_TOKEN", "tok")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    enroll_at(&ws, &format!("http://127.0.0.1:{}", proxy.port), "tok");
     ws.start();
     let api = ws.api();
     let ids = emit_jobs(&api, 10, 10);

@@ -384,12 +384,18 @@ impl Drop for Conductor {
 
 /// `enroll` the workspace with the conductor (subject `ws-test`), the token passed by env.
 pub fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
+    enroll_at(ws, &c.url(), token);
+}
+
+/// `enroll` the workspace with the control plane at `endpoint` (e.g. a proxy in front of the
+/// conductor), subject `ws-test`, the token passed by env; the token is never printed.
+pub fn enroll_at(ws: &Workspace, endpoint: &str, token: &str) {
     let out = ws
         .cmd()
         .args([
             "enroll",
             "--endpoint",
-            &c.url(),
+            endpoint,
             "--token-env",
             "TEST_TOKEN",
             "--subject",
@@ -434,6 +440,16 @@ pub fn read_http_message<S: std::io::Read>(s: &mut S) -> Option<Vec<u8>> {
     }
 }
 
+/// Sends one HTTP request to the conductor on loopback `port` (a fresh connection) and reads
+/// its answer; None when the conductor is not there.
+#[allow(dead_code)]
+pub fn exchange(port: u16, request: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut up = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    up.write_all(request).ok()?;
+    read_http_message(&mut up)
+}
+
 /// An https front for the development conductor: a self-signed certificate for `localhost`
 /// (its PEM written to `dir/ca.pem`), every request forwarded to the conductor on `target`.
 #[allow(dead_code)]
@@ -470,13 +486,7 @@ impl TlsFront {
                     };
                     let mut s = rustls::StreamOwned::new(tls, conn);
                     while let Some(req) = read_http_message(&mut s) {
-                        let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                            return;
-                        };
-                        if up.write_all(&req).is_err() {
-                            return;
-                        }
-                        let Some(resp) = read_http_message(&mut up) else {
+                        let Some(resp) = exchange(target, &req) else {
                             return;
                         };
                         if s.write_all(&resp).and_then(|()| s.flush()).is_err() {
