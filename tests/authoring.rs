@@ -43,14 +43,7 @@ fn new_pack_validates_passes_conformance_and_runs() {
         "{out}"
     );
     ws.start();
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        r#"{"wu_id":"hello-job-1"}"#,
-    ]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound("conductor:recovery_requested", r#"{"wu_id":"hello-job-1"}"#);
     let inbox = wait_for(
         "hello:job_completed in the inbox",
         Duration::from_secs(20),
@@ -132,14 +125,7 @@ fn a_new_rust_pack_builds_passes_conformance_and_runs() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("5 checks passed"), "{out}");
     ws.start();
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        r#"{"wu_id":"rusty-job-1"}"#,
-    ]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound("conductor:recovery_requested", r#"{"wu_id":"rusty-job-1"}"#);
     let inbox = wait_for(
         "rusty:job_completed in the inbox",
         Duration::from_secs(120),

@@ -146,14 +146,7 @@ fn a_worker_writing_garbage_crashes_only_its_pack() {
         (ws.pack_status("garbage")["state"] == "crashed").then_some(())
     });
     // The agent and the other pack are unaffected.
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound("conductor:recovery_requested", "{}");
     wait_for("recorder handled", T, || {
         (ws.pack_status("recorder")["handled"] == 1).then_some(())
     });
@@ -199,14 +192,7 @@ fn worker_exiting_during_initialize_or_never_answering() {
         ws.log().contains("boom: missing config"),
         "worker stderr is forwarded to the log"
     );
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound("conductor:recovery_requested", "{}");
     wait_for("recorder handled", T, || {
         (ws.pack_status("recorder")["handled"] == 1).then_some(())
     });
@@ -220,14 +206,7 @@ fn a_reply_to_an_unknown_id_is_a_protocol_error_and_the_event_is_redelivered() {
     );
     raw_pack(&ws, "liar", &script, json!({}));
     ws.start();
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = ws.inbound("conductor:recovery_requested", "{}");
     let p = wait_for("handled after restart", T, || {
         let p = ws.pack_status("liar");
         (p["handled"] == 1).then_some(p)
@@ -271,13 +250,7 @@ runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
     )
     .unwrap();
     ws.start();
-    ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
+    ws.inbound("conductor:recovery_requested", "{}");
     wait_for("handled", T, || {
         (ws.pack_status("emitty")["handled"] == 1).then_some(())
     });

@@ -59,8 +59,7 @@ fn still_reloads(ws: &Workspace, n: u64) {
 }
 
 fn inbound(ws: &Workspace, kind: &str) {
-    let out = ws.run(&["emit", kind, "--inbound", "--payload", "{}"]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound(kind, "{}");
 }
 
 fn effects(dir: &Path) -> Vec<String> {

@@ -106,14 +106,7 @@ fn the_same_inbound_event_twice_reaches_the_handler_once() {
     assert_eq!(p["handled"], 1, "{p}");
     assert_eq!(ws.effects().len(), 1);
     // An inbound event nobody subscribes to is accepted and counted, not delivered.
-    let out = ws.run(&[
-        "emit",
-        "conductor:other_thing",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
-    assert_eq!(out.status.code(), Some(0));
+    ws.inbound("conductor:other_thing", "{}");
     assert_eq!(ws.status()["inbound"]["unrouted"], 1);
 }
 
@@ -647,14 +640,7 @@ fn the_inbound_log_is_compacted_and_new_events_still_arrive_after_it_emptied() {
     let mut ws = Workspace::new(json!({}), "recorder");
     ws.start();
     for _ in 0..20 {
-        let out = ws.run(&[
-            "emit",
-            "conductor:recovery_requested",
-            "--inbound",
-            "--payload",
-            "{}",
-        ]);
-        assert_eq!(out.status.code(), Some(0));
+        ws.inbound("conductor:recovery_requested", "{}");
     }
     wait_for("20 handled", T, || {
         (ws.pack_status("recorder")["handled"] == 20).then_some(())
@@ -666,14 +652,7 @@ fn the_inbound_log_is_compacted_and_new_events_still_arrive_after_it_emptied() {
     assert_eq!(ws.terminate(), Some(0));
     assert_eq!(ws.status()["durable"]["inbound_log"], 0, "compacted");
     ws.start();
-    let out = ws.run(&[
-        "emit",
-        "conductor:recovery_requested",
-        "--inbound",
-        "--payload",
-        "{}",
-    ]);
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = ws.inbound("conductor:recovery_requested", "{}");
     wait_for("the new event handled", T, || {
         ws.effects().iter().any(|l| l.contains(&id)).then_some(())
     });

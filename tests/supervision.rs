@@ -10,14 +10,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(30);
 
 fn inbound(ws: &Workspace, kind: &str, payload: Value) -> String {
-    let out = ws.run(&["emit", kind, "--inbound", "--payload", &payload.to_string()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    ws.inbound(kind, &payload.to_string())
 }
 
 fn effect_count(ws: &Workspace, id: &str) -> usize {
@@ -184,8 +177,7 @@ fn a_handler_crashing_on_every_event_ends_in_crashed_with_backoff_and_idle_cpu()
     let c0 = cpu(pid);
     // A healthy pack in the same agent keeps handling events meanwhile.
     for _ in 0..5 {
-        let out = ws.run(&["emit", "bench:ping", "--inbound", "--payload", "{}"]);
-        assert_eq!(out.status.code(), Some(0));
+        ws.inbound("bench:ping", "{}");
     }
     wait_for("sink handled", T, || {
         (ws.pack_status("sink")["handled"] == 5).then_some(())

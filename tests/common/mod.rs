@@ -177,6 +177,20 @@ impl Workspace {
     }
 
     /// Lines of the recorder pack's effects file.
+    /// `emit KIND --inbound --payload PAYLOAD`: injects an event as if it came from the
+    /// upstream; asserts it was accepted and returns its event_id.
+    #[allow(dead_code)]
+    pub fn inbound(&self, kind: &str, payload: &str) -> String {
+        let out = self.run(&["emit", kind, "--inbound", "--payload", payload]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     pub fn effects(&self) -> Vec<String> {
         std::fs::read_to_string(self.effects_file())
             .unwrap_or_default()
