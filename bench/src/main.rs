@@ -400,6 +400,32 @@ fn envelope_bodies(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// A Node exec pack `packs/ID` in the workspace `root` with the repository's helper,
+/// subscribing to `kind`; `handler` is its `handler.mjs` after the helper's import.
+fn node_pack(root: &Path, id: &str, kind: &str, handler: &str) -> PathBuf {
+    let dir = root.join("packs").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    std::fs::copy(
+        repo.join("packs/node/lumenflow-pack.mjs"),
+        dir.join("lumenflow-pack.mjs"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": [kind],
+            "runtime": {"command": ["node", "handler.mjs"]}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("handler.mjs"),
+        format!("import {{ runPack }} from './lumenflow-pack.mjs';\n{handler}\n"),
+    )
+    .unwrap();
+    dir
+}
+
 /// The median of `runs` measurements.
 fn med(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
     let mut v: Vec<f64> = (0..runs).map(|_| f()).collect();
@@ -908,28 +934,14 @@ fn main() {
     if want("exec") {
         // Inbound -> one Node exec pack (the repository's helper; the handler returns at once).
         let ws = workspace(json!({"durability": "normal"}));
-        let dir = ws.path().join("packs/node-sink");
-        std::fs::create_dir_all(&dir).unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        std::fs::copy(
-            root.join("packs/node/lumenflow-pack.mjs"),
-            dir.join("lumenflow-pack.mjs"),
-        )
-        .unwrap();
-        std::fs::write(dir.join("manifest.json"), json!({"id": "node-sink", "version": "0.1.0",
-            "subscribed_event_kinds": ["bench:ping"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string()).unwrap();
-        std::fs::write(dir.join("handler.mjs"), "import { runPack } from './lumenflow-pack.mjs';\nrunPack({ handlers: { 'bench:ping': async () => ({ status: 'handled' }) } });\n").unwrap();
+        node_pack(
+            ws.path(),
+            "node-sink",
+            "bench:ping",
+            "runPack({ handlers: { 'bench:ping': async () => ({ status: 'handled' }) } });",
+        );
         // The same, written like the quickstart: its own replay key checked and recorded.
-        let keyed = ws.path().join("packs/node-keyed");
-        std::fs::create_dir_all(&keyed).unwrap();
-        std::fs::copy(
-            root.join("packs/node/lumenflow-pack.mjs"),
-            keyed.join("lumenflow-pack.mjs"),
-        )
-        .unwrap();
-        std::fs::write(keyed.join("manifest.json"), json!({"id": "node-keyed", "version": "0.1.0",
-            "subscribed_event_kinds": ["bench:keyed"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string()).unwrap();
-        std::fs::write(keyed.join("handler.mjs"), "import { runPack } from './lumenflow-pack.mjs';\nrunPack({ handlers: { 'bench:keyed': async (e, ctx) => { const k = `k:${e.event_id}`; if (await ctx.replayLog.has(k)) return { status: 'replayed' }; await ctx.replayLog.put(k); return { status: 'handled' }; } } });\n").unwrap();
+        node_pack(ws.path(), "node-keyed", "bench:keyed", "runPack({ handlers: { 'bench:keyed': async (e, ctx) => { const k = `k:${e.event_id}`; if (await ctx.replayLog.has(k)) return { status: 'replayed' }; await ctx.replayLog.put(k); return { status: 'handled' }; } } });");
         let agent = Agent::start(&bin, ws.path(), "");
         for (pack, kind, total, label, target) in [
             ("node-sink", "bench:ping", n / 2, "inbound -> Node exec pack (pipelined JSON-RPC)", ">= 20k/s"),
@@ -964,17 +976,7 @@ fn main() {
         // and handles attempt 2; the cost is the median latency of such an event minus that of
         // a normal one. Exec: a Node worker that exits on attempt 1.
         let ws = workspace(json!({"supervision": {"max_restarts": 1000, "window_s": 1}}));
-        let dir = ws.path().join("packs/flaky");
-        std::fs::create_dir_all(&dir).unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        std::fs::copy(
-            root.join("packs/node/lumenflow-pack.mjs"),
-            dir.join("lumenflow-pack.mjs"),
-        )
-        .unwrap();
-        std::fs::write(dir.join("manifest.json"), json!({"id": "flaky", "version": "0.1.0",
-            "subscribed_event_kinds": ["conductor:job_poked"], "runtime": {"command": ["node", "handler.mjs"]}}).to_string()).unwrap();
-        std::fs::write(dir.join("handler.mjs"), "import { runPack } from './lumenflow-pack.mjs';\nimport { appendFileSync } from 'node:fs';\nrunPack({ handlers: { 'conductor:job_poked': async (e, ctx) => { if (e.payload.crash && ctx.attempt === 1) process.exit(1); appendFileSync('../../effects.log', e.event_id + '\\n'); return { status: 'handled' }; } } });\n").unwrap();
+        let dir = node_pack(ws.path(), "flaky", "conductor:job_poked", "import { appendFileSync } from 'node:fs';\nrunPack({ handlers: { 'conductor:job_poked': async (e, ctx) => { if (e.payload.crash && ctx.attempt === 1) process.exit(1); appendFileSync('../../effects.log', e.event_id + '\\n'); return { status: 'handled' }; } } });");
         let agent = Agent::start(&bin, ws.path(), "recorder");
         let http = Agent::http();
         let effects = ws.path().join("effects.log");
