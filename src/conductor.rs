@@ -138,6 +138,16 @@ fn parse(body: &Bytes) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("Malformed JSON: {e}"))
 }
 
+/// `{workspace_id, events: [...]}` (pushes and admin publishes), or what makes it a 400.
+fn workspace_batch(body: &Bytes) -> Result<(String, Vec<Value>), String> {
+    let mut v = parse(body)?;
+    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
+    match v["events"].take() {
+        Value::Array(events) => Ok((ws, events)),
+        _ => Err("missing events".into()),
+    }
+}
+
 async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
     let faults = c.lock().faults.clone();
     if let Some(ms) = faults.latency_ms {
@@ -166,13 +176,9 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
             );
         }
     }
-    let v = match parse(&body) {
-        Ok(v) => v,
+    let (ws, events) = match workspace_batch(&body) {
+        Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
-    let Some(events) = v["events"].as_array() else {
-        return error(StatusCode::BAD_REQUEST, "missing events");
     };
     if let Some(max) = faults.max_batch {
         if events.len() > max {
@@ -207,7 +213,7 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
                 "INSERT INTO received(workspace_id, event_id, kind, body, received_ms, received_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(event_id) DO UPDATE SET deliveries = deliveries + 1",
             )?;
-            for e in events {
+            for e in &events {
                 let id = e["event_id"].as_str().unwrap_or_default();
                 let kind = e["kind"].as_str().unwrap_or_default();
                 stmt.execute(params![ws, id, kind, e.to_string(), now_us / 1000, now_us])?;
@@ -288,18 +294,14 @@ async fn pull(State(c): State<Conductor>, body: Bytes) -> Response {
 }
 
 async fn publish(State(c): State<Conductor>, body: Bytes) -> Response {
-    let v = match parse(&body) {
-        Ok(v) => v,
+    let (ws, events) = match workspace_batch(&body) {
+        Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
-    let Some(events) = v["events"].as_array() else {
-        return error(StatusCode::BAD_REQUEST, "missing events");
     };
     let mut ids = Vec::new();
     {
         let inner = c.lock();
-        for e in events {
+        for e in &events {
             let mut env = json!({"schema_version": 2, "event_id": e.get("event_id").cloned().unwrap_or_else(|| json!(uuid::Uuid::now_v7().to_string())),
                 "kind": e["kind"], "timestamp": now_iso(), "from": "conductor", "payload": e.get("payload").cloned().unwrap_or(json!({}))});
             if let Some(ts) = e.get("timestamp") {
