@@ -452,17 +452,15 @@ impl HostServices {
             .iter()
             .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
             .count() as i64;
-        if queued > 0 {
-            let q = &self.shared.agent.queue;
-            let max = q.max_depth.load(Ordering::Relaxed) as i64;
-            let depth = q.durable_depth.load(Ordering::Acquire) + self.shared.stage.queued();
-            if depth + queued > max {
-                q.backpressure_rejections.fetch_add(1, Ordering::Relaxed);
-                return Err(ServiceError::Backpressure {
-                    retry_after_ms: 1000,
-                });
-            }
-        }
+        let waiting = self
+            .shared
+            .agent
+            .queue
+            .durable_depth
+            .load(Ordering::Acquire)
+            + self.shared.stage.queued();
+        crate::queue::check_depth(&self.shared.agent, waiting, queued)
+            .map_err(|e| emit_error(crate::router::EmitError::Queue(e)))?;
         let id = events
             .first()
             .map(|e| e.envelope.event_id.clone())
@@ -1066,10 +1064,7 @@ impl PackHost {
                     }
                 }
                 Err(e) => {
-                    agent
-                        .queue
-                        .durable_depth
-                        .fetch_sub(queued, Ordering::AcqRel);
+                    crate::queue::release_depth(&agent, queued);
                     r.commit_error = Some(e);
                 }
             }

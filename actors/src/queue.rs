@@ -275,7 +275,7 @@ impl Handler<Accept> for DurableQueue {
                         if b.direct > 0 {
                             // Delivered already: never waited in the outbox.
                             let d = b.direct as i64;
-                            stats.queue.durable_depth.fetch_sub(d, Ordering::AcqRel);
+                            release_depth(&stats, d);
                             stats
                                 .queue
                                 .accepted_queue
@@ -289,10 +289,7 @@ impl Handler<Accept> for DurableQueue {
                         (b.events, n_queue - b.direct as i64)
                     }
                     Err(e) => {
-                        stats
-                            .queue
-                            .durable_depth
-                            .fetch_sub(n_queue, Ordering::AcqRel);
+                        release_depth(&stats, n_queue);
                         return Err(e.into());
                     }
                 }
@@ -355,16 +352,12 @@ impl Handler<Committed> for DurableQueue {
     }
 }
 
-/// Reserves room for `n` durable events a handler emitted; `Err` (backpressure) when the queue
-/// would exceed `queue.max_depth`. Release with [`release_depth`] if they are not committed.
-pub fn reserve_depth(stats: &AgentStats, n: i64) -> Result<(), QueueError> {
-    if n == 0 {
-        return Ok(());
-    }
+/// The bound of `queue.max_depth`: `Err` (backpressure, counted) when `n` more durable events
+/// on top of `depth` would exceed it. Producers check it through [`reserve_depth`]; handlers'
+/// emits check it when staged (they are counted in at their commit).
+pub fn check_depth(stats: &AgentStats, depth: i64, n: i64) -> Result<(), QueueError> {
     let max = stats.queue.max_depth.load(Ordering::Relaxed);
-    let depth = stats.queue.durable_depth.fetch_add(n, Ordering::AcqRel);
-    if depth + n > max as i64 {
-        release_depth(stats, n);
+    if n > 0 && depth + n > max as i64 {
         stats
             .queue
             .backpressure_rejections
@@ -376,6 +369,13 @@ pub fn reserve_depth(stats: &AgentStats, n: i64) -> Result<(), QueueError> {
         });
     }
     Ok(())
+}
+
+/// Reserves room for `n` durable events (a producer's batch) before they are committed;
+/// release it with [`release_depth`] if they are not.
+fn reserve_depth(stats: &AgentStats, n: i64) -> Result<(), QueueError> {
+    let depth = stats.queue.durable_depth.fetch_add(n, Ordering::AcqRel);
+    check_depth(stats, depth, n).inspect_err(|_| release_depth(stats, n))
 }
 
 pub fn release_depth(stats: &AgentStats, n: i64) {
