@@ -879,7 +879,6 @@ impl PackHost {
             let mut dead_letters = Vec::new();
             let mut cleared = Vec::new();
             let mut stopped_at = None;
-            let mut in_chunk: HashSet<&str> = HashSet::new();
             let mut finished: HashSet<i64> = HashSet::new();
             // Exec packs: handle requests are pipelined, EXEC_WINDOW ahead of the outcome being
             // waited for (the worker handles them one at a time, in order). `fresh[i]`: the
@@ -915,8 +914,8 @@ impl PackHost {
                         next_send += 1;
                     }
                 }
-                let key = keys[i].as_str();
-                if !fresh[i] || in_chunk.contains(key) {
+                // Not fresh: recorded already, or a repeat of an event earlier in this chunk.
+                if !fresh[i] {
                     r.statuses.push(OutcomeStatus::Replayed);
                     r.finished += 1;
                     r.cursor = Some(p.seq);
@@ -972,7 +971,6 @@ impl PackHost {
                     }
                     Ok(o) => {
                         records.push(keys[i].clone());
-                        in_chunk.insert(key);
                         if p.attempts > 0 {
                             cleared.push(p.seq);
                         }
