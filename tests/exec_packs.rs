@@ -25,7 +25,8 @@ fn acme_workspace(packs: &str) -> Workspace {
     ws
 }
 
-/// A pack folder with a manifest and a raw worker script (no helper), for protocol abuse.
+/// A pack folder `packs/ID` with a manifest (subscribing to `conductor:recovery_requested`,
+/// running `node worker.mjs`; `extra` overrides or adds keys) and the worker script.
 fn raw_pack(ws: &Workspace, id: &str, script: &str, extra: Value) {
     let dir = ws.path().join("packs").join(id);
     std::fs::create_dir_all(&dir).unwrap();
@@ -227,18 +228,9 @@ fn a_reply_to_an_unknown_id_is_a_protocol_error_and_the_event_is_redelivered() {
 fn an_undeclared_emit_from_a_worker_gets_the_validation_error_and_nothing_is_routed() {
     let mut ws = Workspace::new(json!({}), "");
     copy_dir(&repo().join("packs/node"), &ws.path().join("packs/node"));
-    let dir = ws.path().join("packs/emitty");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"id": "emitty", "version": "0.1.0", "subscribed_event_kinds": ["conductor:recovery_requested"],
-            "emitted_event_kinds": ["emitty:done"], "backpressure_policy": {"emitty:done": "queue"},
-            "runtime": {"command": ["node", "handler.mjs"]}})
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("handler.mjs"),
+    raw_pack(
+        &ws,
+        "emitty",
         r#"import { runPack } from '../node/lumenflow-pack.mjs';
 import { writeFileSync } from 'node:fs';
 runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
@@ -247,8 +239,9 @@ runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
   return { status: 'handled', action: 'tried' };
 } } });
 "#,
-    )
-    .unwrap();
+        json!({"emitted_event_kinds": ["emitty:done"], "backpressure_policy": {"emitty:done": "queue"}}),
+    );
+    let dir = ws.path().join("packs/emitty");
     ws.start();
     ws.inbound("conductor:recovery_requested", "{}");
     wait_for("handled", T, || {
@@ -292,17 +285,9 @@ createInterface({ input: process.stdin }).on('line', (line) => {
 #[test]
 fn a_retry_holds_the_events_queued_behind_it_so_order_is_kept_and_none_runs_twice() {
     let mut ws = acme_workspace("");
-    let dir = ws.path().join("packs/retrier");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"id": "retrier", "version": "0.1.0", "subscribed_event_kinds": ["conductor:job_poked"],
-            "runtime": {"command": ["node", "handler.mjs"]}})
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("handler.mjs"),
+    raw_pack(
+        &ws,
+        "retrier",
         r#"import { runPack } from '../node/lumenflow-pack.mjs';
 import { appendFileSync } from 'node:fs';
 runPack({ handlers: { 'conductor:job_poked': async (e, ctx) => {
@@ -311,8 +296,9 @@ runPack({ handlers: { 'conductor:job_poked': async (e, ctx) => {
   return { status: 'handled' };
 } } });
 "#,
-    )
-    .unwrap();
+        json!({"subscribed_event_kinds": ["conductor:job_poked"]}),
+    );
+    let dir = ws.path().join("packs/retrier");
     ws.start();
     let events: Vec<Value> = (0..5)
         .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
