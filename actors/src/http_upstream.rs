@@ -337,6 +337,8 @@ pub struct HttpUpstream {
     heartbeat_every: Duration,
     pull_cursor: Option<String>,
     push_agent: ureq::Agent,
+    /// Built once, like `push_agent`: its connection (and TLS session) is kept between polls.
+    pull_agent: ureq::Agent,
     session_id: String,
 }
 
@@ -349,6 +351,10 @@ impl HttpUpstream {
         pull_cursor: Option<String>,
     ) -> Self {
         let push_agent = http_agent(PUSH_TIMEOUT, cfg.root_certs.as_ref());
+        let pull_agent = http_agent(
+            Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT,
+            cfg.root_certs.as_ref(),
+        );
         HttpUpstream {
             cfg,
             store,
@@ -362,6 +368,7 @@ impl HttpUpstream {
             heartbeat_every: Duration::from_secs(30),
             pull_cursor,
             push_agent,
+            pull_agent,
             session_id: uuid::Uuid::now_v7().to_string(),
         }
     }
@@ -555,10 +562,7 @@ impl HttpUpstream {
     }
 
     fn pull(&mut self, ctx: &mut Context<Self>) {
-        let agent = http_agent(
-            Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT,
-            self.cfg.root_certs.as_ref(),
-        );
+        let agent = self.pull_agent.clone();
         let cfg = self.cfg.clone();
         let cursor = self.pull_cursor.clone();
         let router = self.router.clone();
