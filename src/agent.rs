@@ -172,19 +172,36 @@ impl Agent {
         // A pack seen for the first time starts at the end of the inbound log. Fix that point
         // now, before any event can arrive: an exec pack's first load happens only after its
         // worker's handshake, and events accepted meanwhile must not fall before its cursor.
-        let mut ids: Vec<String> = self.native.iter().map(|p| p.manifest.id.clone()).collect();
-        ids.extend(
-            scan_packs(&self.ws, &self.cfg)
-                .loads
-                .iter()
-                .filter_map(|l| l.manifest.as_ref().map(|m| m.id.clone())),
-        );
-        for id in ids {
+        // A folder whose manifest is invalid right now is a pack too (its folder name is its
+        // id): it gets its place now and finds the events that arrive meanwhile once fixed.
+        // Every known pack counts as away until its host loads (`LoadPending` clears it).
+        let mut ids: Vec<(String, Option<Vec<String>>)> = self
+            .native
+            .iter()
+            .map(|p| {
+                let m = &p.manifest;
+                (m.id.clone(), Some(m.subscribed_event_kinds.clone()))
+            })
+            .collect();
+        ids.extend(scan_packs(&self.ws, &self.cfg).loads.iter().map(
+            |l| match l.manifest.as_ref() {
+                Some(m) => (m.id.clone(), Some(m.subscribed_event_kinds.clone())),
+                None => (l.folder_name(), None),
+            },
+        ));
+        for (id, kinds) in ids {
             conn.execute(
                 "INSERT OR IGNORE INTO pack_cursor(pack, cursor) SELECT ?1, coalesce(max(seq), 0) FROM inbound",
                 [&id],
             )?;
+            if let Some(kinds) = kinds {
+                lumenflow_actors::pack_host::sync_kinds(&conn, &id, &kinds)?;
+            }
         }
+        conn.execute(
+            "UPDATE pack_cursor SET absent_since_ms = coalesce(absent_since_ms, ?1)",
+            [lumenflow_actors::store::now_ms()],
+        )?;
         self.pull_cursor = load_pull_cursor(&conn)?;
         drop(conn);
 
@@ -389,6 +406,7 @@ impl Agent {
                 }),
             ),
         ];
+        let lost_stats = stats.store.clone();
         let died = async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -398,10 +416,28 @@ impl Agent {
                 }
             }
         };
+        // The state directory deleted under the agent: the Store refuses everything from the
+        // moment it sees it; stop, non-zero, so nothing keeps acknowledging into a lost file.
+        let lost = async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                if let Some(why) = lost_stats.lost() {
+                    return why;
+                }
+            }
+        };
         let mut failed = None;
         tokio::select! {
             _ = wait_for_signal() => {}
             name = died => failed = Some(name),
+            why = lost => {
+                shutdown.store(true, Ordering::SeqCst);
+                let _ = std::fs::remove_file(&api_file);
+                server.abort();
+                store_arbiter.stop();
+                return Err(anyhow::anyhow!("{why}"));
+            }
         }
         if let Some(name) = failed {
             tracing::error!("internal error: the {name} actor stopped unexpectedly (a panic); exiting so that a restart recovers it cleanly (accepted events are on disk)");

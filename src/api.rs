@@ -24,7 +24,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use lumenflow_actors::dead_letters::PurgeOp;
 use lumenflow_actors::queue::QueueError;
-use lumenflow_actors::router::RetryDeadLetters;
+use lumenflow_actors::queue::RetryDeadLetters;
 use lumenflow_actors::router::{EmitError, Emitter};
 use lumenflow_actors::stats::AgentStats;
 use lumenflow_actors::store::{StoreError, StoreHandle};
@@ -321,8 +321,15 @@ async fn dlq_retry(State(state): State<ApiState>, req: Request) -> Response {
             )
         }
     };
-    match state.emitter.router.send(RetryDeadLetters { ids }).await {
-        Ok(Ok(n)) => axum::Json(json!({"retried": n})).into_response(),
+    match state.emitter.queue.send(RetryDeadLetters { ids }).await {
+        Ok(Ok(r)) => axum::Json(json!({
+            "retried": r.moved(),
+            "to_pack": r.to_inbound().count(),
+            "to_outbox": r.to_outbox(),
+            "kept": r.kept(),
+            "summary": r.summary(),
+        }))
+        .into_response(),
         Ok(Err(StoreError::Invalid(m))) => error(StatusCode::NOT_FOUND, m),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

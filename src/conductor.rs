@@ -9,9 +9,9 @@
 //! - `POST /api/v1/events/pull` `{workspace_id, cursor, limit, wait_ms}` -> `{events,
 //!   next_cursor}`: long-poll for events published to the workspace.
 //! - Admin (same token): `POST /admin/publish {workspace_id, events: [{kind, payload,
-//!   event_id?}]}`, `GET /admin/events` (what was received), `POST /admin/faults {status?,
-//!   rate?, latency_ms?, drop?, reject_event_ids?, max_batch?}`, `POST /admin/policy
-//!   {default_decision}`.
+//!   event_id?}], raw?}` (`raw`: stored as given), `GET /admin/events` (what was received),
+//!   `POST /admin/faults {status?, retry_after?, rate?, latency_ms?, drop?, reject_event_ids?,
+//!   max_batch?, redirect?, html?, accept_at_most?}`, `POST /admin/policy {default_decision}`.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -41,6 +41,15 @@ pub struct Faults {
     pub reject_event_ids: Option<Vec<String>>,
     /// Answer 413 to a batch with more events than this.
     pub max_batch: Option<usize>,
+    /// Answer every push with this redirect (301, 302, 303, 307, 308) to `/login`, storing
+    /// nothing: a misconfigured endpoint or a login wall in front of the control plane.
+    pub redirect: Option<u16>,
+    /// Answer every push with `200` and an HTML page, storing nothing (a captive portal).
+    pub html: Option<bool>,
+    /// Store only the first N events of each push and answer `{"accepted": N}`.
+    pub accept_at_most: Option<usize>,
+    /// With `status`: the Retry-After header (seconds).
+    pub retry_after: Option<u64>,
 }
 
 struct Inner {
@@ -162,11 +171,33 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
         )
             .into_response();
     }
+    if let Some(status) = faults.redirect {
+        return (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND),
+            [(header::LOCATION, "/login")],
+            "",
+        )
+            .into_response();
+    }
+    if faults.html == Some(true) {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body>Please sign in</body></html>",
+        )
+            .into_response();
+    }
     if let Some(status) = faults.status {
-        return error(
+        let mut r = error(
             StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             format!("injected fault: HTTP {status}"),
         );
+        if let Some(s) = faults.retry_after {
+            if let Ok(v) = header::HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        return r;
     }
     if let Some(rate) = faults.rate {
         if rand::random::<f64>() < rate {
@@ -176,10 +207,13 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
             );
         }
     }
-    let (ws, events) = match workspace_batch(&body) {
+    let (ws, mut events) = match workspace_batch(&body) {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
+    if let Some(n) = faults.accept_at_most {
+        events.truncate(n);
+    }
     if let Some(max) = faults.max_batch {
         if events.len() > max {
             return error(
@@ -298,10 +332,24 @@ async fn publish(State(c): State<Conductor>, body: Bytes) -> Response {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
+    let raw = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .is_some_and(|v| v["raw"] == true);
     let mut ids = Vec::new();
     {
         let inner = c.lock();
         for e in &events {
+            if raw {
+                // Published as given, for tests of what the agent does with odd events.
+                ids.push(e.get("event_id").cloned().unwrap_or(Value::Null));
+                if let Err(e) = inner.db.execute(
+                    "INSERT INTO outgoing(workspace_id, body) VALUES (?1, ?2)",
+                    params![ws, e.to_string()],
+                ) {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                }
+                continue;
+            }
             let mut env = json!({"schema_version": 2, "event_id": e.get("event_id").cloned().unwrap_or_else(|| json!(uuid::Uuid::now_v7().to_string())),
                 "kind": e["kind"], "timestamp": now_iso(), "from": "conductor", "payload": e.get("payload").cloned().unwrap_or(json!({}))});
             if let Some(ts) = e.get("timestamp") {

@@ -1,10 +1,19 @@
-//! Dead letters: events a pack could not handle (`failed`, or a crash `max_attempts` times).
+//! Dead letters: events the agent could not take further, kept in SQLite with the reason.
 //!
-//! They are written by `PackHost` in the same transaction that moves its cursor past them, so
-//! a dead-lettered event is never lost and never blocks the pack. `retry` puts one back into
-//! the inbound log *for that pack only* (`inbound.target`); `purge` deletes them.
-//! These operations run through the `Store` when the agent runs, or on a direct connection
-//! when it does not (the CLI); the next `start` then delivers what was retried.
+//! Each has an `origin`, which says where `retry` puts it back:
+//! - `handler`: a pack could not handle an inbound event (`failed`, or a crash `max_attempts`
+//!   times). Written by `PackHost` in the transaction that moves its cursor past it, so it is
+//!   never lost and never blocks the pack. `retry` puts it back into the inbound log *for
+//!   that pack only* (`inbound.target`).
+//! - `upstream`: the control plane rejected an outgoing event (400/422 after bisecting).
+//!   `retry` puts it back at the end of the outbox, to be pushed again.
+//! - `inbound`: an event from the upstream the agent could not read (written with the pull
+//!   cursor that passed it). `retry` reads it again; one still unreadable stays, with the
+//!   reason, and is reported as kept.
+//!
+//! `purge` deletes them. These operations run through the `Store` when the agent runs, or on
+//! a direct connection when it does not (the CLI); the next `start` then delivers what was
+//! retried.
 
 use crate::store::{now_ms, StoreError, StoreOp};
 use rusqlite::{params, Connection};
@@ -19,12 +28,14 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub error: String,
     pub created_ms: i64,
+    /// `handler`, `upstream` or `inbound` (see the module comment).
+    pub origin: String,
     pub event: serde_json::Value,
 }
 
 pub fn list(conn: &Connection, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT id, pack, event_id, kind, attempts, error, created_ms, body FROM dead_letters ORDER BY id LIMIT ?1",
+        "SELECT id, pack, event_id, kind, attempts, error, created_ms, body, origin FROM dead_letters ORDER BY id LIMIT ?1",
     )?;
     let rows = stmt
         .query_map([limit], |r| {
@@ -37,6 +48,7 @@ pub fn list(conn: &Connection, limit: u32) -> Result<Vec<DeadLetter>, StoreError
                 attempts: r.get(4)?,
                 error: r.get(5)?,
                 created_ms: r.get(6)?,
+                origin: r.get(8)?,
                 event: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
             })
         })?
@@ -44,22 +56,84 @@ pub fn list(conn: &Connection, limit: u32) -> Result<Vec<DeadLetter>, StoreError
     Ok(rows)
 }
 
-/// A retried dead letter, back in the inbound log.
+/// Where a retried dead letter went.
 #[derive(Debug, Clone)]
-pub struct Retried {
-    pub seq: i64,
-    pub pack: String,
-    pub body: String,
+pub enum Retried {
+    /// Back in the inbound log for `pack`, at `seq`.
+    Inbound {
+        seq: i64,
+        pack: String,
+        body: String,
+    },
+    /// Back at the end of the outbox (origin `upstream`).
+    Outbox,
+    /// Still unreadable (origin `inbound`): kept in the dead letters.
+    Kept { id: i64, reason: String },
 }
 
-/// Moves dead letters (`ids`, or all) back into the inbound log for their pack.
-pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<Vec<Retried>, StoreError> {
-    let selected: Vec<(i64, String, String, String, String)> = {
-        let mut stmt =
-            conn.prepare("SELECT id, pack, event_id, kind, body FROM dead_letters ORDER BY id")?;
+/// What a retry did, per dead letter, in id order.
+#[derive(Debug, Clone, Default)]
+pub struct RetryReport {
+    pub retried: Vec<Retried>,
+}
+
+impl RetryReport {
+    pub fn to_inbound(&self) -> impl Iterator<Item = (i64, &str, &str)> {
+        self.retried.iter().filter_map(|r| match r {
+            Retried::Inbound { seq, pack, body } => Some((*seq, pack.as_str(), body.as_str())),
+            _ => None,
+        })
+    }
+    pub fn to_outbox(&self) -> usize {
+        self.retried
+            .iter()
+            .filter(|r| matches!(r, Retried::Outbox))
+            .count()
+    }
+    pub fn kept(&self) -> usize {
+        self.retried
+            .iter()
+            .filter(|r| matches!(r, Retried::Kept { .. }))
+            .count()
+    }
+    /// Dead letters that left the table.
+    pub fn moved(&self) -> usize {
+        self.retried.len() - self.kept()
+    }
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "retried {} dead letter(s): {} redelivered to their pack, {} back in the outbox",
+            self.moved(),
+            self.to_inbound().count(),
+            self.to_outbox()
+        );
+        for r in &self.retried {
+            if let Retried::Kept { id, reason } = r {
+                s.push_str(&format!("; {id} kept, still unreadable: {reason}"));
+            }
+        }
+        s
+    }
+}
+
+/// Moves dead letters (`ids`, or all) back where their origin says (see the module comment).
+pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, StoreError> {
+    type Row = (i64, String, String, String, String, String);
+    let selected: Vec<Row> = {
+        let mut stmt = conn.prepare(
+            "SELECT id, pack, event_id, kind, body, origin FROM dead_letters ORDER BY id",
+        )?;
         let all = stmt
             .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         all.into_iter()
@@ -77,23 +151,52 @@ pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<Vec<Retried>, Sto
         }
     }
     let now = now_ms();
-    let mut out = Vec::with_capacity(selected.len());
-    for (id, pack, event_id, kind, body) in selected {
-        let event_ms = lumenflow_pack_sdk::Envelope::parse(body.as_bytes())
-            .map(|e| e.timestamp_ms())
-            .unwrap_or(now);
-        conn.execute(
-            "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![event_id, kind, event_ms, now, body, pack],
-        )?;
-        out.push(Retried {
-            seq: conn.last_insert_rowid(),
-            pack,
-            body,
-        });
-        conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
+    let mut report = RetryReport::default();
+    for (id, pack, event_id, kind, body, origin) in selected {
+        let retried = match origin.as_str() {
+            "upstream" => {
+                conn.execute(
+                    "INSERT INTO outbox(event_id, kind, pack, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![event_id, kind, pack, now, body],
+                )?;
+                Retried::Outbox
+            }
+            "inbound" => match crate::inbound_events::read_pulled(&body) {
+                Err(reason) => Retried::Kept { id, reason },
+                Ok(envelope) => {
+                    let body = envelope.to_json();
+                    conn.execute(
+                        "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![envelope.event_id, envelope.kind, envelope.timestamp_ms(), now, body],
+                    )?;
+                    Retried::Inbound {
+                        seq: conn.last_insert_rowid(),
+                        pack: String::new(),
+                        body,
+                    }
+                }
+            },
+            _ => {
+                let event_ms = lumenflow_pack_sdk::Envelope::parse(body.as_bytes())
+                    .map(|e| e.timestamp_ms())
+                    .unwrap_or(now);
+                conn.execute(
+                    "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![event_id, kind, event_ms, now, body, pack],
+                )?;
+                Retried::Inbound {
+                    seq: conn.last_insert_rowid(),
+                    pack,
+                    body,
+                }
+            }
+        };
+        if !matches!(retried, Retried::Kept { .. }) {
+            conn.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
+        }
+        report.retried.push(retried);
     }
-    Ok(out)
+    Ok(report)
 }
 
 pub fn purge(conn: &Connection) -> Result<usize, StoreError> {
@@ -105,8 +208,8 @@ pub struct RetryOp {
 }
 
 impl StoreOp for RetryOp {
-    type Output = Vec<Retried>;
-    fn run(self, conn: &Connection) -> Result<Vec<Retried>, StoreError> {
+    type Output = RetryReport;
+    fn run(self, conn: &Connection) -> Result<RetryReport, StoreError> {
         retry(conn, self.ids.as_deref())
     }
 }

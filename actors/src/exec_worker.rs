@@ -99,6 +99,16 @@ fn fail_all(shared: &Mutex<Shared>, why: WorkerError) {
     }
 }
 
+/// The delivery a request the worker makes now belongs to: the oldest unanswered `handle`
+/// (`None`: outside any delivery, e.g. `onStart`), or `Err` once the worker was abandoned.
+fn delivery_of_request(shared: &Mutex<Shared>) -> Result<Option<Tag>, ()> {
+    let s = lock(shared);
+    if s.dead.is_some() {
+        return Err(());
+    }
+    Ok(s.handling.values().next().copied())
+}
+
 /// Reads one line of at most `max` bytes; `Ok(None)` at end of stream.
 async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
@@ -301,6 +311,33 @@ pub fn classify_line(line: &[u8]) -> WorkerLine {
     WorkerLine::Reply { id, reply }
 }
 
+/// A worker must not outlive its agent: after a `kill -9` of the agent, a worker that finishes
+/// its handler performs an effect that the next agent runs again (the event was never
+/// recorded), with nobody left to refuse its emits. The kernel sends it SIGKILL when the agent
+/// dies (`PR_SET_PDEATHSIG`; the agent starts workers from its main thread, which lives as long
+/// as the process). Its own children see their stdin close; the Node helper exits on that.
+fn die_with_the_agent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // Runs in the child between fork and exec: only async-signal-safe calls, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The agent died before the prctl took effect: no signal will come.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 impl ExecWorker {
     /// Starts `runtime.command` in the pack folder.
     pub fn spawn(
@@ -331,6 +368,7 @@ impl ExecWorker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        die_with_the_agent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
             command: argv.join(" "),
             dir: pack_dir.display().to_string(),
@@ -418,7 +456,19 @@ impl ExecWorker {
                         tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
                     }
                     WorkerLine::Request { id, method, params } => {
-                        let tag = lock(&r_shared).handling.values().next().copied();
+                        // Once the worker is abandoned (timeout, broken protocol) nothing it
+                        // still says belongs to a live delivery: refuse it. Served without a
+                        // tag, it would be committed at once, outside any outcome (an emit
+                        // doubled by the redelivery, or a key that makes it `replayed`).
+                        let Ok(tag) = delivery_of_request(&r_shared) else {
+                            let _ = r_out.send(rpc_error(
+                                &id,
+                                1003,
+                                "the delivery this call belongs to was abandoned (timeout or crash); the event will be delivered again".into(),
+                                None,
+                            ));
+                            continue;
+                        };
                         let (services, out) = (services(tag), r_out.clone());
                         actix::spawn(async move {
                             let reply = serve_request(services, id, method, params).await;
@@ -520,7 +570,9 @@ impl ExecWorker {
         method: &str,
         timeout: Duration,
     ) -> Reply {
-        match tokio::time::timeout(timeout, rx).await {
+        // The handler's time, not the agent's: a stalled agent does not time out a worker that
+        // answered meanwhile (see `worker_clock`).
+        match crate::worker_clock::timeout(timeout, rx).await {
             Err(_) => {
                 let e = WorkerError::Timeout {
                     method: method.into(),
@@ -711,6 +763,29 @@ mod tests {
         assert!(
             matches!(classify_line(br#"{"jsonrpc":"2.0","id":"x","result":1}"#), WorkerLine::Invalid(m) if m.contains("unknown request id"))
         );
+    }
+
+    /// Requests read after a `handle` timed out (they were in the pipe while the agent gave up)
+    /// belong to no live delivery: refused, never served untagged (committed at once).
+    #[test]
+    fn requests_after_the_worker_was_abandoned_are_refused() {
+        let shared = Mutex::new(Shared {
+            pending: HashMap::new(),
+            handling: BTreeMap::from([(4, Tag { chunk: 1, seq: 9 })]),
+            dead: None,
+        });
+        assert_eq!(
+            delivery_of_request(&shared),
+            Ok(Some(Tag { chunk: 1, seq: 9 }))
+        );
+        fail_all(
+            &shared,
+            WorkerError::Timeout {
+                method: "handle".into(),
+                ms: 10,
+            },
+        );
+        assert_eq!(delivery_of_request(&shared), Err(()));
     }
 
     proptest! {

@@ -16,13 +16,13 @@
 //! - A policy pull answering `default_decision: "deny"` pauses forwarding (events wait).
 //! - Inbound events are persisted together with the pull cursor before the cursor advances.
 
+use crate::inbound_events::read_pulled_value;
 use crate::router::{Inbound, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use crate::supervision::full_jitter;
 use crate::upstream::{EphemeralRing, IsIdle, Push};
 use actix::prelude::*;
-use lumenflow_pack_sdk::Envelope;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -110,7 +110,7 @@ impl StoreOp for Settle {
         }
         for (item, reason) in &self.rejected {
             conn.prepare_cached(
-                "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)",
+                "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body, origin) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, 'upstream')",
             )?
             .execute(params![item.pack, item.event_id, item.kind, reason, now_ms(), &*item.body])?;
             if let Some(seq) = item.seq {
@@ -133,18 +133,42 @@ pub fn load_pull_cursor(conn: &Connection) -> Result<Option<String>, StoreError>
     Ok(crate::schema::meta_get(conn, "pull_cursor")?)
 }
 
-/// The result of one HTTP call.
+/// The result of one HTTP call: status, body, Retry-After (s), Location.
 enum Reply {
-    Status(u16, String, Option<u64>),
+    Status(u16, String, Option<u64>, Option<String>),
     Network(String),
+}
+
+/// How many events of a batch of `sent` a 2xx reply acknowledges: the leading `accepted` of
+/// them, as the platform reads `{"accepted": n}` (`accepted: 0` is "none accepted", not
+/// success). A 2xx that does not say so (an HTML page, `{}`, a proxy's empty 204) is no ack:
+/// nothing leaves the outbox on it.
+pub fn accepted_count(body: &str, sent: usize) -> Result<usize, String> {
+    let excerpt = || body.chars().take(120).collect::<String>();
+    let v: Value = serde_json::from_str(body).map_err(|_| {
+        format!(
+            "the reply is not the JSON {{\"accepted\": n}} of a LumenFlow control plane: {:?}",
+            excerpt()
+        )
+    })?;
+    match v.get("accepted").and_then(Value::as_u64) {
+        Some(n) => Ok((n as usize).min(sent)),
+        None => Err(format!(
+            "the reply has no \"accepted\" count: {:?}",
+            excerpt()
+        )),
+    }
 }
 
 fn http_agent(
     timeout: Duration,
     roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>,
 ) -> ureq::Agent {
+    // Never follow a redirect: ureq would turn the POST into a GET without the token, and the
+    // 200 of a login page would read as an ack. A 3xx is an error that says where it points.
     let mut b = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        .max_redirects(0)
         .http_status_as_error(false);
     if let Some(roots) = roots {
         b = b.tls_config(
@@ -171,13 +195,18 @@ async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> R
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok());
+                let location = r
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 let text = r
                     .body_mut()
                     .with_config()
                     .limit(16 << 20)
                     .read_to_string()
                     .unwrap_or_default();
-                Reply::Status(status, text, retry_after)
+                Reply::Status(status, text, retry_after, location)
             }
             Err(e) => Reply::Network(e.to_string()),
         }
@@ -256,11 +285,52 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
         };
         let excerpt = |text: &str, n: usize| text.chars().take(n).collect::<String>();
         match reply {
-            Reply::Status(s, _, _) if (200..300).contains(&s) => {
-                round.sent += batch.len();
-                round.acked.extend(batch.iter().filter_map(|i| i.seq));
+            Reply::Status(s, text, _, _) if (200..300).contains(&s) => {
+                let n = match accepted_count(&text, batch.len()) {
+                    Ok(n) => n,
+                    Err(why) => {
+                        round.end = End::Retry {
+                            error: format!("HTTP {s} is not an ack: {why}; the events wait"),
+                            retry_after: None,
+                            dropped_ephemeral: dropped_ephemeral(),
+                        };
+                        return round;
+                    }
+                };
+                round.sent += n;
+                round.acked.extend(batch[..n].iter().filter_map(|i| i.seq));
+                if n < batch.len() {
+                    // The rest of the batch, in order, waits for the next push.
+                    let rest = batch.len() - n;
+                    let dropped = stack
+                        .iter()
+                        .flatten()
+                        .chain(batch[n..].iter())
+                        .filter(|i| i.seq.is_none())
+                        .count();
+                    round.end = End::Retry {
+                        error: format!(
+                            "the control plane accepted {n} of {} events; {rest} wait and are sent again",
+                            batch.len()
+                        ),
+                        retry_after: None,
+                        dropped_ephemeral: dropped,
+                    };
+                    return round;
+                }
             }
-            Reply::Status(s @ (400 | 413 | 422), text, _) => {
+            Reply::Status(s @ 300..=399, _, _, location) => {
+                round.end = End::Retry {
+                    error: format!(
+                        "HTTP {s} redirect to {} is not an ack (redirects are not followed: set the endpoint to the control plane itself); the events wait",
+                        location.as_deref().unwrap_or("(no Location)")
+                    ),
+                    retry_after: None,
+                    dropped_ephemeral: dropped_ephemeral(),
+                };
+                return round;
+            }
+            Reply::Status(s @ (400 | 413 | 422), text, _, _) => {
                 if batch.len() > 1 {
                     let mut first = batch;
                     let second = first.split_off(first.len() / 2);
@@ -275,7 +345,7 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
                     round.rejected.push((item, reason));
                 }
             }
-            Reply::Status(s @ (401 | 403), text, _) => {
+            Reply::Status(s @ (401 | 403), text, _, _) => {
                 let error = format!("HTTP {s}: {}", excerpt(&text, 300));
                 round.end = End::Unauthorized {
                     error,
@@ -283,7 +353,7 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
                 };
                 return round;
             }
-            Reply::Status(s, text, retry_after) => {
+            Reply::Status(s, text, retry_after, _) => {
                 let error = format!("HTTP {s}: {}", excerpt(&text, 300));
                 round.end = End::Retry {
                     error,
@@ -479,6 +549,11 @@ impl HttpUpstream {
                     q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
                     // Offered while this push was in flight, before the link was known down.
                     act.ring.drop_all(&act.stats);
+                    // A partial ack is progress: the rest goes again soon, not after a backoff
+                    // that grew while nothing went through.
+                    if settled.sent > 0 {
+                        act.attempt = 0;
+                    }
                     act.attempt += 1;
                     let wait = retry_after
                         .map(Duration::from_secs)
@@ -538,13 +613,13 @@ impl HttpUpstream {
             (hb, policy)
         };
         ctx.spawn(fut.into_actor(self).map(|(hb, policy), act, ctx| {
-            if let Reply::Status(200..=299, text, _) = &hb {
+            if let Reply::Status(200..=299, text, _, _) = &hb {
                 act.stats.upstream.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
                 if let Some(ms) = serde_json::from_str::<Value>(text).ok().and_then(|v| v["next_heartbeat_ms"].as_u64()).filter(|ms| (1000..=600_000).contains(ms)) {
                     act.heartbeat_every = Duration::from_millis(ms);
                 }
             }
-            if let Reply::Status(200..=299, text, _) = &policy {
+            if let Reply::Status(200..=299, text, _, _) = &policy {
                 let deny = serde_json::from_str::<Value>(text).ok().is_some_and(|v| v["default_decision"] == "deny");
                 if deny && act.link == Link::Connected {
                     tracing::warn!("control plane policy default_decision is deny: forwarding paused (events wait)");
@@ -576,8 +651,8 @@ impl HttpUpstream {
             )
             .await
             {
-                Reply::Status(200..=299, text, _) => {
-                    let v: Value = serde_json::from_str(&text)
+                Reply::Status(200..=299, text, _, _) => {
+                    let mut v: Value = serde_json::from_str(&text)
                         .map_err(|e| format!("pull reply is not JSON: {e}"))?;
                     let next = match &v["next_cursor"] {
                         Value::String(s) => Some(s.clone()),
@@ -585,19 +660,33 @@ impl HttpUpstream {
                         _ => cursor.clone(),
                     };
                     let mut events = Vec::new();
-                    for e in v["events"].as_array().cloned().unwrap_or_default() {
-                        match Envelope::from_value(e) {
+                    let mut unreadable = Vec::new();
+                    let listed = match v["events"].take() {
+                        Value::Array(list) => list,
+                        Value::Null => Vec::new(),
+                        other => {
+                            return Err(format!(
+                                "pull reply: \"events\" must be a list, got {}",
+                                other.to_string().chars().take(100).collect::<String>()
+                            ))
+                        }
+                    };
+                    for e in listed {
+                        match read_pulled_value(e) {
                             Ok(env) => events.push(env),
-                            Err(err) => {
-                                tracing::error!(error = %err, "upstream sent an invalid inbound event; skipped")
+                            Err(u) => {
+                                // Dead-lettered with the cursor that passes it: never lost.
+                                tracing::error!(reason = %u.reason, "upstream sent an event the agent cannot read; dead-lettered (see `lumenflow-agent dlq list`)");
+                                unreadable.push(u);
                             }
                         }
                     }
                     let n = events.len();
-                    if n > 0 || next != cursor {
+                    if n > 0 || !unreadable.is_empty() || next != cursor {
                         router
                             .send(Inbound {
                                 events,
+                                unreadable,
                                 cursor: next.clone(),
                             })
                             .await
@@ -606,7 +695,7 @@ impl HttpUpstream {
                     }
                     Ok((next, n))
                 }
-                Reply::Status(s, text, _) => Err(format!(
+                Reply::Status(s, text, _, _) => Err(format!(
                     "pull: HTTP {s}: {}",
                     text.chars().take(200).collect::<String>()
                 )),
@@ -663,5 +752,23 @@ impl Handler<IsIdle> for HttpUpstream {
     type Result = bool;
     fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
         !self.busy && self.ring.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepted_count;
+
+    #[test]
+    fn only_an_accepted_count_is_an_ack() {
+        assert_eq!(accepted_count(r#"{"accepted": 5}"#, 5), Ok(5));
+        assert_eq!(accepted_count(r#"{"accepted": 2}"#, 5), Ok(2));
+        assert_eq!(accepted_count(r#"{"accepted": 0}"#, 5), Ok(0));
+        assert_eq!(accepted_count(r#"{"accepted": 9}"#, 5), Ok(5));
+        assert!(accepted_count("<html>sign in</html>", 5).is_err());
+        assert!(accepted_count("{}", 5).is_err());
+        assert!(accepted_count("", 5).is_err());
+        assert!(accepted_count(r#"{"accepted": "5"}"#, 5).is_err());
+        assert!(accepted_count(r#"{"accepted": -1}"#, 5).is_err());
     }
 }

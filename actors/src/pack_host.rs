@@ -19,7 +19,7 @@
 use crate::effects::{EffectStage, Tag};
 use crate::exec_worker::{ExecWorker, ServicesFor, WorkerError};
 use crate::queue::{insert_accepted, Accepted, Committed};
-use crate::replay_log::{event_key, handler_key, record, seen, ReplayLog, Seen};
+use crate::replay_log::{event_key, handler_key, record, seen, ReplayLog};
 use crate::router::{Emitter, InboundRow};
 use crate::stats::{AgentStats, PackState, PackStats};
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
@@ -77,6 +77,48 @@ struct Pending {
     attempts: u32,
 }
 
+/// Which inbound rows (alias `i`, the pack as `?1`) are the pack's, besides their kind: every
+/// row of a kind it subscribes to, except those logged before it subscribed to that kind (see
+/// [`sync_kinds`]); a retried dead letter targeted at it, always.
+const FOR_PACK: &str = "(i.target = ?1 OR (i.target IS NULL AND i.seq > coalesce((SELECT s.since_seq FROM pack_kind_since s WHERE s.pack = ?1 AND s.kind = i.kind), 0)))";
+
+/// Records the kinds a pack subscribes to as it (re)starts. A kind it did not subscribe to
+/// before starts from the end of the inbound log: the log keeps every event (for packs that
+/// are away), but a new subscription takes the events that arrive from now on, as it always
+/// did. Run before the routing table with the new kinds is published.
+pub fn sync_kinds(conn: &Connection, pack: &str, kinds: &[String]) -> Result<(), StoreError> {
+    let stored: Option<Option<String>> = conn
+        .query_row(
+            "SELECT kinds FROM pack_cursor WHERE pack = ?1",
+            [pack],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(stored) = stored else {
+        return Ok(()); // no cursor yet: it starts at the end of the log anyway
+    };
+    if let Some(before) = stored.and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok()) {
+        let added: Vec<&String> = kinds.iter().filter(|k| !before.contains(k)).collect();
+        if !added.is_empty() {
+            let end: i64 =
+                conn.query_row("SELECT coalesce(max(seq), 0) FROM inbound", [], |r| {
+                    r.get(0)
+                })?;
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO pack_kind_since(pack, kind, since_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(pack, kind) DO UPDATE SET since_seq = excluded.since_seq",
+            )?;
+            for k in added {
+                stmt.execute(params![pack, k, end])?;
+            }
+        }
+    }
+    let text = serde_json::to_string(kinds).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached("UPDATE pack_cursor SET kinds = ?2 WHERE pack = ?1")?
+        .execute(params![pack, text])?;
+    Ok(())
+}
+
 /// Reads the pack's cursor (creating it at the log's end for a new pack) and the rows after it.
 struct LoadPending {
     pack: String,
@@ -93,15 +135,24 @@ struct Loaded {
 impl StoreOp for LoadPending {
     type Output = Loaded;
     fn run(self, conn: &Connection) -> Result<Loaded, StoreError> {
-        let cursor: Option<i64> = conn
+        let found: Option<(i64, i64)> = conn
             .query_row(
-                "SELECT cursor FROM pack_cursor WHERE pack = ?1",
+                "SELECT cursor, leased_to FROM pack_cursor WHERE pack = ?1",
                 [&self.pack],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let cursor = match cursor {
-            Some(c) => c,
+        let cursor = match found {
+            Some((c, leased_to)) => {
+                if leased_to > c && !self.kinds.is_empty() {
+                    count_interrupted_deliveries(conn, &self.pack, &self.kinds, c, leased_to)?;
+                }
+                conn.prepare_cached(
+                    "UPDATE pack_cursor SET leased_to = cursor, absent_since_ms = NULL WHERE pack = ?1",
+                )?
+                .execute([&self.pack])?;
+                c
+            }
             None => {
                 // A new pack starts with the events that arrive from now on.
                 let end: i64 =
@@ -126,7 +177,7 @@ impl StoreOp for LoadPending {
         let sql = format!(
             "SELECT i.seq, i.body, coalesce(a.attempts, 0) FROM inbound i
              LEFT JOIN attempts a ON a.pack = ?1 AND a.seq = i.seq
-             WHERE i.seq > ?2 AND i.kind IN ({placeholders}) AND (i.target IS NULL OR i.target = ?1)
+             WHERE i.seq > ?2 AND i.kind IN ({placeholders}) AND {FOR_PACK}
              ORDER BY i.seq LIMIT {}",
             self.limit + 1
         );
@@ -145,6 +196,68 @@ impl StoreOp for LoadPending {
             rows,
             truncated,
         })
+    }
+}
+
+/// The rows in `(cursor, leased_to]` were handed to the pack's handler by an agent that then
+/// stopped without finishing them (kill -9, power cut): each counts one attempt, so the next
+/// delivery says `attempt: 2, redelivered: true`, and an event that keeps taking the agent down
+/// with it still reaches `max_attempts`.
+fn count_interrupted_deliveries(
+    conn: &Connection,
+    pack: &str,
+    kinds: &[String],
+    cursor: i64,
+    leased_to: i64,
+) -> Result<usize, StoreError> {
+    let placeholders = vec!["?"; kinds.len()].join(",");
+    let sql = format!(
+        "INSERT INTO attempts(pack, seq, attempts, last_error)
+         SELECT ?1, i.seq, 1, 'the agent stopped while the event was being handled' FROM inbound i
+         WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK}
+         ON CONFLICT(pack, seq) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error"
+    );
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&pack, &cursor, &leased_to];
+    for k in kinds {
+        args.push(k);
+    }
+    let n = conn.execute(&sql, args.as_slice())?;
+    if n > 0 {
+        tracing::warn!(pack, events = n, "the agent stopped while these events were being handled: each is delivered again, as a new attempt");
+    }
+    Ok(n)
+}
+
+/// The replay-log lookups for a chunk about to start, and its lease: the chunk's events are
+/// marked as handed to the handler (see [`count_interrupted_deliveries`]). One store round trip.
+struct StartChunk {
+    pack: String,
+    keys: Vec<String>,
+    leased_to: i64,
+}
+
+impl StoreOp for StartChunk {
+    type Output = Vec<bool>;
+    fn run(self, conn: &Connection) -> Result<Vec<bool>, StoreError> {
+        conn.prepare_cached(
+            "UPDATE pack_cursor SET leased_to = max(leased_to, ?2) WHERE pack = ?1",
+        )?
+        .execute(params![self.pack, self.leased_to])?;
+        seen(conn, &self.pack, &self.keys)
+    }
+}
+
+/// Ends the lease of a host that stops cleanly (drain, removal): nothing is in flight.
+struct EndLease {
+    pack: String,
+}
+
+impl StoreOp for EndLease {
+    type Output = ();
+    fn run(self, conn: &Connection) -> Result<(), StoreError> {
+        conn.prepare_cached("UPDATE pack_cursor SET leased_to = cursor WHERE pack = ?1")?
+            .execute([&self.pack])?;
+        Ok(())
     }
 }
 
@@ -177,7 +290,7 @@ impl StoreOp for IdleCursor {
         if !self.kinds.is_empty() {
             let placeholders = vec!["?"; self.kinds.len()].join(",");
             let sql = format!(
-                "SELECT 1 FROM inbound WHERE seq > ?2 AND kind IN ({placeholders}) AND (target IS NULL OR target = ?1) LIMIT 1"
+                "SELECT 1 FROM inbound i WHERE i.seq > ?2 AND i.kind IN ({placeholders}) AND {FOR_PACK} LIMIT 1"
             );
             let mut args: Vec<&dyn rusqlite::ToSql> = vec![&self.pack, &cursor];
             for k in &self.kinds {
@@ -219,6 +332,8 @@ struct CompleteChunk {
     /// chunk's records, so the next chunk needs no lookup of its own (one store round trip
     /// per chunk instead of two).
     lookahead: Vec<(i64, String)>,
+    /// The next chunk delivers one event before it commits (a keyed handler): lease only it.
+    lease_one: bool,
 }
 
 /// Replay-log answers for upcoming events: (seq, already recorded).
@@ -283,6 +398,19 @@ impl StoreOp for CompleteChunk {
             conn.prepare_cached("UPDATE pack_cursor SET cursor = max(cursor, ?2) WHERE pack = ?1")?
                 .execute(params![self.pack, c])?;
         }
+        // The lease moves on to the events the next chunk takes from the lookups below (none
+        // after a crash or a retry: that chunk starts with its own `StartChunk`).
+        let lease = if stopped.is_some() {
+            None
+        } else if self.lease_one {
+            self.lookahead.first().map(|(seq, _)| *seq)
+        } else {
+            self.lookahead.iter().map(|(seq, _)| *seq).max()
+        };
+        conn.prepare_cached(
+            "UPDATE pack_cursor SET leased_to = coalesce(?2, cursor) WHERE pack = ?1",
+        )?
+        .execute(params![self.pack, lease])?;
         let next = if stopped.is_some() || self.lookahead.is_empty() {
             Vec::new()
         } else {
@@ -832,7 +960,6 @@ impl PackHost {
         known: Option<Vec<bool>>,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
         let pack = self.id.clone();
-        let replay = self.replay.clone();
         let store = self.store.clone();
         let handler = self.handler.clone();
         let worker = self.worker.clone();
@@ -852,23 +979,25 @@ impl PackHost {
                 .collect();
             let seen = match known {
                 Some(k) => k,
-                None => match replay
-                    .send(Seen {
+                None => {
+                    let leased_to = if window == 1 {
+                        chunk.first().map(|p| p.seq)
+                    } else {
+                        chunk.last().map(|p| p.seq)
+                    };
+                    let op = StartChunk {
                         pack: pack.clone(),
                         keys: keys.clone(),
-                    })
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        r.commit_error = Some(e);
-                        return r;
+                        leased_to: leased_to.unwrap_or(0),
+                    };
+                    match store.run(op).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            r.commit_error = Some(e);
+                            return r;
+                        }
                     }
-                    Err(e) => {
-                        r.commit_error = Some(StoreError::Unavailable(e.to_string()));
-                        return r;
-                    }
-                },
+                }
             };
             let chunk_no = stage.open();
             let tag = |p: &Pending| Tag {
@@ -1025,6 +1154,7 @@ impl PackHost {
                 stopped_at,
                 max_attempts,
                 lookahead,
+                lease_one: r.keyed,
             };
             let hook = move |c: &ChunkCommitted| {
                 if !c.emits.is_empty() {
@@ -1308,12 +1438,17 @@ impl Handler<Drain> for PackHost {
         self.stats.set_state(PackState::Stopped);
         let busy = self.busy.clone();
         let worker = self.worker.take();
+        let (store, pack) = (self.store.clone(), self.id.clone());
         Box::pin(async move {
             while busy.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if let Some(w) = worker {
                 w.shutdown(Duration::from_secs(2)).await;
+            }
+            // Nothing is in flight: the next host must not count the lease as interrupted.
+            if let Err(e) = store.run(EndLease { pack }).await {
+                tracing::warn!(error = %e, "cannot end the pack's lease; its next start counts one extra attempt");
             }
         })
     }

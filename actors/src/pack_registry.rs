@@ -71,9 +71,11 @@ struct Running {
     folder: Option<String>,
 }
 
-/// Creates a pack's cursor at the end of the inbound log if it has none.
+/// Creates a pack's cursor at the end of the inbound log if it has none, and records the kinds
+/// it now subscribes to (`pack_host::sync_kinds`). Before the new routes are published.
 struct InitCursor {
     pack: String,
+    kinds: Vec<String>,
 }
 
 impl StoreOp for InitCursor {
@@ -82,6 +84,23 @@ impl StoreOp for InitCursor {
         conn.execute(
             "INSERT OR IGNORE INTO pack_cursor(pack, cursor) SELECT ?1, coalesce(max(seq), 0) FROM inbound",
             [&self.pack],
+        )?;
+        crate::pack_host::sync_kinds(conn, &self.pack, &self.kinds)
+    }
+}
+
+/// The pack is known but not loaded (folder removed, manifest invalid): it keeps its cursor,
+/// and so its place in the inbound log, for at most the replay retention (`replay_log::PruneOp`).
+pub struct MarkAbsent {
+    pub pack: String,
+}
+
+impl StoreOp for MarkAbsent {
+    type Output = ();
+    fn run(self, conn: &Connection) -> Result<(), StoreError> {
+        conn.execute(
+            "UPDATE pack_cursor SET absent_since_ms = coalesce(absent_since_ms, ?2) WHERE pack = ?1",
+            rusqlite::params![self.pack, now_ms()],
         )?;
         Ok(())
     }
@@ -378,10 +397,19 @@ impl Handler<ReloadPacks> for PackRegistry {
                 Change::Start(..) => None,
             })
             .collect();
-        let starting: Vec<String> = changes
+        let starting: Vec<(String, Vec<String>)> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Start(m, ..) => Some(m.id.clone()),
+                Change::Start(m, ..) | Change::Replace(m, ..) => {
+                    Some((m.id.clone(), m.subscribed_event_kinds.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let removed: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Remove(id) => Some(id.clone()),
                 _ => None,
             })
             .collect();
@@ -392,11 +420,25 @@ impl Handler<ReloadPacks> for PackRegistry {
             for (id, addr) in stopping {
                 // Finish the event in flight, then forget the host (its last address goes).
                 let _ = addr.send(Drain).await;
-                let _ = router.send(UnregisterHost { pack: id }).await;
+                let _ = router.send(UnregisterHost { pack: id.clone() }).await;
                 addr.do_send(Stop);
+                // The last address must be gone when the host stops, or its supervisor
+                // restarts it (in a folder that may be gone).
+                drop(addr);
+                if removed.contains(&id) {
+                    if let Err(e) = store.run(MarkAbsent { pack: id.clone() }).await {
+                        tracing::warn!(pack = %id, error = %e, "cannot mark the pack away");
+                    }
+                }
             }
-            for id in starting {
-                if let Err(e) = store.run(InitCursor { pack: id.clone() }).await {
+            for (id, kinds) in starting {
+                if let Err(e) = store
+                    .run(InitCursor {
+                        pack: id.clone(),
+                        kinds,
+                    })
+                    .await
+                {
                     tracing::error!(pack = %id, error = %e, "cannot create the pack's cursor");
                 }
             }

@@ -394,6 +394,54 @@ impl Handler<SetMaxDepth> for DurableQueue {
     }
 }
 
+/// Put dead letters back where their origin says (`dead_letters::retry`): handler dead letters
+/// into the inbound log for their pack, upstream rejections into the outbox; then deliver.
+pub struct RetryDeadLetters {
+    pub ids: Option<Vec<i64>>,
+}
+impl Message for RetryDeadLetters {
+    type Result = Result<crate::dead_letters::RetryReport, StoreError>;
+}
+impl Handler<RetryDeadLetters> for DurableQueue {
+    type Result = ResponseFuture<Result<crate::dead_letters::RetryReport, StoreError>>;
+    fn handle(&mut self, m: RetryDeadLetters, _: &mut Context<Self>) -> Self::Result {
+        let (store, stats) = (self.store.clone(), self.stats.clone());
+        let (router, upstream) = (self.router.clone(), self.upstream.clone());
+        Box::pin(async move {
+            let on_commit: OnCommit<crate::dead_letters::RetryReport> = Box::new(move |report| {
+                let rows: Vec<InboundRow> = report
+                    .to_inbound()
+                    .filter_map(|(seq, pack, body)| {
+                        Envelope::parse(body.as_bytes()).ok().map(|e| InboundRow {
+                            seq,
+                            envelope: Arc::new(e),
+                            target: (!pack.is_empty()).then(|| pack.to_string()),
+                        })
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    router.do_send(Dispatch { rows });
+                }
+            });
+            let report = store
+                .run_then(crate::dead_letters::RetryOp { ids: m.ids }, Some(on_commit))
+                .await?;
+            stats
+                .dead_letters
+                .fetch_sub(report.moved() as i64, Ordering::Relaxed);
+            let to_outbox = report.to_outbox() as i64;
+            if to_outbox > 0 {
+                stats
+                    .queue
+                    .durable_depth
+                    .fetch_add(to_outbox, Ordering::AcqRel);
+                announce(&stats, &upstream, Vec::new(), to_outbox);
+            }
+            Ok(report)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

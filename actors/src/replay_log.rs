@@ -132,10 +132,26 @@ impl StoreOp for PruneOp {
             "DELETE FROM replay_recent WHERE recorded_ms < ?1",
             [self.cutoff_ms],
         )?;
-        // The inbound log: rows every pack's cursor has passed are done for everyone. (A
-        // removed pack keeps its cursor, and so its pending events, as promised.)
+        // A pack away (folder removed, manifest invalid) for longer than the retention gives
+        // up its place in the inbound log; until then it holds its pending events.
+        let forgotten = conn.execute(
+            "DELETE FROM pack_cursor WHERE absent_since_ms IS NOT NULL AND absent_since_ms < ?1",
+            [self.cutoff_ms],
+        )?;
+        if forgotten > 0 {
+            conn.execute(
+                "DELETE FROM attempts WHERE pack NOT IN (SELECT pack FROM pack_cursor)",
+                [],
+            )?;
+            tracing::warn!(
+                packs = forgotten,
+                "packs away for longer than the replay retention gave up their place in the inbound log"
+            );
+        }
+        // The inbound log: rows every known pack's cursor has passed are done for everyone
+        // (with no pack at all, every row is). AUTOINCREMENT keeps seqs unique after this.
         let compacted = conn.execute(
-            "DELETE FROM inbound WHERE seq <= (SELECT coalesce(min(cursor), 0) FROM pack_cursor)",
+            "DELETE FROM inbound WHERE seq <= (SELECT coalesce(min(cursor), (SELECT coalesce(max(seq), 0) FROM inbound)) FROM pack_cursor)",
             [],
         )?;
         if compacted > 0 {

@@ -11,6 +11,7 @@
 //! - Rows reach each pack in commit order: they are dispatched from the Store's commit hook
 //!   (never from the futures that wait for the commit, which actix may poll in any order).
 
+use crate::inbound_events::Unreadable;
 use crate::pack_host::{Deliver, PackHost};
 use crate::queue::{Accept, Accepted, DurableQueue, QueueError};
 use crate::stats::AgentStats;
@@ -68,6 +69,8 @@ pub struct InboundRow {
 
 struct AppendInbound {
     events: Vec<(Arc<Envelope>, Arc<str>)>,
+    /// Events that could not be read: dead-lettered (origin `inbound`) in this transaction.
+    unreadable: Vec<Unreadable>,
     cursor: Option<String>,
 }
 
@@ -82,6 +85,13 @@ impl StoreOp for AppendInbound {
         for (e, body) in &self.events {
             stmt.execute(params![e.event_id, e.kind, e.timestamp_ms(), now, &**body])?;
             seqs.push(conn.last_insert_rowid());
+        }
+        for u in &self.unreadable {
+            let (event_id, kind) = u.ids();
+            conn.prepare_cached(
+                "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body, origin) VALUES ('', ?1, ?2, 0, ?3, ?4, ?5, 'inbound')",
+            )?
+            .execute(params![event_id, kind, u.reason, now, u.body])?;
         }
         if let Some(c) = &self.cursor {
             conn.execute(
@@ -146,8 +156,16 @@ impl Handler<Dispatch> for Router {
 }
 
 /// Events from the upstream or the local API (`--inbound`): log, then dispatch.
+///
+/// Every event is logged, whether or not a loaded pack subscribes to its kind: a pack whose
+/// manifest is broken right now, or whose folder is away for a moment, still has its cursor
+/// and finds its events when it is back. Events for kinds no loaded pack subscribes to are
+/// counted (`inbound.unrouted`) and compacted away once every known pack's cursor has passed
+/// them (a pack that stays away holds them for at most the replay retention).
 pub struct Inbound {
     pub events: Vec<Envelope>,
+    /// Pulled events that could not be read: dead-lettered with the cursor that passes them.
+    pub unreadable: Vec<Unreadable>,
     /// The upstream's pull cursor after these events, stored in the same transaction.
     pub cursor: Option<String>,
 }
@@ -159,23 +177,28 @@ impl Handler<Inbound> for Router {
     fn handle(&mut self, m: Inbound, ctx: &mut Context<Self>) -> Self::Result {
         let table = self.table.load();
         let total = m.events.len();
+        let unrouted = m
+            .events
+            .iter()
+            .filter(|e| table.subscribers_of(&e.kind).is_empty())
+            .count();
         let routed: Vec<(Arc<Envelope>, Arc<str>)> = m
             .events
             .into_iter()
-            .filter(|e| !table.subscribers_of(&e.kind).is_empty())
             .map(|e| {
                 let body: Arc<str> = e.to_json().into();
                 (Arc::new(e), body)
             })
             .collect();
-        let unrouted = total - routed.len();
+        let unreadable = m.unreadable;
+        let dead = unreadable.len() as i64;
         let cursor = m.cursor;
         let store = self.store.clone();
         let stats = self.stats.clone();
         let me = ctx.address();
         let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
         Box::pin(async move {
-            if !routed.is_empty() || cursor.is_some() {
+            if !routed.is_empty() || !unreadable.is_empty() || cursor.is_some() {
                 // Dispatched from the commit hook: packs see rows in commit order.
                 let on_commit: OnCommit<Vec<i64>> = Box::new(move |seqs| {
                     let rows = seqs
@@ -193,6 +216,7 @@ impl Handler<Inbound> for Router {
                     .run_then(
                         AppendInbound {
                             events: routed,
+                            unreadable,
                             cursor,
                         },
                         Some(on_commit),
@@ -205,45 +229,13 @@ impl Handler<Inbound> for Router {
             stats
                 .inbound_unrouted
                 .fetch_add(unrouted as u64, Ordering::Relaxed);
+            if dead > 0 {
+                stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
+                stats
+                    .inbound_dead_lettered
+                    .fetch_add(dead as u64, Ordering::Relaxed);
+            }
             Ok(total)
-        })
-    }
-}
-
-/// Put dead letters back into the inbound log for their pack, and deliver them.
-pub struct RetryDeadLetters {
-    pub ids: Option<Vec<i64>>,
-}
-impl Message for RetryDeadLetters {
-    type Result = Result<usize, StoreError>;
-}
-impl Handler<RetryDeadLetters> for Router {
-    type Result = ResponseFuture<Result<usize, StoreError>>;
-    fn handle(&mut self, m: RetryDeadLetters, ctx: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        let stats = self.stats.clone();
-        let me = ctx.address();
-        Box::pin(async move {
-            let on_commit: OnCommit<Vec<crate::dead_letters::Retried>> = Box::new(move |retried| {
-                let rows = retried
-                    .iter()
-                    .filter_map(|r| {
-                        Envelope::parse(r.body.as_bytes()).ok().map(|e| InboundRow {
-                            seq: r.seq,
-                            envelope: Arc::new(e),
-                            target: Some(r.pack.clone()),
-                        })
-                    })
-                    .collect();
-                me.do_send(Dispatch { rows });
-            });
-            let retried = store
-                .run_then(crate::dead_letters::RetryOp { ids: m.ids }, Some(on_commit))
-                .await?;
-            stats
-                .dead_letters
-                .fetch_sub(retried.len() as i64, Ordering::Relaxed);
-            Ok(retried.len())
         })
     }
 }
@@ -370,6 +362,7 @@ impl Emitter {
         self.router
             .send(Inbound {
                 events,
+                unreadable: Vec::new(),
                 cursor: None,
             })
             .await

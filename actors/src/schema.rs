@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 /// Schema version this binary writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migration `i` brings the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -97,6 +97,32 @@ const MIGRATIONS: &[&str] = &[
         body        TEXT NOT NULL
     );
     ",
+    // 1 -> 2
+    "
+    -- The inbound rows after `cursor` up to `leased_to` have been handed to the pack's handler
+    -- and not finished: an agent that finds a lease at start was killed during their delivery,
+    -- and counts an attempt for each of them (so `delivery.attempt` counts across restarts).
+    ALTER TABLE pack_cursor ADD COLUMN leased_to INTEGER NOT NULL DEFAULT 0;
+    -- Set while the pack is known but not loaded (its manifest invalid, its folder away): it
+    -- keeps its place in the inbound log, for at most the replay retention.
+    ALTER TABLE pack_cursor ADD COLUMN absent_since_ms INTEGER;
+    -- What a dead letter is: `handler` (a pack could not handle an inbound event; retry
+    -- redelivers it to that pack), `upstream` (the control plane rejected an outgoing event;
+    -- retry puts it back in the outbox), `inbound` (an event from the upstream the agent
+    -- could not read; kept for inspection).
+    ALTER TABLE dead_letters ADD COLUMN origin TEXT NOT NULL DEFAULT 'handler';
+    -- The kinds the pack subscribed to when it last loaded (JSON list; NULL before it did).
+    ALTER TABLE pack_cursor ADD COLUMN kinds TEXT;
+    -- A kind the pack subscribed to later than it started: rows of that kind up to `since_seq`
+    -- arrived while it did not subscribe, and are not its events (the inbound log keeps every
+    -- event now, for packs that are away; a new subscription still starts from now).
+    CREATE TABLE IF NOT EXISTS pack_kind_since (
+        pack      TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        since_seq INTEGER NOT NULL,
+        PRIMARY KEY (pack, kind)
+    ) WITHOUT ROWID;
+    ",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +180,7 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 10); // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters mem_inbox sqlite_sequence
+        assert_eq!(n, 11); // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters mem_inbox sqlite_sequence pack_kind_since
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct AgentStats {
     pub replay_entries: AtomicI64,
     pub inbound_accepted: AtomicU64,
     pub inbound_unrouted: AtomicU64,
+    /// Pulled events that could not be read, dead-lettered (origin `inbound`).
+    pub inbound_dead_lettered: AtomicU64,
     pub store: Arc<crate::store::StoreStats>,
 }
 
@@ -149,6 +151,7 @@ impl Default for AgentStats {
             replay_entries: AtomicI64::new(0),
             inbound_accepted: AtomicU64::new(0),
             inbound_unrouted: AtomicU64::new(0),
+            inbound_dead_lettered: AtomicU64::new(0),
             store: Arc::new(crate::store::StoreStats::default()),
         }
     }
@@ -238,6 +241,7 @@ impl AgentStats {
             inbound: InboundSnapshot {
                 accepted: self.inbound_accepted.load(Ordering::Relaxed),
                 unrouted: self.inbound_unrouted.load(Ordering::Relaxed),
+                dead_lettered: self.inbound_dead_lettered.load(Ordering::Relaxed),
             },
             replay_log_entries: self.replay_entries.load(Ordering::Relaxed).max(0),
             dead_letters: self.dead_letters.load(Ordering::Relaxed).max(0),
@@ -310,7 +314,10 @@ pub struct UpstreamSnapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct InboundSnapshot {
     pub accepted: u64,
+    /// Logged with no loaded pack subscribing to the kind (kept for packs that come back).
     pub unrouted: u64,
+    /// Unreadable pulled events, dead-lettered with the reason.
+    pub dead_lettered: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -83,6 +83,54 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     pub ops: AtomicU64,
     pub failed_commits: AtomicU64,
+    /// Set when the database file was deleted or replaced under the running agent: nothing is
+    /// acknowledged after that, and the agent exits (see [`DbFile`]).
+    pub lost: std::sync::Mutex<Option<String>>,
+}
+
+impl StoreStats {
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The database file as it was opened, to notice it being deleted under the agent (`rm -rf
+/// .lumenflow/state`). SQLite keeps writing into the unlinked inode, every commit succeeds, and
+/// everything acknowledged afterwards is gone at the next start. Checked after every commit,
+/// before anyone is answered, and every second when idle: one `fstat` and one `stat`.
+struct DbFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl DbFile {
+    fn open(path: &Path) -> Option<DbFile> {
+        Some(DbFile {
+            path: path.to_path_buf(),
+            file: std::fs::File::open(path).ok()?,
+        })
+    }
+
+    /// Why the file is no longer the agent's database, if it is not.
+    fn gone(&self) -> Option<String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let open = self.file.metadata().ok()?;
+            let what = match std::fs::metadata(&self.path) {
+                _ if open.nlink() == 0 => "was deleted",
+                Err(_) => "was moved away",
+                Ok(m) if (m.dev(), m.ino()) != (open.dev(), open.ino()) => "was replaced",
+                Ok(_) => return None,
+            };
+            Some(format!(
+                "the state database {} {what} under the running agent: nothing more is accepted, and the agent stops (restart it to begin with the state on disk)",
+                self.path.display()
+            ))
+        }
+        #[cfg(not(unix))]
+        None
+    }
 }
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -95,6 +143,7 @@ pub struct Store {
     flush_scheduled: bool,
     pending: Vec<Completion>,
     stats: Arc<StoreStats>,
+    file: Option<DbFile>,
 }
 
 /// Opens a connection with the agent's pragmas. Creates the file (mode 0600) when missing.
@@ -146,12 +195,29 @@ impl Store {
             flush_scheduled: false,
             pending: Vec::new(),
             stats,
+            file: None,
         }
+    }
+
+    /// Checks that the database file is still the one opened; records and logs it if not.
+    fn check_file(&mut self) -> Result<(), StoreError> {
+        if let Some(why) = self.stats.lost() {
+            return Err(StoreError::Unavailable(why));
+        }
+        let Some(why) = self.file.as_ref().and_then(DbFile::gone) else {
+            return Ok(());
+        };
+        tracing::error!("{why}");
+        *self.stats.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        Err(StoreError::Unavailable(why))
     }
 
     fn conn(&mut self) -> Result<&Connection, StoreError> {
         if self.conn.is_none() {
             self.conn = Some(open_connection(&self.path, self.durability)?);
+            if self.file.is_none() {
+                self.file = DbFile::open(&self.path);
+            }
         }
         self.conn
             .as_ref()
@@ -168,6 +234,8 @@ impl Store {
             Ok(c) => c.execute_batch("COMMIT").map_err(StoreError::from),
             Err(e) => Err(e),
         };
+        // Committed into a file nobody will read again is not stored: answer with the error.
+        let result = result.and_then(|()| self.check_file());
         if let Err(e) = &result {
             self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, ops = self.pending.len(), "group commit failed; the batch is answered with the error");
@@ -193,6 +261,10 @@ impl Actor for Store {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The mailbox is the group-commit queue: let it hold many small operations.
         ctx.set_mailbox_capacity(4096);
+        let _ = self.conn();
+        ctx.run_interval(std::time::Duration::from_secs(1), |act, _| {
+            let _ = act.check_file();
+        });
     }
 }
 
@@ -228,6 +300,9 @@ impl<O: StoreOp> Handler<Exec<O>> for Store {
     fn handle(&mut self, Exec(op, on_commit): Exec<O>, ctx: &mut Context<Self>) -> Self::Result {
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
         let outcome = (|| {
+            if let Some(why) = self.stats.lost() {
+                return Err(StoreError::Unavailable(why));
+            }
             let in_tx = self.in_tx;
             let conn = self.conn()?;
             if !in_tx {

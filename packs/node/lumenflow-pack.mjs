@@ -150,8 +150,11 @@ export function runPack({ handlers = {}, onStart } = {}) {
     }
     onMessage(msg);
   });
+  // stdin closed without a `shutdown`: the agent is gone (killed). Exit now, without finishing
+  // the handler in flight: nothing it does can be committed any more, and the next agent
+  // delivers the event again. Finishing it would run its effects twice.
   rl.on('close', () => {
-    if (!shuttingDown) queue.then(() => process.exit(0));
+    if (!shuttingDown) process.exit(1);
   });
 }
 

@@ -54,14 +54,14 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
                 None => json!({"all": true}),
             };
             match via_agent(&ws, "/v1/dlq/retry", &body)? {
-                Some(v) => println!("retried {} dead letter(s)", v["retried"]),
+                Some(v) => println!("{}", v["summary"].as_str().unwrap_or_default()),
                 None => {
                     let ids = id.map(|i| vec![i]);
                     let conn = open_connection(&db, Durability::Full)?;
                     let tx = conn.unchecked_transaction()?;
-                    let n = dead_letters::retry(&tx, ids.as_deref())?.len();
+                    let report = dead_letters::retry(&tx, ids.as_deref())?;
                     tx.commit()?;
-                    println!("retried {n} dead letter(s); the agent is not running: they are delivered at the next `lumenflow-agent start`");
+                    println!("{}; the agent is not running: they are delivered at the next `lumenflow-agent start`", report.summary());
                 }
             }
             Ok(exit::OK)
