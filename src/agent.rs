@@ -102,11 +102,34 @@ impl Agent {
         Ok(Some(Arc::new(certs)))
     }
 
-    /// Runs in the foreground until SIGINT/SIGTERM.
+    /// Runs in the foreground until SIGINT/SIGTERM. The steps, in order: the upstream, the
+    /// workspace lock, the state database, the known packs' places in the inbound log, then
+    /// the actor tree ([`Agent::run_tree`]).
     pub fn run(mut self) -> anyhow::Result<()> {
+        self.choose_upstream()?;
+        create_private_dir(&self.ws.state_dir())?;
+        let _lock = lock_workspace(&self.ws)?;
+        let db_path = self.ws.db_file();
+        let durability = match self.cfg.durability {
+            CfgDurability::Full => Durability::Full,
+            CfgDurability::Normal => Durability::Normal,
+        };
+        let conn = self.open_state(&db_path, durability)?;
+        let stats = durable_stats(&conn)?;
+        self.place_known_packs(&conn)?;
+        self.pull_cursor = load_pull_cursor(&conn)?;
+        drop(conn);
+
+        let system = System::new();
+        let result = system.block_on(self.run_tree(db_path, durability, stats));
+        System::current().stop();
+        result
+    }
+
+    /// Conductor mode: the enrollment wins over agent.json's upstream, and its subject is the
+    /// workspace identity.
+    fn choose_upstream(&mut self) -> anyhow::Result<()> {
         let root_certs = self.root_certs()?;
-        // Conductor mode: the enrollment wins over agent.json's upstream, and its subject is
-        // the workspace identity.
         match crate::enrollment::Enrollment::load(&self.ws)? {
             Some(e) => {
                 self.cfg.identity = e.subject.clone();
@@ -117,7 +140,7 @@ impl Agent {
                     workspace_id: e.subject,
                     batch_max: self.cfg.queue_batch_max,
                     enrollment_file: Some(self.ws.enrollment_file()),
-                    root_certs: root_certs.clone(),
+                    root_certs,
                 });
             }
             None if self.cfg.upstream != "mem:inbox" => {
@@ -137,20 +160,20 @@ impl Agent {
             }
             None => {}
         }
-        let state_dir = self.ws.state_dir();
-        create_private_dir(&state_dir)?;
-        let _lock = lock_workspace(&self.ws)?;
+        Ok(())
+    }
 
-        let db_path = self.ws.db_file();
-        let durability = match self.cfg.durability {
-            CfgDurability::Full => Durability::Full,
-            CfgDurability::Normal => Durability::Normal,
-        };
+    /// Opens and migrates the state database; a corrupt or newer one is a clear error.
+    fn open_state(
+        &self,
+        db_path: &std::path::Path,
+        durability: Durability,
+    ) -> anyhow::Result<rusqlite::Connection> {
         let db_err = |reason: SchemaError| StartError::Database {
-            path: self.ws.display(&db_path),
+            path: self.ws.display(db_path),
             reason,
         };
-        let mut conn = open_connection(&db_path, durability)
+        let mut conn = open_connection(db_path, durability)
             .map_err(|e| db_err(SchemaError::Corrupt(e.to_string())))?;
         let from = migrate(&mut conn).map_err(db_err)?;
         if from != lumenflow_actors::schema::SCHEMA_VERSION {
@@ -160,21 +183,16 @@ impl Agent {
                 "state database migrated"
             );
         }
-        let stats = Arc::new(AgentStats::default());
-        let (depth, oldest) = outbox_depth(&conn)?;
-        stats.queue.durable_depth.store(depth, Ordering::Relaxed);
-        stats.queue.oldest_ms.store(oldest, Ordering::Relaxed);
-        stats
-            .replay_entries
-            .store(count_entries(&conn)?, Ordering::Relaxed);
-        let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-        stats.dead_letters.store(dead, Ordering::Relaxed);
-        // A pack seen for the first time starts at the end of the inbound log. Fix that point
-        // now, before any event can arrive: an exec pack's first load happens only after its
-        // worker's handshake, and events accepted meanwhile must not fall before its cursor.
-        // A folder whose manifest is invalid right now is a pack too (its folder name is its
-        // id): it gets its place now and finds the events that arrive meanwhile once fixed.
-        // Every known pack counts as away until its host loads (`LoadPending` clears it).
+        Ok(conn)
+    }
+
+    /// A pack seen for the first time starts at the end of the inbound log. Fix that point
+    /// now, before any event can arrive: an exec pack's first load happens only after its
+    /// worker's handshake, and events accepted meanwhile must not fall before its cursor. A
+    /// folder whose manifest is invalid right now is a pack too (its folder name is its id):
+    /// it gets its place now and finds the events that arrive meanwhile once fixed. Every
+    /// known pack counts as away until its host loads (`LoadPending` clears it).
+    fn place_known_packs(&self, conn: &rusqlite::Connection) -> anyhow::Result<()> {
         let mut ids: Vec<(String, Option<Vec<String>>)> = self
             .native
             .iter()
@@ -195,28 +213,67 @@ impl Agent {
                 [&id],
             )?;
             if let Some(kinds) = kinds {
-                lumenflow_actors::pack_host::sync_kinds(&conn, &id, &kinds)?;
+                lumenflow_actors::pack_host::sync_kinds(conn, &id, &kinds)?;
             }
         }
         conn.execute(
             "UPDATE pack_cursor SET absent_since_ms = coalesce(absent_since_ms, ?1)",
             [lumenflow_actors::store::now_ms()],
         )?;
-        self.pull_cursor = load_pull_cursor(&conn)?;
-        drop(conn);
-
-        let system = System::new();
-        let result = system.block_on(self.run_tree(db_path, durability, stats));
-        System::current().stop();
-        result
+        Ok(())
     }
 
+    /// Starts the actor tree, serves the API until a signal (or a failure), then shuts down.
     async fn run_tree(
         self,
         db_path: std::path::PathBuf,
         durability: Durability,
         stats: Arc<AgentStats>,
     ) -> anyhow::Result<()> {
+        let core = self.start_core(db_path, durability, &stats);
+        let (registry, watcher) = self.start_packs(&core, &stats).await;
+        let api = self.start_api(&core, &stats).await?;
+        let probes = core_probes(&core, &registry, &watcher);
+        let end = wait_for_end(probes, stats.store.clone()).await;
+        let stop_intake = |api: &Api| {
+            api.shutdown.store(true, Ordering::SeqCst);
+            let _ = std::fs::remove_file(&api.file);
+        };
+        match end {
+            End::Lost(why) => {
+                stop_intake(&api);
+                api.server.abort();
+                core.store_arbiter.stop();
+                Err(anyhow::anyhow!("{why}"))
+            }
+            End::Died(name) => {
+                tracing::error!("internal error: the {name} actor stopped unexpectedly (a panic); exiting so that a restart recovers it cleanly (accepted events are on disk)");
+                stop_intake(&api);
+                api.server.abort();
+                core.store_arbiter.stop();
+                Err(anyhow::anyhow!(
+                    "the {name} actor stopped unexpectedly; see the log"
+                ))
+            }
+            End::Signal => {
+                tracing::info!("shutting down: finishing events in flight");
+                stop_intake(&api);
+                self.drain(&core, &registry).await;
+                api.server.abort();
+                core.store_arbiter.stop();
+                tracing::info!("stopped");
+                Ok(())
+            }
+        }
+    }
+
+    /// The Store (on its own thread), the replay log, the router, the upstream and the queue.
+    fn start_core(
+        &self,
+        db_path: std::path::PathBuf,
+        durability: Durability,
+        stats: &Arc<AgentStats>,
+    ) -> Core {
         let cfg = &self.cfg;
         // Store on its own arbiter: SQLite's fsyncs never block routing.
         let store_arbiter = Arbiter::new();
@@ -224,7 +281,7 @@ impl Agent {
         let store_addr = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
             Store::new(db_path, durability, store_stats)
         });
-        let store_addr_probe = store_addr.clone();
+        let store_probe = store_addr.clone();
         let store = StoreHandle::new(store_addr);
 
         let retention = Duration::from_secs(u64::from(cfg.replay_retention_days) * 86_400);
@@ -282,6 +339,25 @@ impl Agent {
             queue,
             router: router.clone(),
         };
+        Core {
+            store_arbiter,
+            store,
+            store_probe,
+            replay,
+            router,
+            table,
+            idle,
+            emitter,
+        }
+    }
+
+    /// The pack registry (one PackHost per valid pack) and the watcher for hot reloads.
+    async fn start_packs(
+        &self,
+        core: &Core,
+        stats: &Arc<AgentStats>,
+    ) -> (Addr<PackRegistry>, Addr<Watcher>) {
+        let cfg = &self.cfg;
         let host_cfg = HostConfig {
             max_attempts: cfg.max_attempts,
             max_restarts: cfg.max_restarts,
@@ -293,11 +369,11 @@ impl Agent {
             identity: cfg.identity.clone(),
         };
         let deps = HostDeps {
-            store: store.clone(),
-            replay: replay.clone(),
-            emitter: emitter.clone(),
-            router: router.clone(),
-            table: table.clone(),
+            store: core.store.clone(),
+            replay: core.replay.clone(),
+            emitter: core.emitter.clone(),
+            router: core.router.clone(),
+            table: core.table.clone(),
             cfg: host_cfg,
             stats: stats.clone(),
         };
@@ -320,7 +396,12 @@ impl Agent {
             let (root, dir, reg) = (packs_root, self.ws.lumenflow_dir(), registry.clone());
             Supervisor::start(move |_| Watcher::new(root, dir, reg))
         };
+        (registry, watcher)
+    }
 
+    /// The local API; `api.json` (mode 0600) appears only now, once everything is ready.
+    async fn start_api(&self, core: &Core, stats: &Arc<AgentStats>) -> anyhow::Result<Api> {
+        let cfg = &self.cfg;
         let token = random_token();
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
@@ -331,10 +412,9 @@ impl Agent {
                 )
             })?;
         let addr = listener.local_addr()?;
-        let queue_probe = emitter.queue.clone();
         let state = ApiState::new(
-            emitter,
-            store.clone(),
+            core.emitter.clone(),
+            core.store.clone(),
             stats.clone(),
             token.clone(),
             self.ws.root.display().to_string(),
@@ -342,117 +422,23 @@ impl Agent {
             cfg.upstream.clone(),
         );
         let shutdown = state.shutdown.clone();
-        let api_file = self.ws.api_file();
+        let file = self.ws.api_file();
         write_private_json(
-            &api_file,
+            &file,
             &serde_json::json!({"url": format!("http://{addr}"), "token": token, "pid": std::process::id()}),
         )?;
         tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
-
         let server = actix::spawn(api::serve(listener, state));
-        // Every core actor runs under a Supervisor, which restarts it when it stops. A panic
-        // instead ends its task and closes its mailbox; no restart in place could hand the new
-        // address to everyone holding the old one. So escalate, as an OTP supervisor does when
-        // a child cannot be restarted: say which one died and exit 1. Everything accepted is
-        // in SQLite; the next start recovers it.
-        let core: Vec<(&'static str, AliveProbe)> = vec![
-            (
-                "store",
-                Box::new({
-                    let a = store_addr_probe.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "replay log",
-                Box::new({
-                    let a = replay.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "router",
-                Box::new({
-                    let a = router.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "queue",
-                Box::new({
-                    let a = queue_probe.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "upstream",
-                Box::new({
-                    let a = idle.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "pack registry",
-                Box::new({
-                    let a = registry.clone();
-                    move || a.connected()
-                }),
-            ),
-            (
-                "watcher",
-                Box::new({
-                    let a = watcher.clone();
-                    move || a.connected()
-                }),
-            ),
-        ];
-        let lost_stats = stats.store.clone();
-        let died = async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if let Some((name, _)) = core.iter().find(|(_, alive)| !alive()) {
-                    return *name;
-                }
-            }
-        };
-        // The state directory deleted under the agent: the Store refuses everything from the
-        // moment it sees it; stop, non-zero, so nothing keeps acknowledging into a lost file.
-        let lost = async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                if let Some(why) = lost_stats.lost() {
-                    return why;
-                }
-            }
-        };
-        let mut failed = None;
-        tokio::select! {
-            _ = wait_for_signal() => {}
-            name = died => failed = Some(name),
-            why = lost => {
-                shutdown.store(true, Ordering::SeqCst);
-                let _ = std::fs::remove_file(&api_file);
-                server.abort();
-                store_arbiter.stop();
-                return Err(anyhow::anyhow!("{why}"));
-            }
-        }
-        if let Some(name) = failed {
-            tracing::error!("internal error: the {name} actor stopped unexpectedly (a panic); exiting so that a restart recovers it cleanly (accepted events are on disk)");
-            shutdown.store(true, Ordering::SeqCst);
-            let _ = std::fs::remove_file(&api_file);
-            server.abort();
-            store_arbiter.stop();
-            return Err(anyhow::anyhow!(
-                "the {name} actor stopped unexpectedly; see the log"
-            ));
-        }
-        tracing::info!("shutting down: finishing events in flight");
-        shutdown.store(true, Ordering::SeqCst);
-        let _ = std::fs::remove_file(&api_file);
-        let drain_deadline = Duration::from_millis(cfg.handler_timeout_ms.min(30_000) + 1000);
+        Ok(Api {
+            shutdown,
+            file,
+            server,
+        })
+    }
+
+    /// Lets each pack finish its event in flight, then the upstream flush (bounded).
+    async fn drain(&self, core: &Core, registry: &Addr<PackRegistry>) {
+        let drain_deadline = Duration::from_millis(self.cfg.handler_timeout_ms.min(30_000) + 1000);
         if tokio::time::timeout(drain_deadline, registry.send(DrainAll))
             .await
             .is_err()
@@ -463,15 +449,137 @@ impl Agent {
         }
         let flush_until = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < flush_until {
-            if idle.send(IsIdle).await.unwrap_or(true) {
+            if core.idle.send(IsIdle).await.unwrap_or(true) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        server.abort();
-        store_arbiter.stop();
-        tracing::info!("stopped");
-        Ok(())
+    }
+}
+
+/// The counters `status` starts from, read from the durable state.
+fn durable_stats(conn: &rusqlite::Connection) -> anyhow::Result<Arc<AgentStats>> {
+    let stats = Arc::new(AgentStats::default());
+    let (depth, oldest) = outbox_depth(conn)?;
+    stats.queue.durable_depth.store(depth, Ordering::Relaxed);
+    stats.queue.oldest_ms.store(oldest, Ordering::Relaxed);
+    stats
+        .replay_entries
+        .store(count_entries(conn)?, Ordering::Relaxed);
+    let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    stats.dead_letters.store(dead, Ordering::Relaxed);
+    Ok(stats)
+}
+
+/// The core actors, started by [`Agent::start_core`].
+struct Core {
+    store_arbiter: Arbiter,
+    store: StoreHandle,
+    store_probe: Addr<Store>,
+    replay: Addr<ReplayLog>,
+    router: Addr<Router>,
+    table: lumenflow_actors::router::SharedTable,
+    idle: Recipient<IsIdle>,
+    emitter: Emitter,
+}
+
+/// The running local API.
+struct Api {
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
+    file: std::path::PathBuf,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Why the agent stops.
+enum End {
+    /// SIGINT/SIGTERM: drain and exit 0.
+    Signal,
+    /// A core actor died (a panic): exit 1 at once.
+    Died(&'static str),
+    /// The state database was deleted or replaced under the agent: exit non-zero at once.
+    Lost(String),
+}
+
+/// Every core actor runs under a Supervisor, which restarts it when it stops. A panic instead
+/// ends its task and closes its mailbox; no restart in place could hand the new address to
+/// everyone holding the old one. So escalate, as an OTP supervisor does when a child cannot be
+/// restarted: say which one died and exit 1. Everything accepted is in SQLite; the next start
+/// recovers it.
+fn core_probes(
+    core: &Core,
+    registry: &Addr<PackRegistry>,
+    watcher: &Addr<Watcher>,
+) -> Vec<(&'static str, AliveProbe)> {
+    let (queue, idle) = (core.emitter.queue.clone(), core.idle.clone());
+    vec![
+        (
+            "store",
+            Box::new({
+                let a = core.store_probe.clone();
+                move || a.connected()
+            }),
+        ),
+        (
+            "replay log",
+            Box::new({
+                let a = core.replay.clone();
+                move || a.connected()
+            }),
+        ),
+        (
+            "router",
+            Box::new({
+                let a = core.router.clone();
+                move || a.connected()
+            }),
+        ),
+        ("queue", Box::new(move || queue.connected())),
+        ("upstream", Box::new(move || idle.connected())),
+        (
+            "pack registry",
+            Box::new({
+                let a = registry.clone();
+                move || a.connected()
+            }),
+        ),
+        (
+            "watcher",
+            Box::new({
+                let a = watcher.clone();
+                move || a.connected()
+            }),
+        ),
+    ]
+}
+
+/// Waits for a signal, a dead core actor (checked every second) or a lost database (the Store
+/// refuses everything from the moment it sees it; checked every 200 ms).
+async fn wait_for_end(
+    probes: Vec<(&'static str, AliveProbe)>,
+    store: Arc<lumenflow_actors::store::StoreStats>,
+) -> End {
+    let died = async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Some((name, _)) = probes.iter().find(|(_, alive)| !alive()) {
+                return *name;
+            }
+        }
+    };
+    let lost = async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if let Some(why) = store.lost() {
+                return why;
+            }
+        }
+    };
+    tokio::select! {
+        _ = wait_for_signal() => End::Signal,
+        name = died => End::Died(name),
+        why = lost => End::Lost(why),
     }
 }
 

@@ -631,13 +631,316 @@ async fn call_native(
         std::future::poll_fn(|cx| Poll::Ready(std::future::Future::poll(fut.as_mut(), cx))).await;
     let done = match first {
         Poll::Ready(r) => r,
-        Poll::Pending => match tokio::time::timeout(timeout, fut).await {
+        // The handler's own time: a stalled agent does not time it out (see `worker_clock`).
+        Poll::Pending => match crate::worker_clock::timeout(timeout, fut).await {
             Ok(r) => r,
             // Dropping the future cancels the handler.
             Err(_) => return Err(Crash::Timeout(timeout)),
         },
     };
     done.map_err(|p| Crash::Panic(panic_message(p)))
+}
+
+/// What one chunk's deliveries produced, for its commit.
+#[derive(Default)]
+struct Progress {
+    records: Vec<String>,
+    dead_letters: Vec<DeadLetter>,
+    /// Events whose attempt count is cleared (they finished after earlier attempts).
+    cleared: Vec<i64>,
+    /// (seq, envelope, error): the event that crashed or asked for a retry.
+    stopped_at: Option<(i64, Arc<Envelope>, String)>,
+    finished: HashSet<i64>,
+}
+
+/// One chunk of a pack's events, in three steps: [`ChunkRun::start`] (replay lookups and the
+/// lease, unless the last commit brought them), [`ChunkRun::deliver`] (each event to the
+/// handler, in order; exec requests pipelined), [`ChunkRun::commit`] (outcomes, effects and
+/// cursor in one transaction). Runs detached from the host's context, so it owns what it needs.
+struct ChunkRun {
+    pack: String,
+    store: StoreHandle,
+    handler: HandlerKind,
+    worker: Option<Arc<ExecWorker>>,
+    timeout: Duration,
+    max_attempts: u32,
+    services: HostServices,
+    stage: Arc<EffectStage>,
+    agent: Arc<AgentStats>,
+    router: Addr<crate::router::Router>,
+    queue: Addr<crate::queue::DurableQueue>,
+    /// Exec `handle` requests in flight ahead of the outcome awaited (1 for keyed handlers).
+    window: usize,
+}
+
+impl ChunkRun {
+    /// Looks the chunk's events up in the replay log and leases them (see
+    /// [`count_interrupted_deliveries`]): one store round trip.
+    async fn start(&self, chunk: &[Pending], keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        // A keyed handler gets one event before the next commit; others may get all of them.
+        let leased_to = if self.window == 1 {
+            chunk.first()
+        } else {
+            chunk.last()
+        };
+        let op = StartChunk {
+            pack: self.pack.clone(),
+            keys: keys.to_vec(),
+            leased_to: leased_to.map(|p| p.seq).unwrap_or(0),
+        };
+        self.store.run(op).await
+    }
+
+    /// Hands the events to the handler, in order, until the chunk is done, a crash or retry
+    /// stops it, or it has run for `CHUNK_TIME` (a keyed handler: after one event).
+    async fn deliver(
+        &self,
+        chunk: &[Pending],
+        keys: &[String],
+        seen: &[bool],
+        r: &mut ChunkResult,
+    ) -> Progress {
+        let started = Instant::now();
+        let chunk_no = self.stage.open();
+        let tag = |p: &Pending| Tag {
+            chunk: chunk_no,
+            seq: p.seq,
+        };
+        let mut done = Progress::default();
+        // `fresh[i]`: the event goes to the handler (not seen, not a repeat within the chunk).
+        let fresh: Vec<bool> = {
+            let mut first_seen: HashSet<&str> = HashSet::new();
+            (0..chunk.len())
+                .map(|i| !seen[i] && first_seen.insert(keys[i].as_str()))
+                .collect()
+        };
+        let exec = match (&self.handler, &self.worker) {
+            (HandlerKind::Exec { .. }, Some(w)) => Some(w.clone()),
+            _ => None,
+        };
+        // Exec packs: handle requests are pipelined, `window` ahead of the outcome being
+        // waited for (the worker handles them one at a time, in order).
+        let mut sent = VecDeque::new();
+        let mut next_send = 0;
+        // Past CHUNK_TIME the chunk takes no new event (exec: sends no new request).
+        let mut limit = chunk.len();
+        for (i, p) in chunk.iter().enumerate() {
+            if i >= limit {
+                break;
+            }
+            if let Some(w) = &exec {
+                while next_send < limit && sent.len() < self.window {
+                    let q = &chunk[next_send];
+                    if fresh[next_send] {
+                        sent.push_back((
+                            next_send,
+                            w.send_handle(&q.envelope, q.attempts + 1, tag(q)),
+                        ));
+                    }
+                    next_send += 1;
+                }
+            }
+            // Not fresh: recorded already, or a repeat of an event earlier in this chunk.
+            if !fresh[i] {
+                r.statuses.push(OutcomeStatus::Replayed);
+                r.finished += 1;
+                r.cursor = Some(p.seq);
+                continue;
+            }
+            let outcome = self.outcome(p, i, tag(p), exec.as_deref(), &mut sent).await;
+            if !self.settle(p, &keys[i], outcome, &mut done, r) {
+                break;
+            }
+            done.finished.insert(p.seq);
+            r.finished += 1;
+            r.cursor = Some(p.seq);
+            let keyed = self.stage.keyed(p.seq);
+            r.keyed |= keyed;
+            if limit == chunk.len() && (keyed || started.elapsed() >= CHUNK_TIME) {
+                // Requests already sent are answered first; the worker is working on them.
+                limit = next_send.max(i + 1);
+            }
+        }
+        done
+    }
+
+    /// Runs event `i` (`p`) through the handler: a native call, or the exec reply to the
+    /// request sent for it.
+    async fn outcome(
+        &self,
+        p: &Pending,
+        i: usize,
+        tag: Tag,
+        exec: Option<&ExecWorker>,
+        sent: &mut VecDeque<(
+            usize,
+            tokio::sync::oneshot::Receiver<Result<serde_json::Value, WorkerError>>,
+        )>,
+    ) -> Result<HandlerOutcome, Crash> {
+        let not_running = || Err(Crash::Worker(WorkerError::Exited("not running".into())));
+        match (&self.handler, exec) {
+            (HandlerKind::Native(np), _) => {
+                let ctx = HandlerCtx::new(
+                    self.pack.clone(),
+                    p.attempts + 1,
+                    self.services.for_delivery(tag),
+                );
+                call_native(np, p.envelope.clone(), ctx, self.timeout).await
+            }
+            (HandlerKind::Exec { .. }, Some(w)) => match sent.pop_front() {
+                Some((j, rx)) if j == i => w.outcome(rx, self.timeout).await.map_err(Crash::Worker),
+                _ => not_running(),
+            },
+            (HandlerKind::Exec { .. }, None) => not_running(),
+            (HandlerKind::EmitOnly, _) => Ok(HandlerOutcome::ignored("no-handler")),
+        }
+    }
+
+    /// Books one outcome. `false`: the chunk stops here (a crash, or a retry).
+    fn settle(
+        &self,
+        p: &Pending,
+        key: &str,
+        outcome: Result<HandlerOutcome, Crash>,
+        done: &mut Progress,
+        r: &mut ChunkResult,
+    ) -> bool {
+        let attempt = p.attempts + 1;
+        match outcome {
+            Err(crash) => {
+                done.stopped_at = Some((p.seq, p.envelope.clone(), crash.to_string()));
+                r.crash = Some((crash.to_string(), 0, false));
+                false
+            }
+            Ok(o) if o.status == OutcomeStatus::Retry => {
+                let why = format!("handler asked to retry: {}", o.action.unwrap_or_default());
+                done.stopped_at = Some((p.seq, p.envelope.clone(), why));
+                r.retry = Some((0, false));
+                false
+            }
+            Ok(o) if o.status == OutcomeStatus::Failed => {
+                let error = format!("handler failed: {}", o.action.unwrap_or_default());
+                r.dead.push((
+                    p.envelope.event_id.clone(),
+                    p.envelope.kind.clone(),
+                    error.clone(),
+                    attempt,
+                ));
+                done.dead_letters.push(DeadLetter {
+                    seq: p.seq,
+                    envelope: p.envelope.clone(),
+                    attempts: attempt,
+                    error,
+                });
+                r.dead_lettered += 1;
+                r.statuses.push(OutcomeStatus::Failed);
+                true
+            }
+            Ok(o) => {
+                done.records.push(key.to_string());
+                if p.attempts > 0 {
+                    done.cleared.push(p.seq);
+                }
+                r.statuses.push(o.status);
+                true
+            }
+        }
+    }
+
+    /// Commits the chunk: the finished events' records, their staged effects, dead letters,
+    /// the cursor and the stopping event's attempt, with the next chunk's lookups and lease.
+    async fn commit(
+        self,
+        chunk: &[Pending],
+        keys: &[String],
+        ahead: Vec<(i64, String)>,
+        done: Progress,
+        mut r: ChunkResult,
+    ) -> ChunkResult {
+        // A chunk stopped by a crash or a retry may leave requests queued at the worker:
+        // their replies are ignored, their staged effects dropped (their tags are stale
+        // once the stage closes), and the events are sent again with the next chunk.
+        let staged = self.stage.close(&done.finished);
+        let mut records = done.records;
+        records.extend(staged.puts.iter().map(|k| handler_key(k)));
+        let emits = staged.emits;
+        let queued = emits
+            .iter()
+            .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
+            .count() as i64;
+        // Counted before the commit: the upstream may deliver (and count off) these rows
+        // as soon as they are committed.
+        self.agent
+            .queue
+            .durable_depth
+            .fetch_add(queued, Ordering::AcqRel);
+        // The next chunk starts where this one stopped: its unfinished events, then `ahead`.
+        let lookahead: Vec<(i64, String)> = if done.stopped_at.is_some() {
+            Vec::new()
+        } else {
+            chunk[r.finished..]
+                .iter()
+                .zip(&keys[r.finished..])
+                .map(|(p, k)| (p.seq, k.clone()))
+                .chain(ahead)
+                .take(CHUNK)
+                .collect()
+        };
+        let op = CompleteChunk {
+            pack: self.pack,
+            records,
+            emits,
+            dead_letters: done.dead_letters,
+            cursor: r.cursor,
+            cleared: done.cleared,
+            stopped_at: done.stopped_at,
+            max_attempts: self.max_attempts,
+            lookahead,
+            lease_one: r.keyed,
+        };
+        let router = self.router;
+        let hook = move |c: &ChunkCommitted| {
+            if !c.emits.is_empty() {
+                crate::queue::dispatch_when_committed(router, &c.emits)(&c.seqs);
+            }
+        };
+        match self.store.run_then(op, Some(Box::new(hook))).await {
+            Ok(c) => {
+                r.recorded = c.recorded;
+                r.next_seen = c.next;
+                if !c.emits.is_empty() {
+                    self.queue.do_send(Committed { events: c.emits });
+                }
+                if let (Some((attempts, true)), Some(p)) = (c.stopped, chunk.get(r.finished)) {
+                    let error = r
+                        .crash
+                        .as_ref()
+                        .map(|c| c.0.clone())
+                        .unwrap_or_else(|| "handler asked to retry".into());
+                    r.dead.push((
+                        p.envelope.event_id.clone(),
+                        p.envelope.kind.clone(),
+                        error,
+                        attempts,
+                    ));
+                }
+                if let Some((attempts, dead)) = c.stopped {
+                    if let Some(crash) = &mut r.crash {
+                        crash.1 = attempts;
+                        crash.2 = dead;
+                    }
+                    if let Some(retry) = &mut r.retry {
+                        *retry = (attempts, dead);
+                    }
+                }
+            }
+            Err(e) => {
+                crate::queue::release_depth(&self.agent, queued);
+                r.commit_error = Some(e);
+            }
+        }
+        r
+    }
 }
 
 pub struct PackHost {
@@ -952,26 +1255,28 @@ impl PackHost {
 
     /// Handles `chunk` and commits its progress. `ahead`: the events queued after it, whose
     /// replay-log lookups ride on the commit; `known`: this chunk's lookups when the previous
-    /// commit already made them.
+    /// commit already made them. The steps are [`ChunkRun`]'s.
     fn run_chunk(
         &self,
         chunk: Vec<Pending>,
         ahead: Vec<(i64, String)>,
         known: Option<Vec<bool>>,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
-        let pack = self.id.clone();
-        let store = self.store.clone();
-        let handler = self.handler.clone();
-        let worker = self.worker.clone();
-        let timeout = self.timeout();
-        let max_attempts = self.cfg.max_attempts;
-        let services = self.services();
-        let stage = self.stage.clone();
-        let agent = self.agent.clone();
-        let (router, queue) = (self.emitter.router.clone(), self.emitter.queue.clone());
-        let window = if self.keyed { 1 } else { EXEC_WINDOW };
+        let run = ChunkRun {
+            pack: self.id.clone(),
+            store: self.store.clone(),
+            handler: self.handler.clone(),
+            worker: self.worker.clone(),
+            timeout: self.timeout(),
+            max_attempts: self.cfg.max_attempts,
+            services: self.services(),
+            stage: self.stage.clone(),
+            agent: self.agent.clone(),
+            router: self.emitter.router.clone(),
+            queue: self.emitter.queue.clone(),
+            window: if self.keyed { 1 } else { EXEC_WINDOW },
+        };
         async move {
-            let started = Instant::now();
             let mut r = ChunkResult::default();
             let keys: Vec<String> = chunk
                 .iter()
@@ -979,224 +1284,16 @@ impl PackHost {
                 .collect();
             let seen = match known {
                 Some(k) => k,
-                None => {
-                    let leased_to = if window == 1 {
-                        chunk.first().map(|p| p.seq)
-                    } else {
-                        chunk.last().map(|p| p.seq)
-                    };
-                    let op = StartChunk {
-                        pack: pack.clone(),
-                        keys: keys.clone(),
-                        leased_to: leased_to.unwrap_or(0),
-                    };
-                    match store.run(op).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            r.commit_error = Some(e);
-                            return r;
-                        }
+                None => match run.start(&chunk, &keys).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        r.commit_error = Some(e);
+                        return r;
                     }
-                }
+                },
             };
-            let chunk_no = stage.open();
-            let tag = |p: &Pending| Tag {
-                chunk: chunk_no,
-                seq: p.seq,
-            };
-            let mut records = Vec::new();
-            let mut dead_letters = Vec::new();
-            let mut cleared = Vec::new();
-            let mut stopped_at = None;
-            let mut finished: HashSet<i64> = HashSet::new();
-            // Exec packs: handle requests are pipelined, EXEC_WINDOW ahead of the outcome being
-            // waited for (the worker handles them one at a time, in order). `fresh[i]`: the
-            // event goes to the handler (not seen, not a repeat within the chunk).
-            let mut fresh = Vec::with_capacity(chunk.len());
-            {
-                let mut first_seen: HashSet<&str> = HashSet::new();
-                for (i, _) in chunk.iter().enumerate() {
-                    fresh.push(!seen[i] && first_seen.insert(keys[i].as_str()));
-                }
-            }
-            let exec = match (&handler, &worker) {
-                (HandlerKind::Exec { .. }, Some(w)) => Some(w.clone()),
-                _ => None,
-            };
-            let mut sent = VecDeque::new();
-            let mut next_send = 0;
-            // Past CHUNK_TIME the chunk takes no new event (exec: sends no new request).
-            let mut limit = chunk.len();
-            for (i, p) in chunk.iter().enumerate() {
-                if i >= limit {
-                    break;
-                }
-                if let Some(w) = &exec {
-                    while next_send < limit && sent.len() < window {
-                        let q = &chunk[next_send];
-                        if fresh[next_send] {
-                            sent.push_back((
-                                next_send,
-                                w.send_handle(&q.envelope, q.attempts + 1, tag(q)),
-                            ));
-                        }
-                        next_send += 1;
-                    }
-                }
-                // Not fresh: recorded already, or a repeat of an event earlier in this chunk.
-                if !fresh[i] {
-                    r.statuses.push(OutcomeStatus::Replayed);
-                    r.finished += 1;
-                    r.cursor = Some(p.seq);
-                    continue;
-                }
-                let attempt = p.attempts + 1;
-                let outcome = match (&handler, &exec) {
-                    (HandlerKind::Native(np), _) => {
-                        let ctx =
-                            HandlerCtx::new(pack.clone(), attempt, services.for_delivery(tag(p)));
-                        call_native(np, p.envelope.clone(), ctx, timeout).await
-                    }
-                    (HandlerKind::Exec { .. }, Some(w)) => match sent.pop_front() {
-                        Some((j, rx)) if j == i => {
-                            w.outcome(rx, timeout).await.map_err(Crash::Worker)
-                        }
-                        _ => Err(Crash::Worker(WorkerError::Exited("not running".into()))),
-                    },
-                    (HandlerKind::Exec { .. }, None) => {
-                        Err(Crash::Worker(WorkerError::Exited("not running".into())))
-                    }
-                    (HandlerKind::EmitOnly, _) => Ok(HandlerOutcome::ignored("no-handler")),
-                };
-                match outcome {
-                    Err(crash) => {
-                        stopped_at = Some((p.seq, p.envelope.clone(), crash.to_string()));
-                        r.crash = Some((crash.to_string(), 0, false));
-                        break;
-                    }
-                    Ok(o) if o.status == OutcomeStatus::Retry => {
-                        let why =
-                            format!("handler asked to retry: {}", o.action.unwrap_or_default());
-                        stopped_at = Some((p.seq, p.envelope.clone(), why));
-                        r.retry = Some((0, false));
-                        break;
-                    }
-                    Ok(o) if o.status == OutcomeStatus::Failed => {
-                        let error = format!("handler failed: {}", o.action.unwrap_or_default());
-                        r.dead.push((
-                            p.envelope.event_id.clone(),
-                            p.envelope.kind.clone(),
-                            error.clone(),
-                            attempt,
-                        ));
-                        dead_letters.push(DeadLetter {
-                            seq: p.seq,
-                            envelope: p.envelope.clone(),
-                            attempts: attempt,
-                            error,
-                        });
-                        r.dead_lettered += 1;
-                        r.statuses.push(OutcomeStatus::Failed);
-                    }
-                    Ok(o) => {
-                        records.push(keys[i].clone());
-                        if p.attempts > 0 {
-                            cleared.push(p.seq);
-                        }
-                        r.statuses.push(o.status);
-                    }
-                }
-                finished.insert(p.seq);
-                r.finished += 1;
-                r.cursor = Some(p.seq);
-                let keyed = stage.keyed(p.seq);
-                r.keyed |= keyed;
-                if limit == chunk.len() && (keyed || started.elapsed() >= CHUNK_TIME) {
-                    // Requests already sent are answered first; the worker is working on them.
-                    limit = next_send.max(i + 1);
-                }
-            }
-            // A chunk stopped by a crash or a retry may leave requests queued at the worker:
-            // their replies are ignored, their staged effects dropped (their tags are stale
-            // once the stage closes), and the events are sent again with the next chunk.
-            let staged = stage.close(&finished);
-            records.extend(staged.puts.iter().map(|k| handler_key(k)));
-            let emits = staged.emits;
-            let queued = emits
-                .iter()
-                .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
-                .count() as i64;
-            // Counted before the commit: the upstream may deliver (and count off) these rows
-            // as soon as they are committed.
-            agent
-                .queue
-                .durable_depth
-                .fetch_add(queued, Ordering::AcqRel);
-            // The next chunk starts where this one stopped: its unfinished events, then `ahead`.
-            let lookahead: Vec<(i64, String)> = if stopped_at.is_some() {
-                Vec::new()
-            } else {
-                chunk[r.finished..]
-                    .iter()
-                    .zip(&keys[r.finished..])
-                    .map(|(p, k)| (p.seq, k.clone()))
-                    .chain(ahead)
-                    .take(CHUNK)
-                    .collect()
-            };
-            let op = CompleteChunk {
-                pack,
-                records,
-                emits,
-                dead_letters,
-                cursor: r.cursor,
-                cleared,
-                stopped_at,
-                max_attempts,
-                lookahead,
-                lease_one: r.keyed,
-            };
-            let hook = move |c: &ChunkCommitted| {
-                if !c.emits.is_empty() {
-                    crate::queue::dispatch_when_committed(router, &c.emits)(&c.seqs);
-                }
-            };
-            match store.run_then(op, Some(Box::new(hook))).await {
-                Ok(c) => {
-                    r.recorded = c.recorded;
-                    r.next_seen = c.next;
-                    if !c.emits.is_empty() {
-                        queue.do_send(Committed { events: c.emits });
-                    }
-                    if let (Some((attempts, true)), Some(p)) = (c.stopped, chunk.get(r.finished)) {
-                        let error = r
-                            .crash
-                            .as_ref()
-                            .map(|c| c.0.clone())
-                            .unwrap_or_else(|| "handler asked to retry".into());
-                        r.dead.push((
-                            p.envelope.event_id.clone(),
-                            p.envelope.kind.clone(),
-                            error,
-                            attempts,
-                        ));
-                    }
-                    if let Some((attempts, dead)) = c.stopped {
-                        if let Some(crash) = &mut r.crash {
-                            crash.1 = attempts;
-                            crash.2 = dead;
-                        }
-                        if let Some(retry) = &mut r.retry {
-                            *retry = (attempts, dead);
-                        }
-                    }
-                }
-                Err(e) => {
-                    crate::queue::release_depth(&agent, queued);
-                    r.commit_error = Some(e);
-                }
-            }
-            r
+            let progress = run.deliver(&chunk, &keys, &seen, &mut r).await;
+            run.commit(&chunk, &keys, ahead, progress, r).await
         }
     }
 

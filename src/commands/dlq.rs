@@ -29,13 +29,13 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
                 println!("no dead letters");
             } else {
                 println!(
-                    "{:>5}  {:<20} {:<34} {:<38} {:>8}  ERROR",
-                    "ID", "PACK", "KIND", "EVENT ID", "ATTEMPTS"
+                    "{:>5}  {:<8} {:<20} {:<34} {:<38} {:>8}  ERROR",
+                    "ID", "ORIGIN", "PACK", "KIND", "EVENT ID", "ATTEMPTS"
                 );
                 for r in &rows {
                     println!(
-                        "{:>5}  {:<20} {:<34} {:<38} {:>8}  {}",
-                        r.id, r.pack, r.kind, r.event_id, r.attempts, r.error
+                        "{:>5}  {:<8} {:<20} {:<34} {:<38} {:>8}  {}",
+                        r.id, r.origin, r.pack, r.kind, r.event_id, r.attempts, r.error
                     );
                 }
                 println!(
