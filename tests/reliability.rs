@@ -588,66 +588,6 @@ fn a_state_database_from_a_newer_agent_is_refused_and_left_untouched() {
     );
 }
 
-/// A loopback proxy in front of the development conductor that, while `reset` is set, forwards
-/// each request, lets the conductor answer, and then resets the agent's connection (TCP RST,
-/// no answer): the events are at the conductor but the agent never heard so.
-struct ResetProxy {
-    port: u16,
-    reset: std::sync::Arc<AtomicBool>,
-    resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl ResetProxy {
-    fn start(target: u16) -> ResetProxy {
-        use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let reset = std::sync::Arc::new(AtomicBool::new(true));
-        let resets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (r, n) = (reset.clone(), resets.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(mut client) = client else { continue };
-                let (r, n) = (r.clone(), n.clone());
-                std::thread::spawn(move || {
-                    while let Some(req) = read_http_message(&mut client) {
-                        let Some(resp) = exchange(target, &req) else {
-                            return;
-                        };
-                        if r.load(Ordering::SeqCst) {
-                            // SO_LINGER 0: close sends RST instead of FIN.
-                            use std::os::fd::AsRawFd;
-                            let linger = libc::linger {
-                                l_onoff: 1,
-                                l_linger: 0,
-                            };
-                            unsafe {
-                                libc::setsockopt(
-                                    client.as_raw_fd(),
-                                    libc::SOL_SOCKET,
-                                    libc::SO_LINGER,
-                                    &linger as *const libc::linger as *const libc::c_void,
-                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                                );
-                            }
-                            n.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        if client.write_all(&resp).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        ResetProxy {
-            port,
-            reset,
-            resets,
-        }
-    }
-}
-
 /// Connection resets after the conductor accepted a push: the agent hears nothing, so it keeps
 /// the events and pushes them again once answers come back; the conductor deduplicates by
 /// event_id. Nothing is lost, nothing is stored twice.
@@ -655,17 +595,20 @@ impl ResetProxy {
 fn connection_resets_after_the_conductor_accepted_lose_nothing_and_store_nothing_twice() {
     let mut ws = Workspace::new(json!({}), "emitter");
     let c = Conductor::start(ws.path(), "tok");
-    let proxy = ResetProxy::start(c.port);
+    // Forwards each push, lets the conductor answer, then resets the agent's connection (TCP
+    // RST, no answer): the events are at the conductor but the agent never heard so.
+    let proxy = lumenflow_chaos::proxy::Proxy::start(c.port).unwrap();
+    proxy.set(lumenflow_chaos::proxy::Mode::Reset);
     enroll_at(&ws, &format!("http://127.0.0.1:{}", proxy.port), "tok");
     ws.start();
     let api = ws.api();
     let ids = emit_jobs(&api, 10, 10);
     // The conductor has every event, the agent has heard of none.
     wait_for("all 100 at the conductor, unacknowledged", T, || {
-        (c.received().len() >= 100 && proxy.resets.load(Ordering::SeqCst) >= 3).then_some(())
+        (c.received().len() >= 100 && proxy.resets() >= 3).then_some(())
     });
     assert_eq!(ws.status()["queue"]["durable_depth"], 100);
-    proxy.reset.store(false, Ordering::SeqCst);
+    proxy.set(lumenflow_chaos::proxy::Mode::Pass);
     wait_for("the outbox to drain", T, || {
         (ws.status()["queue"]["durable_depth"] == 0).then_some(())
     });
@@ -687,7 +630,7 @@ fn connection_resets_after_the_conductor_accepted_lose_nothing_and_store_nothing
     let line = format!(
         "RELIABILITY connection resets: {} events, {} resets, {} stored at the conductor, {lost} lost, {redelivered} redeliveries deduplicated",
         ids.len(),
-        proxy.resets.load(Ordering::SeqCst),
+        proxy.resets(),
         received.len()
     );
     eprintln!("{line}");

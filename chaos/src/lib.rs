@@ -229,19 +229,48 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Looks for a smaller schedule that still fails (delta debugging over the steps), with at
-/// most `budget` more runs. Each run replays the steps at their times and lasts until 3 s
-/// after the last one.
+/// Looks for a smaller schedule that still fails, with at most `budget` more runs. Each run
+/// replays the steps at their times and lasts until 3 s after the last one.
 pub fn shrink(cfg: &Config, failing: Vec<Step>, budget: usize) -> Vec<Step> {
+    let mut runs = 0;
+    ddmin(failing, budget, |steps| {
+        let end = steps
+            .last()
+            .map(|s| s.at_ms + s.fault.duration_ms())
+            .unwrap_or(0);
+        let c = Config {
+            schedule: Some(steps.to_vec()),
+            duration: Duration::from_millis(end + 3000),
+            keep: false,
+            ..cfg.clone()
+        };
+        runs += 1;
+        let fails = run(&c).map(|r| !r.ok()).unwrap_or(true);
+        eprintln!(
+            "chaos: shrink run {runs}: {} steps {}",
+            steps.len(),
+            if fails { "still fail" } else { "pass" }
+        );
+        fails
+    })
+}
+
+/// Delta debugging (Zeller's ddmin) over the steps: drops chunks of the schedule while
+/// `fails` still says the rest fails, with at most `budget` calls of `fails`.
+pub fn ddmin(
+    failing: Vec<Step>,
+    budget: usize,
+    mut fails: impl FnMut(&[Step]) -> bool,
+) -> Vec<Step> {
     let mut steps = failing;
     let mut n = 2;
-    let mut runs = 0;
-    while steps.len() > 1 && runs < budget {
+    let mut calls = 0;
+    while steps.len() > 1 && calls < budget {
         let chunk = steps.len().div_ceil(n);
         let mut reduced = false;
         let parts = n;
         for i in 0..parts {
-            if runs >= budget {
+            if calls >= budget {
                 break;
             }
             let rest: Vec<Step> = steps
@@ -253,24 +282,8 @@ pub fn shrink(cfg: &Config, failing: Vec<Step>, budget: usize) -> Vec<Step> {
             if rest.is_empty() || rest.len() == steps.len() {
                 continue;
             }
-            let end = rest
-                .last()
-                .map(|s| s.at_ms + s.fault.duration_ms())
-                .unwrap_or(0);
-            let c = Config {
-                schedule: Some(rest.clone()),
-                duration: Duration::from_millis(end + 3000),
-                keep: false,
-                ..cfg.clone()
-            };
-            runs += 1;
-            let fails = run(&c).map(|r| !r.ok()).unwrap_or(true);
-            eprintln!(
-                "chaos: shrink run {runs}: {} steps {}",
-                rest.len(),
-                if fails { "still fail" } else { "pass" }
-            );
-            if fails {
+            calls += 1;
+            if fails(&rest) {
                 steps = rest;
                 n = (n - 1).max(2);
                 reduced = true;
@@ -285,4 +298,19 @@ pub fn shrink(cfg: &Config, failing: Vec<Step>, budget: usize) -> Vec<Step> {
         }
     }
     steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure that needs two particular steps of forty is shrunk to those two.
+    #[test]
+    fn ddmin_finds_the_two_steps_a_failure_needs() {
+        let schedule = schedule::draw(3, 200_000, true);
+        assert!(schedule.len() >= 40);
+        let (a, b) = (schedule[5].clone(), schedule[31].clone());
+        let small = ddmin(schedule, 200, |s| s.contains(&a) && s.contains(&b));
+        assert_eq!(small, vec![a, b]);
+    }
 }

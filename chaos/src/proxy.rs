@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub enum Mode {
 pub struct Proxy {
     pub port: u16,
     mode: Arc<AtomicU8>,
+    resets: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -31,23 +32,29 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let mode = Arc::new(AtomicU8::new(Mode::Pass as u8));
-        let m = mode.clone();
+        let resets = Arc::new(AtomicUsize::new(0));
+        let (m, r) = (mode.clone(), resets.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let m = m.clone();
-                std::thread::spawn(move || serve(conn, target, &m));
+                let (m, r) = (m.clone(), r.clone());
+                std::thread::spawn(move || serve(conn, target, &m, &r));
             }
         });
-        Ok(Proxy { port, mode })
+        Ok(Proxy { port, mode, resets })
     }
 
     pub fn set(&self, mode: Mode) {
         self.mode.store(mode as u8, Ordering::SeqCst);
     }
+
+    /// Connections reset so far.
+    pub fn resets(&self) -> usize {
+        self.resets.load(Ordering::SeqCst)
+    }
 }
 
-fn serve(mut client: TcpStream, target: u16, mode: &AtomicU8) {
+fn serve(mut client: TcpStream, target: u16, mode: &AtomicU8, resets: &AtomicUsize) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(120)));
     while let Some(request) = read_message(&mut client) {
         let Some(answer) = exchange(target, &request) else {
@@ -56,6 +63,7 @@ fn serve(mut client: TcpStream, target: u16, mode: &AtomicU8) {
         match mode.load(Ordering::SeqCst) {
             1 => {
                 reset(&client);
+                resets.fetch_add(1, Ordering::SeqCst);
                 return;
             }
             2 => {
@@ -94,7 +102,9 @@ fn reset(s: &TcpStream) {
     }
 }
 
-fn exchange(port: u16, request: &[u8]) -> Option<Vec<u8>> {
+/// Sends one HTTP request to loopback `port` (a fresh connection) and reads its answer; None
+/// when nothing answers.
+pub fn exchange(port: u16, request: &[u8]) -> Option<Vec<u8>> {
     let mut up = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = up.set_read_timeout(Some(Duration::from_secs(120)));
     up.write_all(request).ok()?;
@@ -102,7 +112,7 @@ fn exchange(port: u16, request: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// One HTTP/1.1 message: headers, then a Content-Length body. None at end of stream.
-fn read_message<S: Read>(s: &mut S) -> Option<Vec<u8>> {
+pub fn read_message<S: Read>(s: &mut S) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {

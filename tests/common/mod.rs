@@ -430,39 +430,10 @@ pub fn enroll_at(ws: &Workspace, endpoint: &str, token: &str) {
     );
 }
 
-/// Reads one HTTP/1.1 message (headers, then a Content-Length body); None at end of stream.
-#[allow(dead_code)]
-pub fn read_http_message<S: std::io::Read>(s: &mut S) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
-                buf.extend_from_slice(&byte[..n]);
-            }
-            return Some(buf);
-        }
-        let n = s.read(&mut byte).ok().filter(|n| *n > 0)?;
-        buf.extend_from_slice(&byte[..n]);
-    }
-}
-
-/// Sends one HTTP request to the conductor on loopback `port` (a fresh connection) and reads
-/// its answer; None when the conductor is not there.
-#[allow(dead_code)]
-pub fn exchange(port: u16, request: &[u8]) -> Option<Vec<u8>> {
-    use std::io::Write;
-    let mut up = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    up.write_all(request).ok()?;
-    read_http_message(&mut up)
-}
+/// HTTP/1.1 framing for the test fronts: one message (headers, then a Content-Length body), and
+/// one request/answer exchange with a loopback port (the chaos crate's proxy has them).
+#[allow(unused_imports)]
+pub use lumenflow_chaos::proxy::{exchange, read_message as read_http_message};
 
 /// An https front for the development conductor: a self-signed certificate for `localhost`
 /// (its PEM written to `dir/ca.pem`), every request forwarded to the conductor on `target`.
