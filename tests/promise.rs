@@ -220,6 +220,109 @@ fn a_worker_dies_with_its_agent_and_the_next_agent_counts_the_attempt() {
     assert_eq!(runs[2], "done attempt=2");
 }
 
+/// An event during which the agent dies every time (here: `kill -9` three times) is counted
+/// across the restarts and quarantined after `max_attempts`, not delivered forever; the next
+/// event goes on.
+#[test]
+fn an_event_that_takes_the_agent_down_every_time_is_dead_lettered_after_max_attempts() {
+    let mut ws = workspace(json!({"identity": "ws-test"}));
+    let dir = node_pack(
+        &ws,
+        "long",
+        json!({"subscribed_event_kinds": ["conductor:job_poked"]}),
+        r#"runPack({ handlers: { 'conductor:job_poked': async (event, ctx) => {
+  appendFileSync('runs.txt', `${event.payload.n} attempt=${ctx.attempt}\n`);
+  if (event.payload.n === 1) await sleep(10000);
+  return { status: 'handled' };
+} } });"#,
+    );
+    let runs = || lines(&dir.join("runs.txt"));
+    ws.start();
+    ws.inbound("conductor:job_poked", r#"{"n":1}"#);
+    for attempt in 1..=3 {
+        wait_for(&format!("attempt {attempt} under way"), T, || {
+            (runs().len() == attempt).then_some(())
+        });
+        ws.kill9();
+        if attempt < 3 {
+            ws.start();
+        }
+    }
+    assert_eq!(runs(), vec!["1 attempt=1", "1 attempt=2", "1 attempt=3"]);
+    ws.start();
+    ws.inbound("conductor:job_poked", r#"{"n":2}"#);
+    let deadline = Instant::now() + T;
+    while ws.pack_status("long")["handled"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the second event was not handled: {}\n{}",
+            ws.status(),
+            ws.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ws.status()["dead_letters"], 1);
+    let dl: Vec<Value> =
+        serde_json::from_slice(&ws.run(&["dlq", "list", "--json"]).stdout).unwrap();
+    assert!(
+        dl[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 3 times without an outcome"),
+        "{dl:?}"
+    );
+    assert_eq!(
+        runs(),
+        vec!["1 attempt=1", "1 attempt=2", "1 attempt=3", "2 attempt=1"],
+        "not run a fourth time"
+    );
+}
+
+/// The agent killed while a chunk of a handler that keeps no keys of its own was under way:
+/// which event was in flight is not known, so none is blamed (quarantining an innocent one
+/// would be worse); they come again as `redelivered`, one at a time, so a second kill blames
+/// exactly the event in flight.
+#[test]
+fn after_a_kill_during_a_chunk_events_come_one_at_a_time_and_the_next_kill_counts_precisely() {
+    let mut ws = workspace(json!({"identity": "ws-test"}));
+    let dir = node_pack(
+        &ws,
+        "batchy",
+        json!({"subscribed_event_kinds": ["conductor:job_poked"]}),
+        r#"runPack({ handlers: { 'conductor:job_poked': async (event, ctx) => {
+  appendFileSync('runs.txt', `${event.payload.n} attempt=${ctx.attempt} redelivered=${ctx.redelivered}\n`);
+  if (event.payload.n === 2 && ctx.attempt < 2) await sleep(10000);
+  return { status: 'handled' };
+} } });"#,
+    );
+    let runs = || lines(&dir.join("runs.txt"));
+    ws.start();
+    let events: Vec<Value> = (1..=3)
+        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+        .collect();
+    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (kill, lines_then) in [(1, 2), (2, 4)] {
+        wait_for(&format!("event 2 in flight before kill {kill}"), T, || {
+            (runs().len() == lines_then).then_some(())
+        });
+        ws.kill9();
+        ws.start();
+    }
+    wait_for("all handled", T, || (runs().len() == 6).then_some(()));
+    assert_eq!(
+        runs(),
+        vec![
+            "1 attempt=1 redelivered=false",
+            "2 attempt=1 redelivered=false",
+            "1 attempt=1 redelivered=true",
+            "2 attempt=1 redelivered=true",
+            "2 attempt=2 redelivered=true",
+            "3 attempt=1 redelivered=false",
+        ]
+    );
+}
+
 /// Hole 2: answers that are not acks. Before, each of them deleted the batch from the outbox
 /// (20 of 20 events lost): a followed redirect (POST turned into a GET, 200), an HTML 200,
 /// `accepted: 0`, and `accepted` < sent.

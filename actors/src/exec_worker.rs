@@ -645,6 +645,7 @@ impl ExecWorker {
         &self,
         event: &Envelope,
         attempt: u32,
+        redelivered: bool,
         tag: Tag,
     ) -> oneshot::Receiver<Reply> {
         #[derive(serde::Serialize)]
@@ -661,7 +662,7 @@ impl ExecWorker {
             event,
             delivery: Delivery {
                 attempt,
-                redelivered: attempt > 1,
+                redelivered: redelivered || attempt > 1,
             },
         };
         self.request_for("handle", &params, Some(tag))

@@ -75,6 +75,8 @@ struct Pending {
     seq: i64,
     envelope: Arc<Envelope>,
     attempts: u32,
+    /// It may have been delivered before, by an agent that stopped while it was leased.
+    redelivered: bool,
 }
 
 /// Which inbound rows (alias `i`, the pack as `?1`) are the pack's, besides their kind: every
@@ -130,6 +132,11 @@ struct Loaded {
     cursor: i64,
     rows: Vec<(i64, String, u32)>,
     truncated: bool,
+    /// The previous agent stopped while the rows up to this seq were leased (0: it did not).
+    interrupted_to: i64,
+    /// Several rows were leased: which of them was in flight is not known, so they are
+    /// delivered one at a time, each committed before the next (see [`PackHost::careful_to`]).
+    careful: bool,
 }
 
 impl StoreOp for LoadPending {
@@ -142,10 +149,14 @@ impl StoreOp for LoadPending {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let (mut interrupted_to, mut careful) = (0, false);
         let cursor = match found {
             Some((c, leased_to)) => {
                 if leased_to > c && !self.kinds.is_empty() {
-                    count_interrupted_deliveries(conn, &self.pack, &self.kinds, c, leased_to)?;
+                    let leased =
+                        count_interrupted_deliveries(conn, &self.pack, &self.kinds, c, leased_to)?;
+                    interrupted_to = leased_to;
+                    careful = leased > 1;
                 }
                 conn.prepare_cached(
                     "UPDATE pack_cursor SET leased_to = cursor, absent_since_ms = NULL WHERE pack = ?1",
@@ -171,6 +182,8 @@ impl StoreOp for LoadPending {
                 cursor,
                 rows: Vec::new(),
                 truncated: false,
+                interrupted_to,
+                careful,
             });
         }
         let placeholders = vec!["?"; self.kinds.len()].join(",");
@@ -195,14 +208,21 @@ impl StoreOp for LoadPending {
             cursor,
             rows,
             truncated,
+            interrupted_to,
+            careful,
         })
     }
 }
 
 /// The rows in `(cursor, leased_to]` were handed to the pack's handler by an agent that then
-/// stopped without finishing them (kill -9, power cut): each counts one attempt, so the next
-/// delivery says `attempt: 2, redelivered: true`, and an event that keeps taking the agent down
-/// with it still reaches `max_attempts`.
+/// stopped without finishing them (kill -9, power cut). Returns how many rows that is.
+///
+/// One row: it was the event in flight, and it counts one attempt (the next delivery says
+/// `attempt: 2`; an event that takes the agent down with it every time reaches
+/// `max_attempts` and is quarantined). Several rows (a chunk of a handler that does not record
+/// its own keys): any of them may have been in flight, and blaming the first would quarantine
+/// an innocent event, so none is counted; they are delivered again as `redelivered`, one at a
+/// time with a commit after each, so that a second stop leases exactly one.
 fn count_interrupted_deliveries(
     conn: &Connection,
     pack: &str,
@@ -211,21 +231,27 @@ fn count_interrupted_deliveries(
     leased_to: i64,
 ) -> Result<usize, StoreError> {
     let placeholders = vec!["?"; kinds.len()].join(",");
-    let sql = format!(
-        "INSERT INTO attempts(pack, seq, attempts, last_error)
-         SELECT ?1, i.seq, 1, 'the agent stopped while the event was being handled' FROM inbound i
-         WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK}
-         ON CONFLICT(pack, seq) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error"
-    );
     let mut args: Vec<&dyn rusqlite::ToSql> = vec![&pack, &cursor, &leased_to];
     for k in kinds {
         args.push(k);
     }
-    let n = conn.execute(&sql, args.as_slice())?;
-    if n > 0 {
-        tracing::warn!(pack, events = n, "the agent stopped while these events were being handled: each is delivered again, as a new attempt");
+    let leased: Vec<i64> = conn
+        .prepare(&format!(
+            "SELECT i.seq FROM inbound i WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK} ORDER BY i.seq LIMIT 2"
+        ))?
+        .query_map(args.as_slice(), |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if let [seq] = leased.as_slice() {
+        conn.execute(
+            "INSERT INTO attempts(pack, seq, attempts, last_error) VALUES (?1, ?2, 1, 'the agent stopped while the event was being handled')
+             ON CONFLICT(pack, seq) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error",
+            params![pack, seq],
+        )?;
+        tracing::warn!(pack, seq, "the agent stopped while this event was being handled: it is delivered again, as a new attempt");
+    } else if !leased.is_empty() {
+        tracing::warn!(pack, "the agent stopped while a chunk of events was being handled: they are delivered again one at a time");
     }
-    Ok(n)
+    Ok(leased.len())
 }
 
 /// The replay-log lookups for a chunk about to start, and its lease: the chunk's events are
@@ -671,6 +697,8 @@ struct ChunkRun {
     queue: Addr<crate::queue::DurableQueue>,
     /// Exec `handle` requests in flight ahead of the outcome awaited (1 for keyed handlers).
     window: usize,
+    /// One event per commit (events an interrupted agent had leased together).
+    careful: bool,
 }
 
 impl ChunkRun {
@@ -731,10 +759,11 @@ impl ChunkRun {
             if let Some(w) = &exec {
                 while next_send < limit && sent.len() < self.window {
                     let q = &chunk[next_send];
-                    if fresh[next_send] {
+                    // A quarantined event (below) is never sent.
+                    if fresh[next_send] && q.attempts < self.max_attempts {
                         sent.push_back((
                             next_send,
-                            w.send_handle(&q.envelope, q.attempts + 1, tag(q)),
+                            w.send_handle(&q.envelope, q.attempts + 1, q.redelivered, tag(q)),
                         ));
                     }
                     next_send += 1;
@@ -747,7 +776,20 @@ impl ChunkRun {
                 r.cursor = Some(p.seq);
                 continue;
             }
-            let outcome = self.outcome(p, i, tag(p), exec.as_deref(), &mut sent).await;
+            // Delivered `max_attempts` times already without an outcome (each time the agent
+            // stopped while it was being handled): quarantined, so one event that takes the
+            // agent down cannot do so forever.
+            let outcome = if p.attempts >= self.max_attempts {
+                Ok(HandlerOutcome {
+                    status: OutcomeStatus::Failed,
+                    action: Some(format!(
+                        "delivered {} times without an outcome (the agent stopped while handling it each time)",
+                        p.attempts
+                    )),
+                })
+            } else {
+                self.outcome(p, i, tag(p), exec.as_deref(), &mut sent).await
+            };
             if !self.settle(p, &keys[i], outcome, &mut done, r) {
                 break;
             }
@@ -756,7 +798,7 @@ impl ChunkRun {
             r.cursor = Some(p.seq);
             let keyed = self.stage.keyed(p.seq);
             r.keyed |= keyed;
-            if limit == chunk.len() && (keyed || started.elapsed() >= CHUNK_TIME) {
+            if limit == chunk.len() && (keyed || self.careful || started.elapsed() >= CHUNK_TIME) {
                 // Requests already sent are answered first; the worker is working on them.
                 limit = next_send.max(i + 1);
             }
@@ -896,7 +938,7 @@ impl ChunkRun {
             stopped_at: done.stopped_at,
             max_attempts: self.max_attempts,
             lookahead,
-            lease_one: r.keyed,
+            lease_one: r.keyed || self.careful,
         };
         let router = self.router;
         let hook = move |c: &ChunkCommitted| {
@@ -978,6 +1020,10 @@ pub struct PackHost {
     /// The handlers record their own replay keys (guarding effects outside the agent): each
     /// event is committed before the next one starts, so a crash repeats at most one effect.
     keyed: bool,
+    /// Events up to this seq were leased together by an agent that stopped: they are delivered
+    /// one at a time, each committed before the next, so that another stop leases exactly the
+    /// one in flight (and counts its attempt).
+    careful_to: i64,
 }
 
 impl PackHost {
@@ -1023,6 +1069,7 @@ impl PackHost {
             prefetched: None,
             resume: false,
             keyed: false,
+            careful_to: 0,
         }
     }
 
@@ -1150,11 +1197,15 @@ impl PackHost {
             Ok(loaded) => {
                 act.cursor = loaded.cursor;
                 act.high_water = act.high_water.max(loaded.cursor);
+                if loaded.careful {
+                    act.careful_to = act.careful_to.max(loaded.interrupted_to);
+                }
                 for (seq, body, attempts) in loaded.rows {
                     match Envelope::parse(body.as_bytes()) {
                         Ok(env) => {
                             act.high_water = act.high_water.max(seq);
-                            act.queue.push_back(Pending { seq, envelope: Arc::new(env), attempts });
+                            let redelivered = seq <= loaded.interrupted_to;
+                            act.queue.push_back(Pending { seq, envelope: Arc::new(env), attempts, redelivered });
                         }
                         Err(e) => tracing::error!(pack = %act.id, seq, error = %e, "unreadable inbound row skipped"),
                     }
@@ -1200,6 +1251,7 @@ impl PackHost {
                 seq: row.seq,
                 envelope: row.envelope,
                 attempts: 0,
+                redelivered: false,
             });
         }
         self.stats
@@ -1262,6 +1314,7 @@ impl PackHost {
         ahead: Vec<(i64, String)>,
         known: Option<Vec<bool>>,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
+        let careful = chunk.first().is_some_and(|p| p.seq <= self.careful_to);
         let run = ChunkRun {
             pack: self.id.clone(),
             store: self.store.clone(),
@@ -1274,7 +1327,12 @@ impl PackHost {
             agent: self.agent.clone(),
             router: self.emitter.router.clone(),
             queue: self.emitter.queue.clone(),
-            window: if self.keyed { 1 } else { EXEC_WINDOW },
+            window: if self.keyed || careful {
+                1
+            } else {
+                EXEC_WINDOW
+            },
+            careful,
         };
         async move {
             let mut r = ChunkResult::default();

@@ -234,7 +234,7 @@ async fn harness(
         let before = effects(&recorder);
         let first = worker
             .outcome(
-                worker.send_handle(&event, 1, Tag { chunk: 1, seq: 1 }),
+                worker.send_handle(&event, 1, false, Tag { chunk: 1, seq: 1 }),
                 timeout,
             )
             .await;
@@ -269,7 +269,7 @@ async fn harness(
         ));
         let second = worker
             .outcome(
-                worker.send_handle(&event, 2, Tag { chunk: 2, seq: 1 }),
+                worker.send_handle(&event, 2, true, Tag { chunk: 2, seq: 1 }),
                 timeout,
             )
             .await;
