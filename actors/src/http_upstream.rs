@@ -6,15 +6,19 @@
 //!
 //! Guarantees:
 //! - Durable events are pushed in order, in batches (`POST /api/v1/events`), and deleted from
-//!   the outbox only after a 2xx. 408/429/5xx/network errors retry with full-jitter backoff
-//!   (Retry-After honoured); nothing is dropped.
+//!   the outbox only when a 2xx reply counts them: `{"accepted": n}` acknowledges the first `n`
+//!   of the batch; the rest wait, in order. A 2xx without that count (an HTML login page) acks
+//!   nothing; redirects are never followed (a followed POST turns into a GET without the
+//!   token). 3xx/408/429/5xx/network errors retry with full-jitter backoff (Retry-After
+//!   honoured); nothing is dropped.
 //! - 401/403 pause the upstream (`unauthorized`; the token is re-read from the enrollment at
 //!   every retry); 413 splits the batch; 400/422 bisect it and dead-letter only the rejected
 //!   events, with the server's reason.
 //! - Circuit breaker: while the upstream is not connected, ephemeral events are dropped and
 //!   counted (fail-silent), queue events wait durably.
 //! - A policy pull answering `default_decision: "deny"` pauses forwarding (events wait).
-//! - Inbound events are persisted together with the pull cursor before the cursor advances.
+//! - Inbound events are persisted together with the pull cursor before the cursor advances;
+//!   an event the agent cannot read is dead-lettered (origin `inbound`) in that transaction.
 
 use crate::inbound_events::read_pulled_value;
 use crate::router::{Inbound, Router};

@@ -15,6 +15,15 @@
 //!   dead-lettered and the pack goes on. More than `max_restarts` in `window` puts the pack in
 //!   `crashed` with backoff; other packs are never affected.
 //! - `retry` redelivers with backoff (same attempt budget); `failed` dead-letters at once.
+//! - **Attempts across agent deaths.** The events handed to the handler are leased in SQLite
+//!   (`pack_cursor.leased_to`, written with the chunk's lookups or the previous commit: no extra
+//!   round trip). An agent that finds a lease was killed during it: one leased event counts an
+//!   attempt (quarantined after `max_attempts`); several are delivered again one per commit
+//!   (`careful_to`), so that the next stop leases exactly one.
+//! - **Handler time, not agent time.** Timeouts are measured with `worker_clock`: an agent
+//!   that was stopped does not time out a handler that answered meanwhile.
+//! - A pack keeps its place in the inbound log while it is away; a kind it starts subscribing
+//!   to starts from then (`sync_kinds`).
 
 use crate::effects::{EffectStage, Tag};
 use crate::exec_worker::{ExecWorker, ServicesFor, WorkerError};
