@@ -196,9 +196,13 @@ fn print_live(s: &Value) {
     let q = &s["queue"];
     println!("queue: {} durable waiting (oldest {:.1} s), {} ephemeral dropped, {} backpressure refusals",
         q["durable_depth"], q["oldest_age_s"].as_f64().unwrap_or(0.0), q["ephemeral_dropped"], q["backpressure_rejections"]);
+    let i = &s["inbound"];
     println!(
-        "upstream: {} pushed   inbound: {} accepted",
-        u["pushed"], s["inbound"]["accepted"]
+        "upstream: {} pushed   inbound: {} accepted, {} for no loaded pack (kept for packs that are away), {} unreadable (dead-lettered)",
+        u["pushed"],
+        i["accepted"],
+        i["unrouted"].as_u64().unwrap_or(0),
+        i["dead_lettered"].as_u64().unwrap_or(0)
     );
     println!(
         "replay log: {} entries   dead letters: {}   reloads: {}{}",
