@@ -23,6 +23,7 @@ fn a_short_fault_campaign_loses_and_doubles_nothing() {
             schedule: None,
             keep: false,
             verbose: false,
+            only: Vec::new(),
         };
         let report = run(&cfg).expect("the campaign runs");
         eprintln!("CHAOS {report}");

@@ -369,6 +369,50 @@ struct CompleteChunk {
     lookahead: Vec<(i64, String)>,
     /// The next chunk delivers one event before it commits (a keyed handler): lease only it.
     lease_one: bool,
+    /// The pack's kinds, and the seqs this chunk went through (finished or replayed), in
+    /// order: the cursor moves past no row of the pack that is not among them.
+    kinds: Vec<String>,
+    covered: Vec<i64>,
+}
+
+/// The first row of the pack in `(cursor, to]` that `covered` (sorted) does not hold: a row
+/// committed to the inbound log that never reached the pack (its dispatch was lost). The
+/// cursor must not pass it, or the event is skipped for good.
+fn first_uncovered(
+    conn: &Connection,
+    pack: &str,
+    kinds: &[String],
+    to: i64,
+    covered: &[i64],
+) -> Result<Option<i64>, StoreError> {
+    if kinds.is_empty() {
+        return Ok(None);
+    }
+    let from: i64 = conn
+        .prepare_cached("SELECT cursor FROM pack_cursor WHERE pack = ?1")?
+        .query_row([pack], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if to <= from {
+        return Ok(None);
+    }
+    let placeholders = vec!["?"; kinds.len()].join(",");
+    let sql = format!(
+        "SELECT i.seq FROM inbound i WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK} ORDER BY i.seq"
+    );
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&pack, &from, &to];
+    for k in kinds {
+        args.push(k);
+    }
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(args.as_slice())?;
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        if covered.binary_search(&seq).is_err() {
+            return Ok(Some(seq));
+        }
+    }
+    Ok(None)
 }
 
 /// Replay-log answers for upcoming events: (seq, already recorded).
@@ -382,6 +426,8 @@ struct ChunkCommitted {
     next: Prefetched,
     /// Attempts of the stopping event after this one, and whether it was dead-lettered.
     stopped: Option<(u32, bool)>,
+    /// A row of the pack the chunk's range skipped (see [`first_uncovered`]).
+    gap: Option<i64>,
 }
 
 fn insert_dead_letter(conn: &Connection, pack: &str, d: &DeadLetter) -> Result<(), StoreError> {
@@ -407,6 +453,7 @@ impl StoreOp for CompleteChunk {
                 .execute(params![self.pack, seq])?;
         }
         let mut cursor = self.cursor;
+        let mut covered = self.covered;
         let mut stopped = None;
         if let Some((seq, envelope, error)) = self.stopped_at {
             let attempts: u32 = conn.query_row(
@@ -426,8 +473,18 @@ impl StoreOp for CompleteChunk {
                 };
                 insert_dead_letter(conn, &self.pack, &d)?;
                 cursor = Some(seq);
+                if let Err(at) = covered.binary_search(&seq) {
+                    covered.insert(at, seq);
+                }
             }
             stopped = Some((attempts, dead));
+        }
+        let gap = match cursor {
+            Some(to) => first_uncovered(conn, &self.pack, &self.kinds, to, &covered)?,
+            None => None,
+        };
+        if let Some(missing) = gap {
+            cursor = Some(missing - 1);
         }
         if let Some(c) = cursor {
             conn.prepare_cached("UPDATE pack_cursor SET cursor = max(cursor, ?2) WHERE pack = ?1")?
@@ -463,6 +520,7 @@ impl StoreOp for CompleteChunk {
             seqs,
             next,
             stopped,
+            gap,
         })
     }
 }
@@ -504,6 +562,8 @@ struct ChunkResult {
     crash: Option<(String, u32, bool)>,
     retry: Option<(u32, bool)>,
     cursor: Option<i64>,
+    /// The commit found a row of the pack this chunk never saw (see [`first_uncovered`]).
+    gap: Option<i64>,
     recorded: usize,
     commit_error: Option<StoreError>,
 }
@@ -708,6 +768,7 @@ struct ChunkRun {
     window: usize,
     /// One event per commit (events an interrupted agent had leased together).
     careful: bool,
+    kinds: Vec<String>,
 }
 
 impl ChunkRun {
@@ -948,6 +1009,8 @@ impl ChunkRun {
             max_attempts: self.max_attempts,
             lookahead,
             lease_one: r.keyed || self.careful,
+            kinds: self.kinds,
+            covered: chunk[..r.finished].iter().map(|p| p.seq).collect(),
         };
         let router = self.router;
         let hook = move |c: &ChunkCommitted| {
@@ -959,6 +1022,7 @@ impl ChunkRun {
             Ok(c) => {
                 r.recorded = c.recorded;
                 r.next_seen = c.next;
+                r.gap = c.gap;
                 if !c.emits.is_empty() {
                     self.queue.do_send(Committed { events: c.emits });
                 }
@@ -1033,6 +1097,8 @@ pub struct PackHost {
     /// one at a time, each committed before the next, so that another stop leases exactly the
     /// one in flight (and counts its attempt).
     careful_to: i64,
+    /// The last row a commit found skipped (see [`first_uncovered`]).
+    last_gap: Option<i64>,
 }
 
 impl PackHost {
@@ -1079,6 +1145,7 @@ impl PackHost {
             resume: false,
             keyed: false,
             careful_to: 0,
+            last_gap: None,
         }
     }
 
@@ -1342,6 +1409,7 @@ impl PackHost {
                 EXEC_WINDOW
             },
             careful,
+            kinds: self.manifest.subscribed_event_kinds.clone(),
         };
         async move {
             let mut r = ChunkResult::default();
@@ -1402,6 +1470,26 @@ impl PackHost {
             );
         }
         self.add_dead_letters(r.dead_lettered as u64);
+        if let (Some(seq), None, None) = (r.gap, &r.crash, &r.retry) {
+            // Committed to the log but never dispatched here: read it from the log, with
+            // what follows it (those are recorded already and come back as `replayed`).
+            if self.last_gap.replace(seq) == Some(seq) {
+                // The same row again after a reload: it cannot be read (see `reload`). Do not
+                // spin on it; try again in a second, visibly.
+                tracing::error!(pack = %self.id, seq, "an inbound event of this pack cannot be delivered (unreadable row); retrying in 1 s");
+                self.stats
+                    .set_last_error(Some(format!("inbound row {seq} cannot be read")));
+                self.paused = true;
+                ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                    act.paused = false;
+                    act.reload(ctx);
+                });
+                return;
+            }
+            tracing::warn!(pack = %self.id, seq, "an inbound event committed to the log never reached this pack; reloading it from the log");
+            self.reload(ctx);
+            return;
+        }
         for _ in 0..r.finished {
             self.queue.pop_front();
         }
@@ -1615,5 +1703,67 @@ impl Handler<Drain> for PackHost {
                 tracing::warn!(error = %e, "cannot end the pack's lease; its next start counts one extra attempt");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk's commit never moves the cursor past a row of the pack it did not go through
+    /// (a row committed to the log whose dispatch was lost).
+    #[test]
+    fn the_cursor_stops_before_a_row_the_chunk_never_saw() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        for (kind, target) in [
+            ("a:x", None),
+            ("b:other", None),
+            ("a:x", None),
+            ("a:x", Some("someone-else")),
+            ("a:x", None),
+        ] {
+            conn.execute(
+                "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body, target) VALUES ('e', ?1, 0, 0, '{}', ?2)",
+                params![kind, target],
+            )
+            .unwrap();
+        }
+        conn.execute("INSERT INTO pack_cursor(pack, cursor) VALUES ('p', 0)", [])
+            .unwrap();
+        let kinds = vec!["a:x".to_string()];
+        // Rows 2 (other kind) and 4 (another pack's) are not the pack's: passing them is fine.
+        assert_eq!(
+            first_uncovered(&conn, "p", &kinds, 5, &[1, 3, 5]).unwrap(),
+            None
+        );
+        // Row 3 is the pack's and was not in the chunk.
+        assert_eq!(
+            first_uncovered(&conn, "p", &kinds, 5, &[1, 5]).unwrap(),
+            Some(3)
+        );
+        assert_eq!(first_uncovered(&conn, "p", &[], 5, &[]).unwrap(), None);
+        let op = CompleteChunk {
+            pack: "p".into(),
+            records: Vec::new(),
+            emits: Vec::new(),
+            dead_letters: Vec::new(),
+            cursor: Some(5),
+            cleared: Vec::new(),
+            stopped_at: None,
+            max_attempts: 3,
+            lookahead: Vec::new(),
+            lease_one: false,
+            kinds,
+            covered: vec![1, 5],
+        };
+        let done = op.run(&conn).unwrap();
+        assert_eq!(done.gap, Some(3));
+        let cursor: i64 = conn
+            .query_row("SELECT cursor FROM pack_cursor WHERE pack = 'p'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(cursor, 2, "held just before the row it never saw");
     }
 }

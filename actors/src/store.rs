@@ -199,6 +199,37 @@ impl Store {
         }
     }
 
+    /// SQLite may roll back the whole transaction on its own after SQLITE_FULL, SQLITE_IOERR or
+    /// SQLITE_NOMEM, not just the failing statement. The group's earlier ops are then gone,
+    /// and what runs next would run outside any transaction: `SAVEPOINT` would open one and
+    /// `RELEASE` commit it at once, so an op would be durable while its caller is told it
+    /// failed, and its commit hook (the dispatch of inbound rows) would never run: a pack would
+    /// later move its cursor past rows it was never given. Found by the fault campaign (a full
+    /// disk, 6.5% of pulled jobs never handled). So: when the connection is back in autocommit
+    /// mode inside a group, every op of the group is answered with the error, and the next op
+    /// starts a new group. Returns the error for the current op when it was one of them.
+    fn abort_if_rolled_back(&mut self, cause: Option<&StoreError>) -> Option<StoreError> {
+        if !self.in_tx || !self.conn.as_ref().is_some_and(|c| c.is_autocommit()) {
+            return None;
+        }
+        let e = match cause {
+            Some(StoreError::DiskFull) => StoreError::DiskFull,
+            Some(e) => StoreError::Unavailable(format!(
+                "SQLite rolled back the transaction ({e}); nothing of it was stored, retry"
+            )),
+            None => StoreError::Unavailable(
+                "SQLite rolled back the transaction (disk full or I/O error); nothing of it was stored, retry".into(),
+            ),
+        };
+        tracing::error!(ops = self.pending.len(), error = %e, "the group transaction was rolled back by SQLite; every op of it is answered with the error");
+        self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+        self.in_tx = false;
+        for done in self.pending.drain(..) {
+            done(Err(e.clone()));
+        }
+        Some(e)
+    }
+
     /// Checks that the database file is still the one opened; records and logs it if not.
     fn check_file(&mut self) -> Result<(), StoreError> {
         if let Some(why) = self.stats.lost() {
@@ -299,6 +330,7 @@ impl<O: StoreOp> Handler<Exec<O>> for Store {
 
     fn handle(&mut self, Exec(op, on_commit): Exec<O>, ctx: &mut Context<Self>) -> Self::Result {
         self.stats.ops.fetch_add(1, Ordering::Relaxed);
+        self.abort_if_rolled_back(None);
         let outcome = (|| {
             if let Some(why) = self.stats.lost() {
                 return Err(StoreError::Unavailable(why));
@@ -317,11 +349,20 @@ impl<O: StoreOp> Handler<Exec<O>> for Store {
                 ))
             });
             if result.is_err() {
-                conn.execute_batch("ROLLBACK TO op")?;
+                // Fails when SQLite already rolled the whole transaction back: the op's own
+                // error is the one to report (see `abort_if_rolled_back`).
+                if conn.execute_batch("ROLLBACK TO op").is_err() {
+                    return result;
+                }
             }
             conn.execute_batch("RELEASE op")?;
             result
         })();
+        // The op itself may have made SQLite give up the whole group (a full disk mid-op).
+        let outcome = match self.abort_if_rolled_back(outcome.as_ref().err()) {
+            Some(e) => Err(e),
+            None => outcome,
+        };
         let (tx, rx) = oneshot::channel();
         match outcome {
             Err(e) => {
@@ -417,6 +458,47 @@ mod tests {
         fn run(self, _conn: &Connection) -> Result<(), StoreError> {
             panic!("boom")
         }
+    }
+
+    /// Stands for SQLite rolling the whole transaction back on its own (as it may on
+    /// SQLITE_FULL): the op's statement ends the transaction.
+    struct RolledBack;
+    impl StoreOp for RolledBack {
+        type Output = ();
+        fn run(self, conn: &Connection) -> Result<(), StoreError> {
+            conn.execute_batch("ROLLBACK")?;
+            Err(StoreError::DiskFull)
+        }
+    }
+
+    /// What SQLite rolled back is answered as failed, and nothing answered as failed is stored:
+    /// ops after the rollback do not run outside a transaction (committed at once, their
+    /// callers told they failed and their commit hooks never run).
+    #[actix_rt::test]
+    async fn a_transaction_sqlite_rolled_back_is_failed_whole_and_nothing_failed_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let mut c = open_connection(&path, Durability::Normal).unwrap();
+        crate::schema::migrate(&mut c).unwrap();
+        drop(c);
+        let stats = Arc::new(StoreStats::default());
+        let addr = Store::new(path, Durability::Normal, stats).start();
+        let store = StoreHandle::new(addr);
+        // One group: an insert, the rollback, two more inserts.
+        let (a, b, c2, d) = tokio::join!(
+            store.run(Insert(1)),
+            store.run(RolledBack),
+            store.run(Insert(2)),
+            store.run(Insert(3)),
+        );
+        assert!(a.is_err(), "rolled back with the group: {a:?}");
+        assert!(matches!(b, Err(StoreError::DiskFull)), "{b:?}");
+        let ok = [c2.is_ok(), d.is_ok()].iter().filter(|x| **x).count() as i64;
+        assert_eq!(
+            store.run(Count).await.unwrap(),
+            ok,
+            "stored exactly what was answered as stored"
+        );
     }
 
     #[actix_rt::test]

@@ -35,6 +35,14 @@ pub struct Report {
     /// Non-poison jobs still dead-lettered after the retry (with their reasons).
     pub jobs_dead_other: Vec<(String, String)>,
     pub jobs_lost: Vec<String>,
+    /// Jobs still waiting in the agent's inbound log when the accounting ran (late, not lost;
+    /// a run that ends with any is a liveness failure).
+    pub jobs_pending: Vec<String>,
+    /// Jobs whose entry the control plane rejected, waiting in the dead letters (origin
+    /// `upstream`).
+    pub entries_dead_upstream: Vec<String>,
+    /// The ledger pack's line of `status` at the end.
+    pub ledger_status: String,
     /// Jobs whose entry reached the control plane under more than one event id.
     pub entries_doubled: Vec<String>,
     pub v1_published: usize,
@@ -55,6 +63,8 @@ impl Report {
 
     pub fn ok(&self) -> bool {
         self.lost() == 0
+            && self.jobs_pending.is_empty()
+            && self.entries_dead_upstream.is_empty()
             && self.entries_doubled.is_empty()
             && self.reexecuted <= self.incidents
             && self.orders_refused == 0
@@ -104,8 +114,10 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "jobs: {} published, {} handled, {} poison dead-lettered, {} other dead-lettered, lost {}, doubled entries {}",
-            self.jobs_published, self.jobs_handled, self.jobs_dead_poison, self.jobs_dead_other.len(), self.jobs_lost.len(), self.entries_doubled.len()
+            "jobs: {} published, {} handled, {} poison dead-lettered, {} other dead-lettered, lost {}, doubled entries {}{}{}",
+            self.jobs_published, self.jobs_handled, self.jobs_dead_poison, self.jobs_dead_other.len(), self.jobs_lost.len(), self.entries_doubled.len(),
+            if self.jobs_pending.is_empty() { String::new() } else { format!(", still pending in the agent {}", self.jobs_pending.len()) },
+            if self.entries_dead_upstream.is_empty() { String::new() } else { format!(", entry dead-lettered upstream {}", self.entries_dead_upstream.len()) }
         )?;
         writeln!(
             f,
@@ -132,6 +144,17 @@ impl fmt::Display for Report {
         }
         if !self.jobs_lost.is_empty() {
             writeln!(f, "  lost jobs: {}", sample(&self.jobs_lost))?;
+        }
+        if !self.jobs_pending.is_empty() {
+            writeln!(f, "  pending jobs: {}", sample(&self.jobs_pending))?;
+            writeln!(f, "  ledger pack: {}", self.ledger_status)?;
+        }
+        if !self.entries_dead_upstream.is_empty() {
+            writeln!(
+                f,
+                "  entries dead-lettered upstream: {}",
+                sample(&self.entries_dead_upstream)
+            )?;
         }
         if !self.v1_lost.is_empty() {
             writeln!(f, "  lost unreadable events: {}", sample(&self.v1_lost))?;
@@ -196,7 +219,11 @@ pub fn quiesce(world: &mut World, sent: &Sent) -> anyhow::Result<f64> {
     if world.agent.is_none() {
         world.start_agent()?;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Up to 10 minutes while there is progress; given up after 150 s without any (longer than
+    // the longest crash backoff, 60 s).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut progress_at = Instant::now();
+    let mut last = (0usize, 0usize);
     let mut retried_at: Option<Instant> = None;
     loop {
         // Retry what is retryable, again every 10 s (a retried event may time out again).
@@ -225,8 +252,17 @@ pub fn quiesce(world: &mut World, sent: &Sent) -> anyhow::Result<f64> {
         if orders_done && jobs_done && drained {
             break;
         }
-        if Instant::now() > deadline {
-            eprintln!("chaos: not settled 120 s after the load stopped: accounting as it is");
+        let now = (seen.orders.len(), seen.entries.len());
+        if now != last {
+            last = now;
+            progress_at = Instant::now();
+        }
+        if Instant::now() > deadline || progress_at.elapsed() > Duration::from_secs(150) {
+            eprintln!(
+                "chaos: not settled {:.0} s after the load stopped ({:.0} s without progress): accounting as it is",
+                started.elapsed().as_secs_f64(),
+                progress_at.elapsed().as_secs_f64()
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -286,6 +322,22 @@ pub fn account(world: &World, sent: &Sent, applied: &Applied) -> anyhow::Result<
         .filter(|d| d["origin"] == "handler")
         .filter_map(|d| Some((d["event"]["payload"]["job"].as_str()?.to_string(), d)))
         .collect();
+    let pending = world.jobs_pending_in_agent()?;
+    let dead_entries: BTreeSet<&str> = dead
+        .iter()
+        .filter(|d| d["origin"] == "upstream" && d["kind"] == "ledger:entry_recorded")
+        .filter_map(|d| d["event"]["payload"]["job"].as_str())
+        .collect();
+    r.ledger_status = world
+        .status()
+        .and_then(|s| {
+            s["packs"]
+                .as_array()?
+                .iter()
+                .find(|p| p["id"] == "ledger")
+                .map(Value::to_string)
+        })
+        .unwrap_or_default();
     for job in &sent.jobs {
         let entries = seen.entries.get(job).map(BTreeSet::len).unwrap_or(0);
         if entries > 1 {
@@ -300,6 +352,10 @@ pub fn account(world: &World, sent: &Sent, applied: &Applied) -> anyhow::Result<
                 r.jobs_dead_other
                     .push((job.clone(), d["error"].as_str().unwrap_or("").to_string()));
             }
+        } else if pending.contains(job) {
+            r.jobs_pending.push(job.clone());
+        } else if dead_entries.contains(job.as_str()) {
+            r.entries_dead_upstream.push(job.clone());
         } else {
             r.jobs_lost.push(job.clone());
         }

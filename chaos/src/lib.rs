@@ -43,6 +43,8 @@ pub struct Config {
     pub keep: bool,
     /// Print each step as it is applied.
     pub verbose: bool,
+    /// Draw only these faults (names as in `Fault::name`); all when empty.
+    pub only: Vec<String>,
 }
 
 /// What was injected, as it happened.
@@ -181,7 +183,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
     let schedule = cfg
         .schedule
         .clone()
-        .unwrap_or_else(|| schedule::draw(cfg.seed, duration_ms, world.tmpfs));
+        .unwrap_or_else(|| schedule::draw_only(cfg.seed, duration_ms, world.tmpfs, &cfg.only));
     world.start_agent()?;
     let load = load::Load::start(
         cfg.seed,
@@ -222,7 +224,19 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
     report.quiet_s = quiet;
     report.schedule = schedule;
     report.duration_s = cfg.duration.as_secs_f64();
-    if cfg.keep {
+    // A failing run keeps its folder (workspace, agent log, databases) for the post-mortem.
+    if cfg.keep || !report.ok() {
+        // Stop the agent first: the database is then complete. A tmpfs state directory goes
+        // with its unmount, so copy it out.
+        world.kill_agent();
+        if world.tmpfs {
+            let _ = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(world.ws.join(".lumenflow/state"))
+                .arg(world.root.join("state.kept"))
+                .status();
+        }
+        drop(world);
         let kept = tmp.keep();
         eprintln!("chaos: the run's folder is kept at {}", kept.display());
     }

@@ -35,6 +35,10 @@ struct Args {
     /// Print each fault as it is applied.
     #[arg(long, short)]
     verbose: bool,
+    /// Only these faults, comma-separated: kill-agent, stop-agent, kill-worker, stop-worker,
+    /// upstream, invalid, rename, dlq, disk.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn repo() -> PathBuf {
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             schedule: None,
             keep: args.keep,
             verbose: args.verbose,
+            only: args.only.clone(),
         };
         let report = run(&cfg)?;
         println!("{report}");

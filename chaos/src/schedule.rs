@@ -67,6 +67,22 @@ impl Fault {
         }
     }
 
+    /// The fault's name for `--only` (kill-agent, stop-agent, kill-worker, stop-worker,
+    /// upstream, invalid, rename, dlq, disk).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::KillAgent { .. } => "kill-agent",
+            Fault::StopAgent { .. } => "stop-agent",
+            Fault::KillWorker => "kill-worker",
+            Fault::StopWorker { .. } => "stop-worker",
+            Fault::Upstream { .. } => "upstream",
+            Fault::InvalidManifest { .. } => "invalid",
+            Fault::RenameAway { .. } => "rename",
+            Fault::DlqRetry => "dlq",
+            Fault::DiskFull { .. } => "disk",
+        }
+    }
+
     /// A fault after which a handler's external effect may run once more (the event was in
     /// flight and not recorded): the bound of "at most once per incident".
     pub fn is_incident(&self) -> bool {
@@ -173,11 +189,21 @@ fn fault(rng: &mut StdRng, disk: bool) -> Fault {
 
 /// The schedule of a run of `duration_ms` from `seed`. `disk`: disk-full faults can be made.
 pub fn draw(seed: u64, duration_ms: u64, disk: bool) -> Vec<Step> {
+    draw_only(seed, duration_ms, disk, &[])
+}
+
+/// Like [`draw`], with only the faults named in `only` (all when empty).
+pub fn draw_only(seed: u64, duration_ms: u64, disk: bool, only: &[String]) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17_5eed);
     let mut steps = Vec::new();
     let mut t = rng.random_range(500..1500);
     while t < duration_ms {
-        let fault = fault(&mut rng, disk);
+        let fault = loop {
+            let f = fault(&mut rng, disk);
+            if only.is_empty() || only.iter().any(|o| o == f.name()) {
+                break f;
+            }
+        };
         let lasts = fault.duration_ms();
         steps.push(Step { at_ms: t, fault });
         t += lasts + rng.random_range(300..2500);

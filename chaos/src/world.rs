@@ -345,7 +345,34 @@ impl World {
 
     pub fn dead_letters(&self) -> anyhow::Result<Vec<Value>> {
         let out = self.cli(&["dlq", "list", "--json"])?;
-        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`dlq list --json` did not answer a list (exit {:?}): {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Jobs in the agent's inbound log that the ledger pack has not passed yet (read from its
+    /// SQLite file, not from the agent): events that are late, not lost.
+    pub fn jobs_pending_in_agent(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let db = self.ws.join(".lumenflow/state/agent/agent.db");
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut stmt = conn.prepare(
+            "SELECT body FROM inbound WHERE kind = 'conductor:job_requested'
+             AND seq > coalesce((SELECT cursor FROM pack_cursor WHERE pack = 'ledger'), 0)",
+        )?;
+        let bodies = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+            .filter_map(|v| v["payload"]["job"].as_str().map(str::to_string))
+            .collect())
     }
 
     pub fn ledger_dir(&self) -> PathBuf {
