@@ -82,6 +82,17 @@ fn a_native_poison_event_is_dead_lettered_after_3_attempts_and_retried_after_the
     assert!(agent_log.contains("agent:pack_crashed"), "{agent_log}");
     assert!(agent_log.contains(&poison), "{agent_log}");
 
+    // Retried without a fix: one more attempt, one more crash, dead-lettered again (not three
+    // more crashes).
+    let out = ws.run(&["dlq", "retry", "--all"]);
+    assert_eq!(out.status.code(), Some(0));
+    let p = wait_for("dead-lettered again", T, || {
+        let p = ws.pack_status("recorder");
+        (p["dead_lettered"] == 2 && ws.status()["dead_letters"] == 1).then_some(p)
+    });
+    assert_eq!(p["restarts"], 4, "one more crash only: {p}");
+    assert_eq!(dlq(&ws)[0]["attempts"], 3);
+
     // Fix the handler, retry: delivered once, to the recorder only.
     std::fs::remove_file(&flag).unwrap();
     let out = ws.run(&["dlq", "retry", "--all"]);

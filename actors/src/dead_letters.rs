@@ -4,7 +4,8 @@
 //! - `handler`: a pack could not handle an inbound event (`failed`, or a crash `max_attempts`
 //!   times). Written by `PackHost` in the transaction that moves its cursor past it, so it is
 //!   never lost and never blocks the pack. `retry` puts it back into the inbound log *for
-//!   that pack only* (`inbound.target`).
+//!   that pack only* (`inbound.target`), for one more attempt: if it crashes the handler
+//!   again, it is dead-lettered again at once.
 //! - `upstream`: the control plane rejected an outgoing event (400/422 after bisecting).
 //!   `retry` puts it back at the end of the outbox, to be pushed again.
 //! - `inbound`: an event from the upstream the agent could not read (written with the pull
@@ -119,10 +120,10 @@ impl RetryReport {
 
 /// Moves dead letters (`ids`, or all) back where their origin says (see the module comment).
 pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, StoreError> {
-    type Row = (i64, String, String, String, String, String);
+    type Row = (i64, String, String, String, String, String, u32);
     let selected: Vec<Row> = {
         let mut stmt = conn.prepare(
-            "SELECT id, pack, event_id, kind, body, origin FROM dead_letters ORDER BY id",
+            "SELECT id, pack, event_id, kind, body, origin, attempts FROM dead_letters ORDER BY id",
         )?;
         let all = stmt
             .query_map([], |r| {
@@ -133,6 +134,7 @@ pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, Stor
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -152,7 +154,7 @@ pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, Stor
     }
     let now = now_ms();
     let mut report = RetryReport::default();
-    for (id, pack, event_id, kind, body, origin) in selected {
+    for (id, pack, event_id, kind, body, origin, attempts) in selected {
         let retried = match origin.as_str() {
             "upstream" => {
                 conn.execute(
@@ -184,11 +186,18 @@ pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, Stor
                     "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![event_id, kind, event_ms, now, body, pack],
                 )?;
-                Retried::Inbound {
-                    seq: conn.last_insert_rowid(),
-                    pack,
-                    body,
+                let seq = conn.last_insert_rowid();
+                // One more try, not a whole new budget: a dead letter that crashes its handler
+                // again goes straight back (a `dlq retry --all` of 25 poison events is 25
+                // crashes, not 75 and a pack in `crashed` backoff for minutes).
+                if attempts > 1 {
+                    conn.execute(
+                        "INSERT INTO attempts(pack, seq, attempts, last_error) VALUES (?1, ?2, ?3, 'retried from the dead letters')
+                         ON CONFLICT(pack, seq) DO UPDATE SET attempts = excluded.attempts",
+                        params![pack, seq, attempts - 1],
+                    )?;
                 }
+                Retried::Inbound { seq, pack, body }
             }
         };
         if !matches!(retried, Retried::Kept { .. }) {
