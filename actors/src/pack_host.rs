@@ -93,6 +93,18 @@ struct Pending {
 /// [`sync_kinds`]); a retried dead letter targeted at it, always.
 const FOR_PACK: &str = "(i.target = ?1 OR (i.target IS NULL AND i.seq > coalesce((SELECT s.since_seq FROM pack_kind_since s WHERE s.pack = ?1 AND s.kind = i.kind), 0)))";
 
+/// The `IN (...)` placeholders for `kinds`, and the arguments of a query over a pack's rows:
+/// `?1` the pack, then `fixed` (`?2`, `?3`, ...), then the kinds. Shared by every such query.
+fn pack_query<'a>(
+    fixed: &[&'a dyn rusqlite::ToSql],
+    kinds: &'a [String],
+) -> (String, Vec<&'a dyn rusqlite::ToSql>) {
+    let placeholders = vec!["?"; kinds.len()].join(",");
+    let mut args = fixed.to_vec();
+    args.extend(kinds.iter().map(|k| k as &dyn rusqlite::ToSql));
+    (placeholders, args)
+}
+
 /// Records the kinds a pack subscribes to as it (re)starts. A kind it did not subscribe to
 /// before starts from the end of the inbound log: the log keeps every event (for packs that
 /// are away), but a new subscription takes the events that arrive from now on, as it always
@@ -195,7 +207,7 @@ impl StoreOp for LoadPending {
                 careful,
             });
         }
-        let placeholders = vec!["?"; self.kinds.len()].join(",");
+        let (placeholders, args) = pack_query(&[&self.pack, &cursor], &self.kinds);
         let sql = format!(
             "SELECT i.seq, i.body, coalesce(a.attempts, 0) FROM inbound i
              LEFT JOIN attempts a ON a.pack = ?1 AND a.seq = i.seq
@@ -204,10 +216,6 @@ impl StoreOp for LoadPending {
             self.limit + 1
         );
         let mut stmt = conn.prepare_cached(&sql)?;
-        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&self.pack, &cursor];
-        for k in &self.kinds {
-            args.push(k);
-        }
         let mut rows: Vec<(i64, String, u32)> = stmt
             .query_map(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
@@ -239,11 +247,7 @@ fn count_interrupted_deliveries(
     cursor: i64,
     leased_to: i64,
 ) -> Result<usize, StoreError> {
-    let placeholders = vec!["?"; kinds.len()].join(",");
-    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&pack, &cursor, &leased_to];
-    for k in kinds {
-        args.push(k);
-    }
+    let (placeholders, args) = pack_query(&[&pack, &cursor, &leased_to], kinds);
     let leased: Vec<i64> = conn
         .prepare(&format!(
             "SELECT i.seq FROM inbound i WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK} ORDER BY i.seq LIMIT 2"
@@ -323,14 +327,10 @@ impl StoreOp for IdleCursor {
             return Ok(None);
         }
         if !self.kinds.is_empty() {
-            let placeholders = vec!["?"; self.kinds.len()].join(",");
+            let (placeholders, args) = pack_query(&[&self.pack, &cursor], &self.kinds);
             let sql = format!(
                 "SELECT 1 FROM inbound i WHERE i.seq > ?2 AND i.kind IN ({placeholders}) AND {FOR_PACK} LIMIT 1"
             );
-            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&self.pack, &cursor];
-            for k in &self.kinds {
-                args.push(k);
-            }
             if conn.prepare_cached(&sql)?.exists(args.as_slice())? {
                 return Ok(None);
             }
@@ -396,14 +396,10 @@ fn first_uncovered(
     if to <= from {
         return Ok(None);
     }
-    let placeholders = vec!["?"; kinds.len()].join(",");
+    let (placeholders, args) = pack_query(&[&pack, &from, &to], kinds);
     let sql = format!(
         "SELECT i.seq FROM inbound i WHERE i.seq > ?2 AND i.seq <= ?3 AND i.kind IN ({placeholders}) AND {FOR_PACK} ORDER BY i.seq"
     );
-    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&pack, &from, &to];
-    for k in kinds {
-        args.push(k);
-    }
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut rows = stmt.query(args.as_slice())?;
     while let Some(row) = rows.next()? {

@@ -460,6 +460,17 @@ mod tests {
         }
     }
 
+    /// A Store on a fresh, migrated database in `dir`.
+    fn started_store(dir: &Path) -> (StoreHandle, Arc<StoreStats>) {
+        let path = dir.join("agent.db");
+        let mut c = open_connection(&path, Durability::Normal).unwrap();
+        crate::schema::migrate(&mut c).unwrap();
+        drop(c);
+        let stats = Arc::new(StoreStats::default());
+        let addr = Store::new(path, Durability::Normal, stats.clone()).start();
+        (StoreHandle::new(addr), stats)
+    }
+
     /// Stands for SQLite rolling the whole transaction back on its own (as it may on
     /// SQLITE_FULL): the op's statement ends the transaction.
     struct RolledBack;
@@ -477,13 +488,7 @@ mod tests {
     #[actix_rt::test]
     async fn a_transaction_sqlite_rolled_back_is_failed_whole_and_nothing_failed_is_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.db");
-        let mut c = open_connection(&path, Durability::Normal).unwrap();
-        crate::schema::migrate(&mut c).unwrap();
-        drop(c);
-        let stats = Arc::new(StoreStats::default());
-        let addr = Store::new(path, Durability::Normal, stats).start();
-        let store = StoreHandle::new(addr);
+        let (store, _stats) = started_store(dir.path());
         // One group: an insert, the rollback, two more inserts.
         let (a, b, c2, d) = tokio::join!(
             store.run(Insert(1)),
@@ -504,13 +509,7 @@ mod tests {
     #[actix_rt::test]
     async fn group_commit_isolates_failures() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.db");
-        let mut c = open_connection(&path, Durability::Normal).unwrap();
-        crate::schema::migrate(&mut c).unwrap();
-        drop(c);
-        let stats = Arc::new(StoreStats::default());
-        let addr = Store::new(path, Durability::Normal, stats.clone()).start();
-        let store = StoreHandle::new(addr);
+        let (store, stats) = started_store(dir.path());
         let mut futs = Vec::new();
         for i in 0..200 {
             let s = store.clone();
