@@ -11,7 +11,7 @@
 //! This is also the library entry point: a Rust program can embed the agent and register
 //! native packs with [`Agent::register`].
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiNames, ApiState};
 use crate::config::{AgentConfig, Durability as CfgDurability};
 use crate::packs::scan_packs;
 use crate::workspace::Workspace;
@@ -60,6 +60,10 @@ pub struct Agent {
     native: Vec<NativePack>,
     backoff_base: Duration,
     upstream: UpstreamChoice,
+    /// workspace.yaml `packs:` pins, checked before a pinned pack loads.
+    pins: Vec<lumenflow_pack_sdk::platform::PackPin>,
+    /// Where the upstream came from: `enrollment`, `workspace.yaml` or `agent.json`.
+    upstream_source: &'static str,
     pull_cursor: Option<String>,
 }
 
@@ -71,6 +75,8 @@ impl Agent {
             native: Vec::new(),
             backoff_base: Duration::from_secs(1),
             upstream: UpstreamChoice::MemInbox,
+            upstream_source: "agent.json",
+            pins: Vec::new(),
             pull_cursor: None,
         }
     }
@@ -108,6 +114,7 @@ impl Agent {
     pub fn run(mut self) -> anyhow::Result<()> {
         self.choose_upstream()?;
         create_private_dir(&self.ws.state_dir())?;
+        ignore_state_in_git(&self.ws);
         let _lock = lock_workspace(&self.ws)?;
         let db_path = self.ws.db_file();
         let durability = match self.cfg.durability {
@@ -126,41 +133,78 @@ impl Agent {
         result
     }
 
-    /// Conductor mode: the enrollment wins over agent.json's upstream, and its subject is the
-    /// workspace identity.
+    /// The upstream, by precedence: the enrollment (conductor mode; its subject is the
+    /// identity), then workspace.yaml's `control_plane` (token from the variable its
+    /// `auth.token_env` names), then agent.json's `upstream`.
     fn choose_upstream(&mut self) -> anyhow::Result<()> {
         let root_certs = self.root_certs()?;
-        match crate::enrollment::Enrollment::load(&self.ws)? {
-            Some(e) => {
-                self.cfg.identity = e.subject.clone();
-                self.cfg.upstream = e.endpoint.clone();
-                self.upstream = UpstreamChoice::Http(HttpConfig {
-                    endpoint: e.endpoint.trim_end_matches('/').to_string(),
-                    token: e.token,
-                    workspace_id: e.subject,
-                    batch_max: self.cfg.queue_batch_max,
-                    enrollment_file: Some(self.ws.enrollment_file()),
-                    root_certs,
-                });
-            }
-            None if self.cfg.upstream != "mem:inbox" => {
-                let var = "LUMENFLOW_CONTROL_PLANE_TOKEN";
-                let token = std::env::var(var).map_err(|_| anyhow::anyhow!(
-                    "upstream {}: no enrollment and no token; run `lumenflow-agent enroll --endpoint {} --token-env VAR`, or set {var}",
-                    self.cfg.upstream, self.cfg.upstream
+        let yaml = crate::workspace_yaml::load(&self.ws.root)?.unwrap_or_default();
+        self.pins = yaml.pins;
+        let yaml_cp = yaml.control_plane;
+        let local_deny = self.cfg.policies["default_decision"] == "deny";
+        let http = |endpoint: &str, token: String, workspace_id: String| HttpConfig {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+            workspace_id,
+            batch_max: self.cfg.queue_batch_max,
+            enrollment_file: None,
+            root_certs: root_certs.clone(),
+            sync_interval: Duration::from_secs(30),
+            policy_mode: Default::default(),
+            local_deny,
+        };
+        if let Some(e) = crate::enrollment::Enrollment::load(&self.ws)? {
+            self.cfg.identity = e.subject.clone();
+            self.cfg.upstream = e.endpoint.clone();
+            let mut h = http(&e.endpoint, e.token, e.subject);
+            h.enrollment_file = Some(self.ws.enrollment_file());
+            self.upstream = UpstreamChoice::Http(h);
+            self.upstream_source = "enrollment";
+            return Ok(());
+        }
+        if let Some(cp) = yaml_cp {
+            if self.is_own_api(&cp.endpoint) {
+                // The platform is pointed at this agent: its control_plane is us, not an
+                // upstream (following it would send every event back to ourselves).
+                tracing::info!(endpoint = %cp.endpoint, "workspace.yaml control_plane.endpoint is this agent's own API (api.listen): the platform forwards through the agent; upstream from agent.json");
+            } else {
+                let token = std::env::var(&cp.token_env).map_err(|_| anyhow::anyhow!(
+                    "workspace.yaml: control_plane.auth.token_env: the environment variable {} is not set (it holds the control plane's token; the agent never stores it)",
+                    cp.token_env
                 ))?;
-                self.upstream = UpstreamChoice::Http(HttpConfig {
-                    endpoint: self.cfg.upstream.trim_end_matches('/').to_string(),
-                    token,
-                    workspace_id: self.cfg.identity.clone(),
-                    batch_max: self.cfg.queue_batch_max,
-                    enrollment_file: None,
-                    root_certs,
-                });
+                self.cfg.upstream = cp.endpoint.trim_end_matches('/').to_string();
+                let mut h = http(&cp.endpoint, token, self.cfg.identity.clone());
+                h.sync_interval = Duration::from_secs(cp.sync_interval_s);
+                h.policy_mode = cp.policy_mode;
+                self.upstream = UpstreamChoice::Http(h);
+                self.upstream_source = "workspace.yaml";
+                return Ok(());
             }
-            None => {}
+        }
+        if self.cfg.upstream != "mem:inbox" {
+            let var = "LUMENFLOW_CONTROL_PLANE_TOKEN";
+            let token = std::env::var(var).map_err(|_| anyhow::anyhow!(
+                "upstream {}: no enrollment and no token; run `lumenflow-agent enroll --endpoint {} --token-env VAR`, or set {var}",
+                self.cfg.upstream, self.cfg.upstream
+            ))?;
+            let h = http(&self.cfg.upstream, token, self.cfg.identity.clone());
+            self.upstream = UpstreamChoice::Http(h);
         }
         Ok(())
+    }
+
+    /// Is `endpoint` this agent's own local API (a fixed loopback `api.listen` port)?
+    fn is_own_api(&self, endpoint: &str) -> bool {
+        let port = self.cfg.api_listen.port();
+        let rest = endpoint
+            .strip_prefix("http://")
+            .unwrap_or("")
+            .trim_end_matches('/');
+        let hostport = rest.split('/').next().unwrap_or("");
+        port != 0
+            && ["127.0.0.1", "localhost", "[::1]"]
+                .iter()
+                .any(|h| hostport == format!("{h}:{port}"))
     }
 
     /// Opens and migrates the state database; a corrupt or newer one is a clear error.
@@ -378,9 +422,9 @@ impl Agent {
             stats: stats.clone(),
         };
         let packs_root = self.ws.root.join(&cfg.packs_dir);
-        let enrolled =
-            matches!(&self.upstream, UpstreamChoice::Http(h) if h.enrollment_file.is_some());
-        let config_check = config_checker(&self.ws, cfg, enrolled);
+        // Identity and upstream from the enrollment or workspace.yaml are not agent.json's.
+        let pinned = self.upstream_source != "agent.json";
+        let config_check = config_checker(&self.ws, cfg, pinned);
         let registry = {
             let (root, ws_root, native) = (
                 packs_root.clone(),
@@ -388,7 +432,10 @@ impl Agent {
                 self.native.clone(),
             );
             let mut check = Some(config_check);
-            Supervisor::start(move |_| PackRegistry::new(deps, root, ws_root, native, check.take()))
+            let pins = self.pins.clone();
+            Supervisor::start(move |_| {
+                PackRegistry::new(deps, root, ws_root, native, check.take()).with_pins(pins)
+            })
         };
         let started = registry.send(StartAll).await.unwrap_or(0);
         tracing::debug!(packs = started, "packs started");
@@ -412,15 +459,26 @@ impl Agent {
                 )
             })?;
         let addr = listener.local_addr()?;
+        let extra_token = match &cfg.api_token_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| anyhow::anyhow!(
+                "{}: api.token_env: the environment variable {var} is not set (its token is the one the local API accepts from the platform)",
+                self.ws.display(&self.ws.config_file())
+            ))?),
+            None => None,
+        };
         let state = ApiState::new(
             core.emitter.clone(),
             core.store.clone(),
             stats.clone(),
             token.clone(),
-            self.ws.root.display().to_string(),
-            cfg.identity.clone(),
-            cfg.upstream.clone(),
-        );
+            ApiNames {
+                workspace: self.ws.root.display().to_string(),
+                identity: cfg.identity.clone(),
+                upstream: cfg.upstream.clone(),
+            },
+            self.sync_port(core)?,
+        )
+        .also_accepting(extra_token);
         let shutdown = state.shutdown.clone();
         let file = self.ws.api_file();
         write_private_json(
@@ -434,6 +492,31 @@ impl Agent {
             file,
             server,
         })
+    }
+
+    /// The platform's sync port on the local API: relayed to the control plane in conductor
+    /// mode, answered locally on mem:inbox (policies from agent.json, config from
+    /// workspace.yaml).
+    fn sync_port(&self, core: &Core) -> anyhow::Result<crate::sync_port::SyncPort> {
+        let relay = match &self.upstream {
+            UpstreamChoice::Http(h) => Some(crate::sync_port::Relay::new(
+                &h.endpoint,
+                h.token.clone(),
+                h.root_certs.as_ref(),
+            )),
+            UpstreamChoice::MemInbox => None,
+        };
+        let yaml = crate::workspace_yaml::load(&self.ws.root)?;
+        let config = yaml.and_then(|y| {
+            let cp = y.control_plane?;
+            Some(serde_json::json!({"id": y.id.unwrap_or_else(|| self.cfg.identity.clone()), "control_plane": cp.raw}))
+        });
+        Ok(crate::sync_port::SyncPort::new(
+            relay,
+            core.store.clone(),
+            self.cfg.policies.clone(),
+            config,
+        ))
     }
 
     /// Lets each pack finish its event in flight, then the upstream flush (bounded).
@@ -598,13 +681,13 @@ fn config_checker(
         "window_s",
         "handler_timeout_ms",
     ];
-    let (name, file) = (ws.name(), ws.config_file());
+    let ws = ws.clone();
     let mut current = running.clone();
     // With an enrollment, identity and upstream come from it, not from agent.json.
     let (enrolled_identity, enrolled_upstream) =
         (running.identity.clone(), running.upstream.clone());
     Box::new(move || {
-        let mut now = AgentConfig::load(&name, &file).map_err(|e| e.to_string())?;
+        let (mut now, _) = AgentConfig::for_workspace(&ws).map_err(|e| e.to_string())?;
         if enrolled {
             now.identity = enrolled_identity.clone();
             now.upstream = enrolled_upstream.clone();
@@ -675,6 +758,17 @@ fn random_token() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
+}
+
+/// `.lumenflow/state/.gitignore` (`*`): the agent's state is never committed, also in a
+/// workspace whose own `.gitignore` does not know about it (one that had only workspace.yaml).
+fn ignore_state_in_git(ws: &Workspace) {
+    let file = ws.lumenflow_dir().join("state").join(".gitignore");
+    if !file.exists() {
+        if let Err(e) = std::fs::write(&file, "# lumenflow-agent state: never committed\n*\n") {
+            tracing::debug!(error = %e, "cannot write .lumenflow/state/.gitignore");
+        }
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -4,12 +4,18 @@
 //! `.lumenflow/state/agent/api.json`, mode 0600) and a loopback `Host` header (so a web page
 //! cannot reach it through DNS rebinding).
 //!
-//! - `POST /api/v1/events` — the control plane's push endpoint, so an existing LumenFlow sync
-//!   port pointed at the agent just works: `{workspace_id, events}` -> `{accepted}`. Events
-//!   are attributed to the pack whose slug prefixes their kind and checked against its
-//!   manifest. A batch is accepted whole or not at all.
+//! - `POST /api/v1/events` — the control plane's push endpoint: `{workspace_id, events}` ->
+//!   `{accepted}`. v2 events are attributed to the pack whose slug prefixes their kind and
+//!   checked against its manifest; the platform's v1 kernel events are checked against the v1
+//!   union and kept unchanged (`lumenflow_pack_sdk::kernel`). A batch is accepted whole or not
+//!   at all; a `workspace_id` that is not this agent's is refused.
+//! - The rest of the platform's sync port: `heartbeat`, `policies`, `config`,
+//!   `authenticate`, `telemetry`, `evidence`, `approvals/*` (see `sync_port`).
 //! - `POST /v1/inbound` — inject events as if they came from the upstream (`emit --inbound`).
-//! - `POST /api/v1/heartbeat`, `GET /v1/status`, `GET /metrics` (Prometheus text).
+//! - `GET /v1/status`, `GET /metrics` (Prometheus text).
+//!
+//! Besides its own random token, the API accepts the token of the variable `api.token_env`
+//! names: the one the platform's SDK sends (its `auth.token_env`).
 //!
 //! Errors are `{"error": {"message": …}}` with 400 (malformed JSON), 401 (token), 403 (Host),
 //! 413 (body or batch too large), 422 (an invalid event, named by index), 429 + Retry-After
@@ -25,10 +31,11 @@ use axum::Router;
 use lumenflow_actors::dead_letters::PurgeOp;
 use lumenflow_actors::queue::QueueError;
 use lumenflow_actors::queue::RetryDeadLetters;
-use lumenflow_actors::router::{EmitError, Emitter};
+use lumenflow_actors::router::{EmitError, Emitter, Posted};
 use lumenflow_actors::stats::AgentStats;
 use lumenflow_actors::store::{StoreError, StoreHandle};
 use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::kernel::{self, KernelEvent};
 use lumenflow_pack_sdk::Envelope;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +58,20 @@ pub struct ApiState {
     workspace: Arc<str>,
     identity: Arc<str>,
     upstream: Arc<str>,
+    /// A second token the API accepts: the one the platform's SDK sends (`api.token_env`).
+    extra_token: Option<Arc<str>>,
+    pub sync: Arc<crate::sync_port::SyncPort>,
     pub shutdown: Arc<AtomicBool>,
+}
+
+/// What the API says about where it runs.
+pub struct ApiNames {
+    /// The workspace folder.
+    pub workspace: String,
+    /// The workspace identity (`workspace_id`).
+    pub identity: String,
+    /// The upstream's endpoint (or `mem:inbox`).
+    pub upstream: String,
 }
 
 impl ApiState {
@@ -60,22 +80,45 @@ impl ApiState {
         store: StoreHandle,
         stats: Arc<AgentStats>,
         token: String,
-        workspace: String,
-        identity: String,
-        upstream: String,
+        names: ApiNames,
+        sync: crate::sync_port::SyncPort,
     ) -> Self {
         ApiState {
             emitter,
             store,
             stats,
             token: token.into(),
-            workspace: workspace.into(),
-            identity: identity.into(),
-            upstream: upstream.into(),
+            workspace: names.workspace.into(),
+            identity: names.identity.into(),
+            upstream: names.upstream.into(),
+            extra_token: None,
+            sync: Arc::new(sync),
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
+
+    /// Accepts `token` besides the API's own (`api.token_env`: the platform SDK's token).
+    pub fn also_accepting(mut self, token: Option<String>) -> Self {
+        self.extra_token = token.filter(|t| !t.is_empty()).map(Into::into);
+        self
+    }
+
+    /// The workspace identity (`workspace_id` upstream).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        token_matches(presented, &self.token)
+            || self
+                .extra_token
+                .as_deref()
+                .is_some_and(|t| token_matches(presented, t))
+    }
 }
+
+/// The endpoints, for the 404 of any other path.
+const ENDPOINTS: &str = "POST /api/v1/events, /api/v1/heartbeat, /api/v1/policies, /api/v1/config, /api/v1/authenticate, /api/v1/telemetry, /api/v1/evidence, /api/v1/approvals/request|resolve|list, /v1/inbound; GET /v1/status, /metrics";
 
 /// `{"error": {"message": …}}` with a status: the error shape of every LumenFlow HTTP surface.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -90,7 +133,61 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/events", post(post_events))
         .route("/v1/inbound", post(post_inbound))
-        .route("/api/v1/heartbeat", post(heartbeat))
+        .route(
+            "/api/v1/heartbeat",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::heartbeat(s, req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/policies",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::policies(s, req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/config",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::config(s, req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/authenticate",
+            post(|State(s): State<ApiState>, req: Request| {
+                let presented = bearer_token(req.headers()).map(|t| t.trim().to_string());
+                crate::sync_port::authenticate(s, presented, req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/telemetry",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::records(s, "/api/v1/telemetry", req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/evidence",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::records(s, "/api/v1/evidence", req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/approvals/request",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::approvals(s, "request", req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/approvals/resolve",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::approvals(s, "resolve", req.into_body())
+            }),
+        )
+        .route(
+            "/api/v1/approvals/list",
+            post(|State(s): State<ApiState>, req: Request| {
+                crate::sync_port::approvals(s, "list", req.into_body())
+            }),
+        )
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/dlq/retry", post(dlq_retry))
@@ -98,7 +195,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "Not found: see SPEC §10 for the endpoints",
+                format!("Not found: the local API serves {ENDPOINTS}"),
             )
         })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -155,7 +252,7 @@ async fn guard(State(state): State<ApiState>, req: Request, next: Next) -> Respo
     }
     match bearer_token(req.headers()) {
         None => error(StatusCode::UNAUTHORIZED, "Unauthorized: missing \"Authorization: Bearer <token>\" (the token is in .lumenflow/state/agent/api.json)"),
-        Some(t) if !token_matches(t.trim(), &state.token) => {
+        Some(t) if !state.accepts(t.trim()) => {
             error(StatusCode::UNAUTHORIZED, "Unauthorized: wrong token (the token is in .lumenflow/state/agent/api.json)")
         }
         Some(_) => next.run(req).await,
@@ -170,9 +267,18 @@ fn json_depth(v: &Value) -> usize {
     }
 }
 
+/// A parsed `{workspace_id?, events: [...]}` body.
+#[derive(Debug)]
+pub struct Batch {
+    pub workspace_id: Option<String>,
+    pub events: Vec<Posted>,
+}
+
 /// Parses a `{workspace_id?, events: [...]}` body into events, enforcing the limits. Pure:
-/// the whole parsing surface of the event endpoints, fuzzed in the tests below.
-pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Incoming>, (StatusCode, String)> {
+/// the whole parsing surface of the event endpoints, fuzzed in the tests below. An event with
+/// `schema_version: 1` is one of the platform's v1 kernel events, checked against the v1
+/// union; anything else is a v2 envelope or a draft.
+pub fn parse_batch(bytes: &[u8]) -> Result<Batch, (StatusCode, String)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, m);
     let v: Value =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("Malformed JSON: {e}")))?;
@@ -185,6 +291,15 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Incoming>, (StatusCode, String)> 
         return Err(bad(
             "Malformed request: expected an object {\"workspace_id\": …, \"events\": [...]}".into(),
         ));
+    };
+    let workspace_id = match obj.remove("workspace_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(w)) => Some(w),
+        Some(_) => {
+            return Err(bad(
+                "Malformed request: \"workspace_id\" must be a string".into()
+            ))
+        }
     };
     let events = match obj.remove("events") {
         Some(Value::Array(events)) => events,
@@ -200,22 +315,36 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Incoming>, (StatusCode, String)> 
             ),
         ));
     }
-    events
+    let invalid = |i: usize, e: String| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("events[{i}]: invalid event: {e}"),
+        )
+    };
+    let events = events
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
-            Incoming::from_value(v).map_err(|e| {
-                (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("events[{i}]: invalid event: {e}"),
-                )
-            })
+            if kernel::is_v1(&v) {
+                KernelEvent::parse(v)
+                    .map(Posted::Kernel)
+                    .map_err(|e| invalid(i, format!("v1 kernel event: {e}")))
+            } else {
+                Incoming::from_value(v)
+                    .map(Posted::Pack)
+                    .map_err(|e| invalid(i, e.to_string()))
+            }
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Batch {
+        workspace_id,
+        events,
+    })
 }
 
-/// Reads a request body (at most [`MAX_BODY_BYTES`]) and parses it with [`parse_batch`].
-async fn read_batch(body: Body) -> Result<Vec<Incoming>, Response> {
+/// Reads a request body (at most [`MAX_BODY_BYTES`]) and parses it with [`parse_batch`]. A
+/// `workspace_id` that is not this agent's is refused: the batch is for another workspace.
+async fn read_batch(state: &ApiState, body: Body) -> Result<Vec<Posted>, Response> {
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| {
@@ -224,7 +353,21 @@ async fn read_batch(body: Body) -> Result<Vec<Incoming>, Response> {
                 format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
             )
         })?;
-    parse_batch(&bytes).map_err(|(status, m)| error(status, m))
+    let batch = parse_batch(&bytes).map_err(|(status, m)| error(status, m))?;
+    check_workspace(state, batch.workspace_id.as_deref())
+        .map_err(|m| error(StatusCode::UNPROCESSABLE_ENTITY, m))?;
+    Ok(batch.events)
+}
+
+/// A request naming a `workspace_id` must name this agent's workspace (a 422 otherwise).
+pub fn check_workspace(state: &ApiState, workspace_id: Option<&str>) -> Result<(), String> {
+    match workspace_id {
+        Some(w) if w != &*state.identity => Err(format!(
+            "Wrong workspace: workspace_id \"{w}\" is not this agent's workspace \"{}\" (set the workspace's id in workspace.yaml `id` or agent.json `identity`)",
+            state.identity
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn emit_error(e: EmitError) -> Response {
@@ -261,12 +404,12 @@ async fn post_events(State(state): State<ApiState>, req: Request) -> Response {
     if let Some(r) = refusal_if_stopping(&state) {
         return r;
     }
-    let items = match read_batch(req.into_body()).await {
+    let items = match read_batch(&state, req.into_body()).await {
         Ok(items) => items,
         Err(r) => return r,
     };
     let n = items.len();
-    match state.emitter.emit(None, items).await {
+    match state.emitter.emit_posted(None, items).await {
         Ok(ids) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
         Err(e) => emit_error(e),
     }
@@ -276,26 +419,23 @@ async fn post_inbound(State(state): State<ApiState>, req: Request) -> Response {
     if let Some(r) = refusal_if_stopping(&state) {
         return r;
     }
-    let items = match read_batch(req.into_body()).await {
+    let items = match read_batch(&state, req.into_body()).await {
         Ok(items) => items,
         Err(r) => return r,
     };
     let now = SystemTime::now();
     let envs: Vec<Envelope> = items
         .into_iter()
-        .map(|i| i.complete(&state.identity, now))
+        .map(|i| match i {
+            Posted::Pack(i) => i.complete(&state.identity, now),
+            Posted::Kernel(k) => k.to_envelope(&state.identity),
+        })
         .collect();
     let ids: Vec<String> = envs.iter().map(|e| e.event_id.clone()).collect();
     match state.emitter.inbound(envs).await {
         Ok(n) => axum::Json(json!({"accepted": n, "event_ids": ids})).into_response(),
         Err(e) => emit_error(e),
     }
-}
-
-async fn heartbeat(State(state): State<ApiState>) -> Response {
-    let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
-    axum::Json(json!({"status": "ok", "server_time": now, "workspace_id": &*state.identity}))
-        .into_response()
 }
 
 /// `{"id": N}` or `{"all": true}`: redeliver dead letters to the pack that failed them.
@@ -372,8 +512,12 @@ pub fn status_json(state: &ApiState) -> Value {
             "last_success_ms": s.upstream.last_success_ms,
             "pushed": s.upstream.pushed,
             "pulled": s.upstream.pulled,
+            "records_waiting": s.upstream.records_waiting,
+            "records_forwarded": s.upstream.records_forwarded,
+            "records_refused": s.upstream.records_refused,
         },
         "inbound": s.inbound,
+        "sync_port": state.sync.status(),
         "replay_log": {"entries": s.replay_log_entries},
         "dead_letters": s.dead_letters,
         "reload": s.reload,

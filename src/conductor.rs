@@ -3,11 +3,13 @@
 //! local work, demos and tests.
 //!
 //! - `POST /api/v1/events` `{workspace_id, events}` -> `{accepted}`; stored in SQLite, deduped
-//!   by `event_id` (a retry of an accepted event is accepted again and stored once).
+//!   per workspace by `event_id` (a retry of an accepted event is accepted again and stored
+//!   once), or by the canonical JSON's SHA-256 for events without one (v1 kernel events).
 //! - `POST /api/v1/heartbeat` -> `{status, server_time, next_heartbeat_ms}`.
 //! - `POST /api/v1/policies` -> `{default_decision, rules}`.
 //! - `POST /api/v1/events/pull` `{workspace_id, cursor, limit, wait_ms}` -> `{events,
 //!   next_cursor}`: long-poll for events published to the workspace.
+//! - `POST /api/v1/telemetry`, `/api/v1/evidence` -> `{accepted}`: stored (`GET /admin/records`).
 //! - Admin (same token): `POST /admin/publish {workspace_id, events: [{kind, payload,
 //!   event_id?}], raw?}` (`raw`: stored as given), `GET /admin/events` (what was received),
 //!   `POST /admin/faults {status?, retry_after?, rate?, latency_ms?, drop?, reject_event_ids?,
@@ -84,16 +86,13 @@ impl Conductor {
         // A push is answered after its transaction commits (to the WAL; fsync at checkpoints).
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS received (seq INTEGER PRIMARY KEY, workspace_id TEXT, event_id TEXT UNIQUE, kind TEXT, body TEXT, received_ms INTEGER, deliveries INTEGER NOT NULL DEFAULT 1, received_us INTEGER);
-             CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY, workspace_id TEXT, body TEXT);",
+            // Deduped per workspace by `dedupe_key`: the event_id, or for an event without
+            // one (the platform's v1 kernel events) `sha256:` + its canonical JSON's hash.
+            // `received_us`: first delivery time (µs), for latency figures.
+            "CREATE TABLE IF NOT EXISTS received_events (seq INTEGER PRIMARY KEY, workspace_id TEXT NOT NULL, dedupe_key TEXT NOT NULL, kind TEXT, body TEXT, received_ms INTEGER, deliveries INTEGER NOT NULL DEFAULT 1, received_us INTEGER, UNIQUE (workspace_id, dedupe_key));
+             CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY, workspace_id TEXT, body TEXT);
+             CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, workspace_id TEXT, path TEXT, body TEXT);",
         )?;
-        // Databases from before `received_us` (first delivery time, µs, for latency figures).
-        let has_us = db
-            .prepare("SELECT 1 FROM pragma_table_info('received') WHERE name = 'received_us'")?
-            .exists([])?;
-        if !has_us {
-            db.execute_batch("ALTER TABLE received ADD COLUMN received_us INTEGER")?;
-        }
         Ok(Conductor {
             inner: Arc::new(Mutex::new(Inner {
                 db,
@@ -115,6 +114,19 @@ impl Conductor {
             .route("/api/v1/heartbeat", post(heartbeat))
             .route("/api/v1/policies", post(policies))
             .route("/api/v1/events/pull", post(pull))
+            .route(
+                "/api/v1/telemetry",
+                post(|State(c): State<Conductor>, body: Bytes| {
+                    records(c, "/api/v1/telemetry", "records", body)
+                }),
+            )
+            .route(
+                "/api/v1/evidence",
+                post(|State(c): State<Conductor>, body: Bytes| {
+                    records(c, "/api/v1/evidence", "evidence_refs", body)
+                }),
+            )
+            .route("/admin/records", get(received_records))
             .route("/admin/publish", post(publish))
             .route("/admin/events", get(received))
             .route("/admin/faults", post(set_faults))
@@ -150,7 +162,10 @@ fn parse(body: &Bytes) -> Result<Value, String> {
 /// `{workspace_id, events: [...]}` (pushes and admin publishes), or what makes it a 400.
 fn workspace_batch(body: &Bytes) -> Result<(String, Vec<Value>), String> {
     let mut v = parse(body)?;
-    let ws = v["workspace_id"].as_str().unwrap_or_default().to_string();
+    let ws = match v["workspace_id"].as_str() {
+        Some(ws) if !ws.is_empty() => ws.to_string(),
+        _ => return Err("missing workspace_id (a non-empty string)".into()),
+    };
     match v["events"].take() {
         Value::Array(events) => Ok((ws, events)),
         _ => Err("missing events".into()),
@@ -244,13 +259,19 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
         let tx = inner.db.unchecked_transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO received(workspace_id, event_id, kind, body, received_ms, received_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(event_id) DO UPDATE SET deliveries = deliveries + 1",
+                "INSERT INTO received_events(workspace_id, dedupe_key, kind, body, received_ms, received_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(workspace_id, dedupe_key) DO UPDATE SET deliveries = deliveries + 1",
             )?;
             for e in &events {
-                let id = e["event_id"].as_str().unwrap_or_default();
                 let kind = e["kind"].as_str().unwrap_or_default();
-                stmt.execute(params![ws, id, kind, e.to_string(), now_us / 1000, now_us])?;
+                stmt.execute(params![
+                    ws,
+                    dedupe_key(e),
+                    kind,
+                    e.to_string(),
+                    now_us / 1000,
+                    now_us
+                ])?;
             }
         }
         tx.commit()
@@ -262,6 +283,72 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
         );
     }
     axum::Json(json!({"accepted": events.len()})).into_response()
+}
+
+/// What a control plane dedupes an event by: its `event_id`, or, for an event without one (a
+/// v1 kernel event), the SHA-256 of its canonical JSON.
+fn dedupe_key(event: &Value) -> String {
+    match event["event_id"].as_str() {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => format!(
+            "sha256:{}",
+            lumenflow_pack_sdk::canonical::canonical_hash(event)
+        ),
+    }
+}
+
+/// Telemetry and evidence: stored, answered `{"accepted": n}` (the `accept_at_most` fault
+/// applies to them too).
+async fn records(c: Conductor, path: &'static str, key: &'static str, body: Bytes) -> Response {
+    let mut v = match parse(&body) {
+        Ok(v) => v,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let Some(ws) = v["workspace_id"].as_str().map(str::to_string) else {
+        return error(StatusCode::BAD_REQUEST, "missing workspace_id");
+    };
+    let faults = c.lock().faults.clone();
+    if let Some(status) = faults.status {
+        return error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            format!("injected fault: HTTP {status}"),
+        );
+    }
+    let Some(list) = v[key].as_array_mut() else {
+        return error(StatusCode::BAD_REQUEST, format!("missing {key}"));
+    };
+    if let Some(n) = faults.accept_at_most {
+        list.truncate(n);
+    }
+    let n = list.len();
+    let inner = c.lock();
+    if let Err(e) = inner.db.execute(
+        "INSERT INTO records(workspace_id, path, body) VALUES (?1, ?2, ?3)",
+        params![ws, path, v.to_string()],
+    ) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    axum::Json(json!({"accepted": n})).into_response()
+}
+
+async fn received_records(State(c): State<Conductor>) -> Response {
+    let inner = c.lock();
+    let rows: rusqlite::Result<Vec<Value>> = (|| {
+        let mut stmt = inner
+            .db
+            .prepare("SELECT workspace_id, path, body FROM records ORDER BY seq")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(json!({"workspace_id": r.get::<_, String>(0)?, "path": r.get::<_, String>(1)?,
+                    "body": serde_json::from_str::<Value>(&r.get::<_, String>(2)?).unwrap_or(Value::Null)}))
+            })?
+            .collect();
+        rows
+    })();
+    match rows {
+        Ok(r) => axum::Json(Value::Array(r)).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn heartbeat(State(_c): State<Conductor>) -> Response {
@@ -372,7 +459,7 @@ async fn received(State(c): State<Conductor>) -> Response {
     let inner = c.lock();
     let rows: rusqlite::Result<Vec<Value>> = (|| {
         let mut stmt = inner.db.prepare(
-            "SELECT workspace_id, body, deliveries, received_us FROM received ORDER BY seq",
+            "SELECT workspace_id, body, deliveries, received_us FROM received_events ORDER BY seq",
         )?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?)))?

@@ -41,6 +41,12 @@ pub struct AgentConfig {
     pub handler_timeout_ms: u64,
     /// PEM file of extra root certificates for an https upstream (relative to the workspace).
     pub tls_ca_file: Option<String>,
+    /// An environment variable whose token the local API accepts besides its own (the token
+    /// the platform's SDK sends: its `auth.token_env`).
+    pub api_token_env: Option<String>,
+    /// The policy set the local API serves on mem:inbox (`POST /api/v1/policies`), and the
+    /// local policies `policy_mode` combines with the control plane's in conductor mode.
+    pub policies: Value,
 }
 
 impl AgentConfig {
@@ -59,7 +65,30 @@ impl AgentConfig {
             max_attempts: 3,
             handler_timeout_ms: 30_000,
             tls_ca_file: None,
+            api_token_env: None,
+            policies: serde_json::json!({"default_decision": "allow", "rules": []}),
         }
+    }
+
+    /// The configuration of a workspace: [`AgentConfig::load`], then what the platform's
+    /// `workspace.yaml` says (its `id` is the identity: precedence enrollment >
+    /// workspace.yaml > agent.json), then the platform's packs root when the workspace has no
+    /// `packs/` (`packages/@lumenflow/packs`, where the quickstart puts packs).
+    pub fn for_workspace(
+        ws: &crate::workspace::Workspace,
+    ) -> Result<(Self, Option<crate::workspace_yaml::WorkspaceYaml>), ConfigError> {
+        let mut cfg = Self::load(&ws.name(), &ws.config_file())?;
+        let yaml = crate::workspace_yaml::load(&ws.root)?;
+        if let Some(id) = yaml.as_ref().and_then(|y| y.id.clone()) {
+            cfg.identity = id;
+        }
+        if cfg.packs_dir == "packs" && !ws.root.join("packs").exists() {
+            let platform = PLATFORM_PACKS_DIR;
+            if ws.root.join(platform).is_dir() {
+                cfg.packs_dir = platform.into();
+            }
+        }
+        Ok((cfg, yaml))
     }
 
     /// Loads the user-wide file (if any) then the workspace file (if any) over the defaults.
@@ -151,7 +180,16 @@ impl AgentConfig {
                 }
                 "api" => {
                     let m = v.as_object().ok_or_else(|| err(key, format!("expected an object like {{\"listen\": \"127.0.0.1:0\"}}, found {v}")))?;
-                    check_keys(m, "api.", &["listen"], &err)?;
+                    check_keys(m, "api.", &["listen", "token_env"], &err)?;
+                    if let Some(t) = m.get("token_env") {
+                        let name = t.as_str().filter(|s| is_env_name(s)).ok_or_else(|| {
+                            err(
+                                "api.token_env",
+                                format!("expected an environment variable name like \"LUMENFLOW_CONTROL_PLANE_TOKEN\" (^[A-Z][A-Z0-9_]*$), found {t}"),
+                            )
+                        })?;
+                        self.api_token_env = Some(name.to_string());
+                    }
                     if let Some(l) = m.get("listen") {
                         let addr: SocketAddr =
                             l.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
@@ -250,6 +288,10 @@ impl AgentConfig {
                         })? as u32;
                     }
                 }
+                "policies" => {
+                    check_policy_set(v).map_err(|m| err(key, m))?;
+                    self.policies = v.clone();
+                }
                 "handler" => {
                     let m = obj_of(v, key, &err)?;
                     check_keys(m, "handler.", &["timeout_ms"], &err)?;
@@ -264,6 +306,9 @@ impl AgentConfig {
     }
 }
 
+/// The platform's second packs root, used when the workspace has no `packs/`.
+pub const PLATFORM_PACKS_DIR: &str = "packages/@lumenflow/packs";
+
 const TOP_KEYS: &[&str] = &[
     "identity",
     "packs_dir",
@@ -275,7 +320,47 @@ const TOP_KEYS: &[&str] = &[
     "supervision",
     "handler",
     "tls",
+    "policies",
 ];
+
+/// `^[A-Z][A-Z0-9_]*$`: the platform's rule for the names of token variables.
+pub fn is_env_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next().is_some_and(|c| c.is_ascii_uppercase())
+        && b.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
+}
+
+/// A `ControlPlanePolicySet`: `{default_decision: allow|deny, rules: [{id, decision, reason?}]}`.
+pub fn check_policy_set(v: &Value) -> Result<(), String> {
+    let decision = |d: &Value| matches!(d.as_str(), Some("allow" | "deny"));
+    let Some(obj) = v.as_object() else {
+        return Err(format!(
+            "expected {{\"default_decision\": \"allow\" | \"deny\", \"rules\": [...]}}, found {v}"
+        ));
+    };
+    if !obj.get("default_decision").is_some_and(decision) {
+        return Err("default_decision must be \"allow\" or \"deny\"".into());
+    }
+    let rules = match obj.get("rules") {
+        None => &Vec::new(),
+        Some(Value::Array(r)) => r,
+        Some(other) => return Err(format!("rules must be a list, found {other}")),
+    };
+    for (i, r) in rules.iter().enumerate() {
+        if r.get("id")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(format!("rules[{i}]: needs a non-empty \"id\""));
+        }
+        if !r.get("decision").is_some_and(decision) {
+            return Err(format!(
+                "rules[{i}]: decision must be \"allow\" or \"deny\""
+            ));
+        }
+    }
+    Ok(())
+}
 
 fn check_keys(
     obj: &Map<String, Value>,

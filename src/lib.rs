@@ -16,6 +16,8 @@ pub mod enrollment;
 pub mod metrics;
 pub mod packs;
 pub mod run;
+pub mod sync_port;
 pub mod workspace;
+pub mod workspace_yaml;
 
 pub use lumenflow_pack_sdk as sdk;

@@ -1,18 +1,24 @@
 //! Workspace discovery and the paths the agent uses inside one (SPEC §3).
 //!
-//! A workspace is a directory containing `.lumenflow/`. It is found from `--workspace DIR` or
-//! by searching upward from the current directory, like git finds `.git/`.
+//! A workspace is a directory containing `.lumenflow/` or the platform's `workspace.yaml`. It
+//! is found from `--workspace DIR` or by searching upward from the current directory, like git
+//! finds `.git/`. In a workspace that has only `workspace.yaml`, the agent's state still goes
+//! to `.lumenflow/state/`, created at start with a `.gitignore` so it is never committed.
 
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
-    #[error("No workspace: {0} has no .lumenflow/ folder (pass --workspace DIR, or create .lumenflow/ in the workspace root)")]
+    #[error("No workspace: {0} has no .lumenflow/ folder and no workspace.yaml (pass --workspace DIR, or create .lumenflow/ in the workspace root)")]
     NotAWorkspace(String),
-    #[error("No workspace: no .lumenflow/ folder in {0} or any parent (pass --workspace DIR, or run `mkdir .lumenflow` in the workspace root)")]
+    #[error("No workspace: no .lumenflow/ folder or workspace.yaml in {0} or any parent (pass --workspace DIR, or run `mkdir .lumenflow` in the workspace root)")]
     NotFound(String),
     #[error("Cannot read {0}: {1}")]
     Io(String, std::io::Error),
+}
+
+fn is_workspace(dir: &Path) -> bool {
+    dir.join(".lumenflow").is_dir() || dir.join(crate::workspace_yaml::FILE).is_file()
 }
 
 /// Paths of one workspace.
@@ -29,7 +35,7 @@ impl Workspace {
             let root = dir
                 .canonicalize()
                 .map_err(|e| WorkspaceError::Io(dir.display().to_string(), e))?;
-            if !root.join(".lumenflow").is_dir() {
+            if !is_workspace(&root) {
                 return Err(WorkspaceError::NotAWorkspace(root.display().to_string()));
             }
             return Ok(Workspace { root });
@@ -37,7 +43,7 @@ impl Workspace {
         let cwd = std::env::current_dir().map_err(|e| WorkspaceError::Io(".".into(), e))?;
         let mut dir: &Path = &cwd;
         loop {
-            if dir.join(".lumenflow").is_dir() {
+            if is_workspace(dir) {
                 return Ok(Workspace {
                     root: dir.to_path_buf(),
                 });
@@ -98,6 +104,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let err = Workspace::locate(Some(tmp.path())).unwrap_err();
         assert!(err.to_string().starts_with("No workspace: "), "{err}");
+        std::fs::write(tmp.path().join("workspace.yaml"), "id: w\n").unwrap();
+        assert!(Workspace::locate(Some(tmp.path())).is_ok());
+        std::fs::remove_file(tmp.path().join("workspace.yaml")).unwrap();
         std::fs::create_dir(tmp.path().join(".lumenflow")).unwrap();
         let ws = Workspace::locate(Some(tmp.path())).unwrap();
         assert_eq!(

@@ -136,3 +136,22 @@ fn a_new_rust_pack_builds_passes_conformance_and_runs() {
     );
     assert_eq!(inbox[0]["event"]["kind"], "rusty:job_completed");
 }
+
+/// The Node helper computes the same event ids as the agent: both are tested against the
+/// published vectors (`packs/event-id-vectors.json`; the Rust side in the SDK's unit tests).
+#[test]
+fn node_helper_passes_the_event_id_vectors() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("node")
+        .args(["--test", "packs/node/test/"])
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("# pass 2"), "{text}");
+}

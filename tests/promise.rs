@@ -541,8 +541,8 @@ fn pulled_events_are_normalised_or_dead_lettered_never_dropped() {
         dl[0]["error"]
             .as_str()
             .unwrap()
-            .contains("unsupported schema_version 1"),
-        "{}",
+            .contains("task_created: missing field \"spec_hash\""),
+        "a v1 kernel event outside the platform's union: {}",
         dl[0]["error"]
     );
     assert_eq!(ws.status()["inbound"]["dead_lettered"], 1);

@@ -38,7 +38,11 @@ fn emit_reaches_local_subscriber_and_mem_inbox_with_the_same_event_id() {
         String::from_utf8_lossy(&out.stderr)
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert_eq!(id.len(), 36, "prints the event id: {id}");
+    // The published derivation (packs/event-id-vectors.json), computed independently.
+    assert_eq!(
+        id, "d59755c8-800a-5c47-8e07-275b0bbaf713",
+        "prints the event id"
+    );
     // Deterministic: the same key gives the same id.
     let again = ws.run(&[
         "emit",
@@ -54,10 +58,12 @@ fn emit_reaches_local_subscriber_and_mem_inbox_with_the_same_event_id() {
     wait_for("the recorder's effect", T, || {
         ws.effects().contains(&line).then_some(())
     });
+    // mem:inbox dedupes by event_id, as a control plane does: the retry is stored once.
     let inbox = wait_for("mem:inbox to hold the event", T, || {
         let i = ws.inbox();
-        (i.len() == 2).then_some(i)
+        (!i.is_empty()).then_some(i)
     });
+    assert_eq!(inbox.len(), 1, "{inbox:?}");
     let e = &inbox[0]["event"];
     assert_eq!(e["event_id"], id);
     assert_eq!(e["kind"], "emitter:job_completed");
@@ -226,10 +232,15 @@ fn bad_api_input_gets_a_clear_4xx_and_the_agent_keeps_serving() {
     );
     let r = api.emit(vec![json!({"schema_version": 1, "event_id": "x", "kind": "emitter:job_completed", "timestamp": "2026-04-20T00:00:00.000Z", "from": "w", "payload": {}})]);
     assert_eq!(r.status, 422);
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("unsupported schema_version 1"));
+    // schema_version 1 is the platform's v1 kernel union, which has no such kind.
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown v1 kernel event kind \"emitter:job_completed\""),
+        "{}",
+        r.body
+    );
     let mut deep = json!(1);
     for _ in 0..100 {
         deep = json!([deep]);
@@ -431,9 +442,10 @@ fn metrics_and_heartbeat() {
         text.contains("lumenflow_agent_queue_accepted_queue_total 1"),
         "{text}"
     );
+    let identity = ws.status()["agent"]["identity"].clone();
     let r = api.post(
         "/api/v1/heartbeat",
-        &json!({"workspace_id": "w", "session_id": "s"}),
+        &json!({"workspace_id": identity, "session_id": "s"}),
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.body["status"], "ok");

@@ -21,10 +21,12 @@
 //!   an event the agent cannot read is dead-lettered (origin `inbound`) in that transaction.
 
 use crate::inbound_events::read_pulled_value;
+use crate::policy_mode::PolicyMode;
 use crate::router::{Inbound, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use crate::supervision::full_jitter;
+use crate::sync_records::{record_count, OldestRecord, RecordOutcome, SettleRecord};
 use crate::upstream::{EphemeralRing, IsIdle, Push};
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -47,6 +49,13 @@ pub struct HttpConfig {
     pub enrollment_file: Option<PathBuf>,
     /// Root certificates to trust instead of the bundled Mozilla roots (`tls.ca_file`).
     pub root_certs: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
+    /// Heartbeat and policy refresh until the control plane says otherwise
+    /// (`next_heartbeat_ms`); workspace.yaml `sync_interval`, else 30 s.
+    pub sync_interval: Duration,
+    /// How the control plane's `default_decision` combines with the local one.
+    pub policy_mode: PolicyMode,
+    /// The local policies' `default_decision` is `deny` (agent.json `policies`).
+    pub local_deny: bool,
 }
 
 /// Reads the certificates of a PEM file (`tls.ca_file`); an error names what is wrong.
@@ -138,7 +147,7 @@ pub fn load_pull_cursor(conn: &Connection) -> Result<Option<String>, StoreError>
 }
 
 /// The result of one HTTP call: status, body, Retry-After (s), Location.
-enum Reply {
+pub enum Reply {
     Status(u16, String, Option<u64>, Option<String>),
     Network(String),
 }
@@ -164,7 +173,8 @@ pub fn accepted_count(body: &str, sent: usize) -> Result<usize, String> {
     }
 }
 
-fn http_agent(
+/// An HTTP client for the control plane: never follows redirects; `roots`: `tls.ca_file`.
+pub fn http_agent(
     timeout: Duration,
     roots: Option<&Arc<Vec<ureq::tls::Certificate<'static>>>>,
 ) -> ureq::Agent {
@@ -184,8 +194,26 @@ fn http_agent(
     b.build().into()
 }
 
-async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> Reply {
-    let r = tokio::task::spawn_blocking(move || {
+/// One blocking HTTP call on a thread of its own, detached: a shutting-down agent never waits
+/// for it. (On tokio's blocking pool, the runtime's drop at exit waited for an open 20 s
+/// long-poll: the process lived 12-17 s after `stopped`.) A call abandoned at exit changes
+/// nothing durable: its answer would only have been acted on by a running agent.
+pub async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> Reply {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("lumenflow-http".into())
+        .spawn(move || {
+            let _ = tx.send(blocking_post(agent, url, token, body));
+        });
+    if let Err(e) = spawned {
+        return Reply::Network(format!("cannot start an HTTP thread: {e}"));
+    }
+    rx.await
+        .unwrap_or_else(|_| Reply::Network("HTTP thread ended without an answer".into()))
+}
+
+fn blocking_post(agent: ureq::Agent, url: String, token: String, body: String) -> Reply {
+    {
         let resp = agent
             .post(&url)
             .header("authorization", format!("Bearer {token}"))
@@ -214,9 +242,7 @@ async fn post(agent: ureq::Agent, url: String, token: String, body: String) -> R
             }
             Err(e) => Reply::Network(e.to_string()),
         }
-    })
-    .await;
-    r.unwrap_or_else(|e| Reply::Network(format!("HTTP task failed: {e}")))
+    }
 }
 
 fn batch_body(workspace_id: &str, items: &[Item]) -> String {
@@ -379,6 +405,18 @@ async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Ro
     round
 }
 
+/// What one step of the records loop did.
+enum RecordRound {
+    /// Nothing waits.
+    Idle,
+    Progress {
+        waiting: i64,
+        forwarded: usize,
+        refused: bool,
+    },
+    Retry(String),
+}
+
 /// A push round, settled in the outbox.
 struct Settled {
     end: End,
@@ -414,6 +452,9 @@ pub struct HttpUpstream {
     /// Built once, like `push_agent`: its connection (and TLS session) is kept between polls.
     pull_agent: ureq::Agent,
     session_id: String,
+    /// Sync-port records in flight (their own loop beside the events': see `sync_records`).
+    records_busy: bool,
+    records_attempt: u32,
 }
 
 impl HttpUpstream {
@@ -424,6 +465,7 @@ impl HttpUpstream {
         stats: Arc<AgentStats>,
         pull_cursor: Option<String>,
     ) -> Self {
+        let heartbeat_every = cfg.sync_interval;
         let push_agent = http_agent(PUSH_TIMEOUT, cfg.root_certs.as_ref());
         let pull_agent = http_agent(
             Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT,
@@ -439,11 +481,13 @@ impl HttpUpstream {
             dirty: true,
             attempt: 0,
             link: Link::Connected,
-            heartbeat_every: Duration::from_secs(30),
+            heartbeat_every,
             pull_cursor,
             push_agent,
             pull_agent,
             session_id: uuid::Uuid::now_v7().to_string(),
+            records_busy: false,
+            records_attempt: 0,
         }
     }
 
@@ -624,7 +668,11 @@ impl HttpUpstream {
                 }
             }
             if let Reply::Status(200..=299, text, _, _) = &policy {
-                let deny = serde_json::from_str::<Value>(text).ok().is_some_and(|v| v["default_decision"] == "deny");
+                let remote_deny = serde_json::from_str::<Value>(text).ok().is_some_and(|v| v["default_decision"] == "deny");
+                let (deny, warning) = act.cfg.policy_mode.deny(remote_deny, act.cfg.local_deny);
+                if let Some(w) = warning {
+                    tracing::warn!(policy_mode = act.cfg.policy_mode.name(), "{w}");
+                }
                 if deny && act.link == Link::Connected {
                     tracing::warn!("control plane policy default_decision is deny: forwarding paused (events wait)");
                     act.set_link(Link::PolicyDeny, None, None);
@@ -637,6 +685,105 @@ impl HttpUpstream {
             }
             let every = act.heartbeat_every;
             ctx.run_later(every, |act, ctx| act.heartbeat(ctx));
+        }));
+    }
+
+    /// Forwards the oldest waiting sync-port record (telemetry, evidence), then the next; when
+    /// none waits, looks again in a second. Held, like events, while the control plane refuses
+    /// the token or its policy says deny.
+    fn pump_records(&mut self, ctx: &mut Context<Self>) {
+        if self.records_busy {
+            return;
+        }
+        if matches!(self.link, Link::Unauthorized | Link::PolicyDeny) {
+            ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump_records(ctx));
+            return;
+        }
+        self.records_busy = true;
+        let (store, agent, cfg) = (
+            self.store.clone(),
+            self.push_agent.clone(),
+            self.cfg.clone(),
+        );
+        let fut = async move {
+            let Some(record) = store.run(OldestRecord).await? else {
+                return Ok::<_, StoreError>(RecordRound::Idle);
+            };
+            let count = record_count(&record.path, &record.body);
+            let reply = post(
+                agent,
+                format!("{}{}", cfg.endpoint, record.path),
+                cfg.token.clone(),
+                record.body.clone(),
+            )
+            .await;
+            let outcome = match reply {
+                Reply::Status(200..=299, text, _, _) => match accepted_count(&text, count) {
+                    Ok(n) if n > 0 || count == 0 => RecordOutcome::Accepted(n.max(1)),
+                    Ok(_) => {
+                        return Ok(RecordRound::Retry(format!(
+                            "{}: the control plane accepted 0 of {count} records",
+                            record.path
+                        )))
+                    }
+                    Err(e) => return Ok(RecordRound::Retry(format!("{}: {e}", record.path))),
+                },
+                Reply::Status(s @ (400 | 404 | 422), text, _, _) => {
+                    tracing::error!(path = %record.path, status = s, reply = %text.chars().take(200).collect::<String>(), "the control plane refused sync-port records; dropped (not retried)");
+                    RecordOutcome::Refused
+                }
+                Reply::Status(s, text, _, _) => {
+                    return Ok(RecordRound::Retry(format!(
+                        "{}: HTTP {s}: {}",
+                        record.path,
+                        text.chars().take(200).collect::<String>()
+                    )))
+                }
+                Reply::Network(e) => {
+                    return Ok(RecordRound::Retry(format!("{}: network: {e}", record.path)))
+                }
+            };
+            let refused = matches!(outcome, RecordOutcome::Refused);
+            let forwarded = match outcome {
+                RecordOutcome::Accepted(n) => n.min(count),
+                RecordOutcome::Refused => 0,
+            };
+            let waiting = store.run(SettleRecord { record, outcome }).await?;
+            Ok(RecordRound::Progress {
+                waiting,
+                forwarded,
+                refused,
+            })
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.records_busy = false;
+            let up = &act.stats.upstream;
+            match res {
+                Ok(RecordRound::Idle) => {
+                    up.records_waiting.store(0, Ordering::Relaxed);
+                    act.records_attempt = 0;
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump_records(ctx));
+                }
+                Ok(RecordRound::Progress { waiting, forwarded, refused }) => {
+                    up.records_waiting.store(waiting, Ordering::Relaxed);
+                    up.records_forwarded.fetch_add(forwarded as u64, Ordering::Relaxed);
+                    if refused {
+                        up.records_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    act.records_attempt = 0;
+                    act.pump_records(ctx);
+                }
+                Ok(RecordRound::Retry(error)) => {
+                    act.records_attempt += 1;
+                    let wait = full_jitter(Duration::from_millis(200), Duration::from_secs(30), act.records_attempt);
+                    tracing::warn!(error = %error, wait_ms = wait.as_millis() as u64, "forwarding sync-port records failed; retrying");
+                    ctx.run_later(wait, |act, ctx| act.pump_records(ctx));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read or settle sync-port records; retrying in 1 s");
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump_records(ctx));
+                }
+            }
         }));
     }
 
@@ -734,6 +881,8 @@ impl Actor for HttpUpstream {
         self.pump(ctx);
         self.heartbeat(ctx);
         self.pull(ctx);
+        self.records_busy = false;
+        self.pump_records(ctx);
     }
 }
 

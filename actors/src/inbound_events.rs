@@ -10,8 +10,12 @@
 //! - a missing `schema_version` on an object that has the other envelope fields (`event_id`,
 //!   `kind`, `payload`) is taken as 2.
 //!
-//! Anything else that is not a valid envelope (a v1 kernel event, no `event_id`, a payload that
-//! is not an object, not JSON) is dead-lettered with the parser's reason.
+//! A v1 kernel event (`schema_version: 1`, the platform's own events) is accepted as the
+//! envelope `kernel:<kind>` it travels in inside the agent (`lumenflow_pack_sdk::kernel`),
+//! from `conductor`, when it is valid against the v1 union.
+//!
+//! Anything else that is not a valid envelope (no `event_id`, a payload that is not an object,
+//! a v1 event outside the union, not JSON) is dead-lettered with the parser's reason.
 
 use lumenflow_pack_sdk::envelope::format_timestamp;
 use lumenflow_pack_sdk::Envelope;
@@ -35,6 +39,9 @@ impl Unreadable {
     }
 }
 
+/// `from` of the envelope a pulled v1 kernel event travels in (it has no `from` of its own).
+pub const PULLED_KERNEL_FROM: &str = "conductor";
+
 /// Reads one pulled event, normalising what the platform writes differently.
 pub fn read_pulled_value(v: Value) -> Result<Envelope, Unreadable> {
     let body = v.to_string();
@@ -42,6 +49,11 @@ pub fn read_pulled_value(v: Value) -> Result<Envelope, Unreadable> {
         body: body.clone(),
         reason: format!("unreadable inbound event: {reason}"),
     };
+    if lumenflow_pack_sdk::kernel::is_v1(&v) {
+        return lumenflow_pack_sdk::kernel::KernelEvent::parse(v)
+            .map(|k| k.to_envelope(PULLED_KERNEL_FROM))
+            .map_err(fail);
+    }
     let Value::Object(mut obj) = v else {
         return Err(fail("not a JSON object".into()));
     };
@@ -102,6 +114,11 @@ mod tests {
             "{}",
             u.reason
         );
+        assert!(
+            u.reason.contains("missing field \"spec_hash\""),
+            "{}",
+            u.reason
+        );
         assert!(u.body.contains("task_created"));
         assert_eq!(u.ids().1, "task_created");
         let u = read_pulled_value(json!("x")).unwrap_err();
@@ -109,5 +126,14 @@ mod tests {
         let mut v = event("yesterday");
         v["payload"] = json!([1]);
         assert!(read_pulled_value(v).is_err());
+    }
+
+    #[test]
+    fn a_valid_v1_kernel_event_arrives_as_its_kernel_envelope() {
+        let v1 = json!({"schema_version": 1, "kind": "task_completed", "timestamp": "2026-04-20T00:00:00.000Z", "task_id": "WU-7"});
+        let e = read_pulled_value(v1.clone()).unwrap();
+        assert_eq!(e.kind, "kernel:task_completed");
+        assert_eq!(e.from, PULLED_KERNEL_FROM);
+        assert_eq!(serde_json::Value::Object(e.payload), v1);
     }
 }

@@ -7,7 +7,8 @@
 //! Store        one SQLite writer; group commits for every table
 //! ReplayLog    (pack, event) finished?  handler keys; retention
 //! DurableQueue admission: durable before ack, backpressure at max depth
-//! Upstream     mem:inbox (embedded) ; ephemeral ring
+//! Upstream     mem:inbox (embedded) ; ephemeral ring ; HttpUpstream: the control plane,
+//!              events and sync-port records (telemetry, evidence) in order
 //! Router       kind -> packs; inbound log; dispatch in commit order
 //! PackRegistry which packs run; validated hot reloads, atomic route swaps
 //! Watcher      notify + debouncer on the packs root and agent.json
@@ -21,6 +22,7 @@
 //! task and a panic there becomes a stop (see `pack_host`), with restart intensity counted in
 //! [`supervision`].
 
+pub mod approvals;
 pub mod dead_letters;
 pub mod effects;
 pub mod exec_worker;
@@ -28,6 +30,7 @@ pub mod http_upstream;
 pub mod inbound_events;
 pub mod pack_host;
 pub mod pack_registry;
+pub mod policy_mode;
 pub mod queue;
 pub mod replay_log;
 pub mod router;
@@ -35,6 +38,7 @@ pub mod schema;
 pub mod stats;
 pub mod store;
 pub mod supervision;
+pub mod sync_records;
 pub mod upstream;
 pub mod watcher;
 pub mod worker_clock;

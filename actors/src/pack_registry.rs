@@ -22,6 +22,7 @@ use crate::stats::{AgentStats, PackState};
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use actix::prelude::*;
 use lumenflow_pack_sdk::manifest::{load_pack_dir, scan_packs_root, PackLoad};
+use lumenflow_pack_sdk::platform::{check_pin, PackPin};
 use lumenflow_pack_sdk::{Manifest, NativePack};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, BTreeSet};
@@ -115,9 +116,18 @@ pub struct PackRegistry {
     /// Outstanding reload errors per pack folder.
     errors: BTreeMap<String, String>,
     config_check: Option<ConfigCheck>,
+    /// workspace.yaml `packs:` pins, by pack id: checked before a pinned pack loads.
+    pins: BTreeMap<String, PackPin>,
 }
 
 impl PackRegistry {
+    /// Checks each pinned pack's version and folder hash before it loads (see
+    /// `lumenflow_pack_sdk::platform`).
+    pub fn with_pins(mut self, pins: Vec<PackPin>) -> Self {
+        self.pins = pins.into_iter().map(|p| (p.id.clone(), p)).collect();
+        self
+    }
+
     pub fn new(
         deps: HostDeps,
         packs_root: PathBuf,
@@ -136,6 +146,7 @@ impl PackRegistry {
             running: BTreeMap::new(),
             errors: BTreeMap::new(),
             config_check,
+            pins: BTreeMap::new(),
         }
     }
 
@@ -316,7 +327,7 @@ impl Handler<ReloadPacks> for PackRegistry {
                 .find(|(_, r)| r.folder.as_deref() == Some(&folder))
                 .map(|(id, _)| id.clone());
             let load = load_pack_dir(&self.packs_root.join(&folder), &self.workspace_root, None);
-            let Some(load) = load else {
+            let Some(mut load) = load else {
                 if let Some(id) = running_id {
                     changes.push(Change::Remove(id));
                 }
@@ -330,6 +341,9 @@ impl Handler<ReloadPacks> for PackRegistry {
                 .unwrap_or_else(|| folder.clone());
             if self.native.contains_key(&id) {
                 continue;
+            }
+            if let Some(pin) = self.pins.get(&id) {
+                check_pin(&mut load, pin);
             }
             let Some(manifest) = load.manifest.clone() else {
                 let msg = load

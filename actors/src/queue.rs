@@ -37,6 +37,19 @@ pub struct Accepted {
     pub local: bool,
 }
 
+impl Accepted {
+    /// The envelope's JSON as local packs get it. It is `body` except for a v1 kernel event,
+    /// whose `body` is the event as posted (what goes upstream, unchanged) and which packs
+    /// get wrapped in its `kernel:<kind>` envelope.
+    pub fn local_body(&self) -> std::borrow::Cow<'_, str> {
+        if lumenflow_pack_sdk::kernel::carried_event(&self.envelope).is_some() {
+            std::borrow::Cow::Owned(self.envelope.to_json())
+        } else {
+            std::borrow::Cow::Borrowed(&self.body)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
     #[error("Backpressure: the durable queue holds {depth} events (queue.max_depth = {max}); retry after {retry_after_s} s")]
@@ -86,7 +99,7 @@ fn insert_local(conn: &Connection, events: &[Accepted]) -> Result<Vec<Option<i64
                 e.envelope.kind,
                 e.envelope.timestamp_ms(),
                 now,
-                &*e.body
+                &*e.local_body()
             ])?;
             seqs.push(Some(conn.last_insert_rowid()));
         } else {
@@ -158,7 +171,7 @@ impl StoreOp for AcceptOp {
         // row moved to mem:inbox in one transaction), minus a copy, a delete and a commit.
         let now = now_ms();
         let mut inbox = conn.prepare_cached(
-            "INSERT INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
         )?;
         let mut direct = 0;
         for e in self

@@ -19,8 +19,9 @@ use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use lumenflow_pack_sdk::envelope::Incoming;
+use lumenflow_pack_sdk::kernel::KernelEvent;
 use lumenflow_pack_sdk::kind::{is_reserved, namespace_of};
-use lumenflow_pack_sdk::{Envelope, Manifest};
+use lumenflow_pack_sdk::{DeliveryClass, Envelope, Manifest};
 use rusqlite::{params, Connection};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -292,6 +293,18 @@ pub struct Emitter {
     pub router: Addr<Router>,
 }
 
+/// What the local API is posted: a pack's event (a v2 envelope or a draft) or one of the
+/// platform's v1 kernel events.
+#[derive(Debug, Clone)]
+pub enum Posted {
+    Pack(Incoming),
+    Kernel(KernelEvent),
+}
+
+/// The `pack` column of the outbox rows of v1 kernel events: no pack emitted them (and no pack
+/// id can have parentheses).
+pub const PLATFORM_PRODUCER: &str = "(platform)";
+
 impl Emitter {
     /// Checks every event and builds the envelopes. `pack`: the emitting pack when known (a
     /// handler); otherwise the pack whose slug prefixes each kind.
@@ -300,46 +313,80 @@ impl Emitter {
         pack: Option<&str>,
         items: Vec<Incoming>,
     ) -> Result<Vec<Accepted>, EmitError> {
+        self.prepare_posted(pack, items.into_iter().map(Posted::Pack).collect())
+    }
+
+    /// [`Emitter::prepare`] for a batch that may hold v1 kernel events: those are durable
+    /// (`queue`), go upstream exactly as posted, and reach packs subscribed to
+    /// `kernel:<kind>`.
+    pub fn prepare_posted(
+        &self,
+        pack: Option<&str>,
+        items: Vec<Posted>,
+    ) -> Result<Vec<Accepted>, EmitError> {
         let table = self.table.load();
         let now = SystemTime::now();
         let mut out = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
-            let kind = item.kind().to_string();
-            let reject = |message: String| EmitError::Rejected { index, message };
-            if is_reserved(&kind) {
-                return Err(reject(format!(
-                    "Unknown kind at emit: \"{kind}\" is in a reserved namespace; packs may subscribe to it, never emit it (inject it with `emit --inbound`)"
-                )));
-            }
-            let manifest = match pack {
-                Some(p) => table.packs.get(p),
-                None => namespace_of(&kind)
-                    .and_then(|ns| table.by_slug.get(ns))
-                    .and_then(|id| table.packs.get(id)),
+            let accepted = match item {
+                Posted::Pack(item) => self.prepare_pack_event(&table, pack, item, now),
+                Posted::Kernel(event) => Ok(self.prepare_kernel_event(&table, event)),
             };
-            let Some(manifest) = manifest else {
-                return Err(reject(match pack {
-                    Some(p) => format!("Unknown kind at emit: pack \"{p}\" is not loaded"),
-                    None => format!(
-                        "Unknown kind at emit: no loaded pack has the slug \"{}\" (kind \"{kind}\")",
-                        namespace_of(&kind).unwrap_or(&kind)
-                    ),
-                }));
-            };
-            let class = manifest
-                .check_emit(&kind)
-                .map_err(|e| reject(e.to_string()))?;
-            let envelope = item.complete(&self.identity, now);
-            let body: Arc<str> = envelope.to_json().into();
-            out.push(Accepted {
-                local: !table.subscribers_of(&envelope.kind).is_empty(),
-                envelope: Arc::new(envelope),
-                body,
-                pack: manifest.id.clone(),
-                class,
-            });
+            out.push(accepted.map_err(|message| EmitError::Rejected { index, message })?);
         }
         Ok(out)
+    }
+
+    fn prepare_pack_event(
+        &self,
+        table: &RoutingTable,
+        pack: Option<&str>,
+        item: Incoming,
+        now: SystemTime,
+    ) -> Result<Accepted, String> {
+        let kind = item.kind().to_string();
+        if is_reserved(&kind) {
+            return Err(format!(
+                "Unknown kind at emit: \"{kind}\" is in a reserved namespace; packs may subscribe to it, never emit it (inject it with `emit --inbound`)"
+            ));
+        }
+        let manifest = match pack {
+            Some(p) => table.packs.get(p),
+            None => namespace_of(&kind)
+                .and_then(|ns| table.by_slug.get(ns))
+                .and_then(|id| table.packs.get(id)),
+        };
+        let Some(manifest) = manifest else {
+            return Err(match pack {
+                Some(p) => format!("Unknown kind at emit: pack \"{p}\" is not loaded"),
+                None => format!(
+                    "Unknown kind at emit: no loaded pack has the slug \"{}\" (kind \"{kind}\")",
+                    namespace_of(&kind).unwrap_or(&kind)
+                ),
+            });
+        };
+        let class = manifest.check_emit(&kind).map_err(|e| e.to_string())?;
+        let envelope = item.complete(&self.identity, now);
+        let body: Arc<str> = envelope.to_json().into();
+        Ok(Accepted {
+            local: !table.subscribers_of(&envelope.kind).is_empty(),
+            envelope: Arc::new(envelope),
+            body,
+            pack: manifest.id.clone(),
+            class,
+        })
+    }
+
+    /// A v1 kernel event: durable, its body (what goes upstream) the event as posted.
+    fn prepare_kernel_event(&self, table: &RoutingTable, event: KernelEvent) -> Accepted {
+        let envelope = event.to_envelope(&self.identity);
+        Accepted {
+            local: !table.subscribers_of(&envelope.kind).is_empty(),
+            body: event.to_json().into(),
+            envelope: Arc::new(envelope),
+            pack: PLATFORM_PRODUCER.to_string(),
+            class: DeliveryClass::Queue,
+        }
     }
 
     /// Emits a batch; all or nothing. Returns the event ids in order.
@@ -348,7 +395,17 @@ impl Emitter {
         pack: Option<&str>,
         items: Vec<Incoming>,
     ) -> Result<Vec<String>, EmitError> {
-        let events = self.prepare(pack, items)?;
+        self.emit_posted(pack, items.into_iter().map(Posted::Pack).collect())
+            .await
+    }
+
+    /// [`Emitter::emit`] for a batch that may hold v1 kernel events (the local API's).
+    pub async fn emit_posted(
+        &self,
+        pack: Option<&str>,
+        items: Vec<Posted>,
+    ) -> Result<Vec<String>, EmitError> {
+        let events = self.prepare_posted(pack, items)?;
         let ids = events.iter().map(|e| e.envelope.event_id.clone()).collect();
         self.queue
             .send(Accept { events })

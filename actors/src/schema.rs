@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 /// Schema version this binary writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `i` brings the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -123,6 +123,47 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (pack, kind)
     ) WITHOUT ROWID;
     ",
+    // 2 -> 3
+    "
+    -- mem:inbox dedupes by event_id, as a control plane does: a producer's retry of a
+    -- complete envelope (same event_id) is accepted and stored once. Most ids are UUIDv7
+    -- (time-ordered), so the index grows at its right edge.
+    DELETE FROM mem_inbox WHERE seq NOT IN (SELECT min(seq) FROM mem_inbox GROUP BY event_id);
+    CREATE UNIQUE INDEX IF NOT EXISTS mem_inbox_event_id ON mem_inbox(event_id);
+
+    -- The platform's sync-port records (telemetry, evidence) accepted on the local API, in
+    -- arrival order: waiting for the control plane (`sync_outbox`, conductor mode), or kept
+    -- by the embedded upstream (`mem_sync`, mem:inbox). `path`: the sync-port path
+    -- (`/api/v1/telemetry`), `body`: the request as the platform sent it.
+    CREATE TABLE IF NOT EXISTS sync_outbox (
+        seq        INTEGER PRIMARY KEY,
+        path       TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS mem_sync (
+        seq         INTEGER PRIMARY KEY,
+        path        TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    -- The last good answer of the control plane to a pull (`/api/v1/policies`,
+    -- `/api/v1/config`), served while it is unreachable.
+    CREATE TABLE IF NOT EXISTS sync_cache (
+        path       TEXT PRIMARY KEY,
+        body       TEXT NOT NULL,
+        fetched_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- Approvals of the embedded upstream (mem:inbox): the platform's ApprovalRecord, one row
+    -- each, `record` its JSON.
+    CREATE TABLE IF NOT EXISTS approvals (
+        seq         INTEGER PRIMARY KEY,
+        approval_id TEXT NOT NULL UNIQUE,
+        type        TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        record      TEXT NOT NULL
+    );
+    ",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +221,9 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(n, 11); // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters mem_inbox sqlite_sequence pack_kind_since
+        // meta outbox inbound pack_cursor attempts replay_recent replay_log dead_letters
+        // mem_inbox sqlite_sequence pack_kind_since sync_outbox mem_sync sync_cache approvals
+        assert_eq!(n, 15);
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub struct UpstreamStats {
     pub pushed: AtomicU64,
     pub pulled: AtomicU64,
     pub heartbeat_ms: AtomicI64,
+    /// Sync-port records (telemetry, evidence) waiting for the control plane.
+    pub records_waiting: AtomicI64,
+    pub records_forwarded: AtomicU64,
+    /// Records the control plane refused or has no endpoint for (dropped, logged).
+    pub records_refused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -237,6 +242,9 @@ impl AgentStats {
                 pushed: self.upstream.pushed.load(Ordering::Relaxed),
                 pulled: self.upstream.pulled.load(Ordering::Relaxed),
                 heartbeat_ms: self.upstream.heartbeat_ms.load(Ordering::Relaxed),
+                records_waiting: self.upstream.records_waiting.load(Ordering::Relaxed),
+                records_forwarded: self.upstream.records_forwarded.load(Ordering::Relaxed),
+                records_refused: self.upstream.records_refused.load(Ordering::Relaxed),
             },
             inbound: InboundSnapshot {
                 accepted: self.inbound_accepted.load(Ordering::Relaxed),
@@ -309,6 +317,9 @@ pub struct UpstreamSnapshot {
     pub pushed: u64,
     pub pulled: u64,
     pub heartbeat_ms: i64,
+    pub records_waiting: i64,
+    pub records_forwarded: u64,
+    pub records_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

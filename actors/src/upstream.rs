@@ -109,7 +109,7 @@ impl StoreOp for MemInboxTransfer {
         let mut moved = 0;
         if let Some(upper) = upper {
             conn.prepare_cached(
-                "INSERT INTO mem_inbox(event_id, kind, received_ms, body)
+                "INSERT OR IGNORE INTO mem_inbox(event_id, kind, received_ms, body)
                  SELECT event_id, kind, ?1, body FROM outbox WHERE seq <= ?2 ORDER BY seq",
             )?
             .execute(params![now, upper])?;
@@ -118,7 +118,7 @@ impl StoreOp for MemInboxTransfer {
                 .execute([upper])?;
         }
         let mut stmt = conn.prepare_cached(
-            "INSERT INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
         )?;
         for e in &self.ephemeral {
             stmt.execute(params![e.envelope.event_id, e.envelope.kind, now, &*e.body])?;

@@ -196,7 +196,7 @@ fn body(kind: &str, from: usize, n: usize) -> String {
     let events: Vec<Value> = (from..from + n)
         .map(|i| json!({"kind": kind, "payload": {"job_id": format!("job-{i}"), "result": "ok", "seq": i}}))
         .collect();
-    json!({"workspace_id": "bench", "events": events}).to_string()
+    json!({"events": events}).to_string()
 }
 
 fn post_to(http: &ureq::Agent, url: &str, token: &str, path: &str, body: String) -> (u16, String) {

@@ -19,9 +19,27 @@
 // delivered again. stdout belongs to the protocol: console.log is redirected to stderr, which
 // the agent forwards to its log.
 
+import { createHash } from 'node:crypto';
 import { createInterface } from 'node:readline';
 
 export const PROTOCOL_VERSION = 1;
+
+// The event-id namespace: uuid5(NAMESPACE_URL, "https://lumenflow.dev/ns/event-id"). Test
+// vectors: packs/event-id-vectors.json.
+export const EVENT_ID_NAMESPACE = 'd103d564-ba4b-52ca-bb35-fb3fa51d85e3';
+
+// The event id the agent gives an event with an idempotency key: UUIDv5 (RFC 9562) in
+// EVENT_ID_NAMESPACE over `from`, NUL, `kind`, NUL, `key` (UTF-8). A producer can know the id
+// of what it emits before the agent answers, and a retry yields the same id.
+export function eventId(from, kind, key) {
+  const ns = Buffer.from(EVENT_ID_NAMESPACE.replace(/-/g, ''), 'hex');
+  const name = Buffer.from(`${from}\0${kind}\0${key}`, 'utf8');
+  const h = createHash('sha1').update(ns).update(name).digest().subarray(0, 16);
+  h[6] = (h[6] & 0x0f) | 0x50;
+  h[8] = (h[8] & 0x3f) | 0x80;
+  const x = h.toString('hex');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
 
 export function runPack({ handlers = {}, onStart } = {}) {
   const out = process.stdout;

@@ -45,7 +45,7 @@ pub fn run(
     }
     let subject = match subject {
         Some(s) => s.to_string(),
-        None => AgentConfig::load(&ws.name(), &ws.config_file())?.identity,
+        None => AgentConfig::for_workspace(&ws)?.0.identity,
     };
     let e = Enrollment {
         endpoint: endpoint.clone(),

@@ -13,18 +13,22 @@ pub fn run(workspace: Option<&Path>, as_json: bool, limit: u32) -> anyhow::Resul
     if path.exists() {
         let c = open_reader(&path)?;
         let mut stmt = c.prepare(
-            "SELECT seq, received_ms, body FROM (SELECT * FROM mem_inbox ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+            "SELECT seq, received_ms, body, event_id, kind FROM (SELECT * FROM mem_inbox ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
         )?;
         for r in stmt.query_map([limit], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
             ))
         })? {
-            let (seq, received_ms, body) = r?;
+            let (seq, received_ms, body, event_id, kind) = r?;
             let event: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-            rows.push(json!({"seq": seq, "received_ms": received_ms, "event": event}));
+            // `event`: as it arrived (a v1 kernel event has no id or payload of its own);
+            // `event_id` and `kind`: as the agent knows it (`kernel:<kind>`, content-derived id).
+            rows.push(json!({"seq": seq, "received_ms": received_ms, "event_id": event_id, "kind": kind, "event": event}));
         }
     }
     if as_json {
@@ -36,12 +40,24 @@ pub fn run(workspace: Option<&Path>, as_json: bool, limit: u32) -> anyhow::Resul
     }
     for r in &rows {
         let e = &r["event"];
+        // A v1 kernel event's fields are its payload.
+        let payload = match e.get("payload") {
+            Some(p) => p.clone(),
+            None => Value::Object(
+                e.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| !matches!(k.as_str(), "schema_version" | "kind" | "timestamp"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+        };
         println!(
             "{}  {}  {}  {}",
             e["timestamp"].as_str().unwrap_or("?"),
-            e["event_id"].as_str().unwrap_or("?"),
-            e["kind"].as_str().unwrap_or("?"),
-            e["payload"]
+            r["event_id"].as_str().unwrap_or("?"),
+            r["kind"].as_str().unwrap_or("?"),
+            payload
         );
     }
     Ok(0)

@@ -8,15 +8,31 @@ use crate::workspace::Workspace;
 use lumenflow_pack_sdk::kind::is_kebab_slug;
 use std::path::Path;
 
+/// The manifest `new pack` writes (`runtime:` is appended per language).
+const MANIFEST: &str =
+    "# The pack's manifest: read by lumenflow-agent and by the LumenFlow platform's pack loader.
+id: {{NAME}}
+version: 0.1.0
+task_types: [{{NAME}}]
+tools: []
+policies: []
+# Events: what the pack emits (each with its delivery class) and what its handlers receive.
+emitted_event_kinds: [\"{{NAME}}:job_completed\"]
+subscribed_event_kinds: [\"conductor:recovery_requested\"]
+backpressure_policy:
+  \"{{NAME}}:job_completed\": queue
+surfaces_required: [http]
+";
+
 /// The Node helper, copied into each new pack so the pack folder stands alone.
 pub const NODE_HELPER: &str = include_str!("../../packs/node/lumenflow-pack.mjs");
 
 pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u8> {
     if !is_kebab_slug(name) || lumenflow_pack_sdk::RESERVED_NAMESPACES.contains(&name) {
-        anyhow::bail!("pack name \"{name}\" must be lowercase kebab-case (^[a-z0-9]+(-[a-z0-9]+)*$, at most 64 characters), and not \"conductor\" or \"agent\"");
+        anyhow::bail!("pack name \"{name}\" must be lowercase kebab-case (^[a-z0-9]+(-[a-z0-9]+)*$, at most 64 characters), and not a reserved namespace (conductor, agent, kernel)");
     }
     let ws = Workspace::locate(workspace)?;
-    let cfg = AgentConfig::load(&ws.name(), &ws.config_file())?;
+    let (cfg, _) = AgentConfig::for_workspace(&ws)?;
     let dir = ws.root.join(&cfg.packs_dir).join(name);
     if dir.exists() {
         anyhow::bail!(
@@ -25,34 +41,15 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
         );
     }
     std::fs::create_dir_all(dir.join("conformance"))?;
+    // YAML: the only manifest the platform's loader reads, with what it requires (a task
+    // type, `tools`, `policies`), so the pack loads in the platform as in the agent.
     let runtime = match lang {
-        Lang::Node => serde_json::json!({"command": ["node", "handler.mjs"]}),
+        Lang::Node => "runtime:\n  command: [node, handler.mjs]\n".to_string(),
         // The first start builds the worker; its timeout covers that build.
-        Lang::Rust => {
-            serde_json::json!({"command": ["cargo", "run", "--quiet", "--release", "--manifest-path", "Cargo.toml"], "timeout_ms": 300000})
-        }
+        Lang::Rust => "runtime:\n  command: [cargo, run, --quiet, --release, --manifest-path, Cargo.toml]\n  timeout_ms: 300000\n".to_string(),
     };
-    let manifest = serde_json::json!({
-        "id": name,
-        "slug": name,
-        "version": "0.1.0",
-        "task_types": [],
-        "tools": [],
-        "policies": [],
-        "evidence_types": [],
-        "state_aliases": {},
-        "lane_templates": [],
-        "emitted_event_kinds": [format!("{name}:job_completed")],
-        "subscribed_event_kinds": ["conductor:recovery_requested"],
-        "required_approvals": [],
-        "surfaces_required": ["http"],
-        "backpressure_policy": {format!("{name}:job_completed"): "queue"},
-        "runtime": runtime
-    });
-    std::fs::write(
-        dir.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )?;
+    let manifest = MANIFEST.replace("{{NAME}}", name) + &runtime;
+    std::fs::write(dir.join("manifest.yaml"), manifest)?;
     let files: &[(&str, &str)] = match lang {
         Lang::Node => &[
             ("handler.mjs", "the handler (edit me)"),
@@ -89,7 +86,7 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
     println!("created {shown}/");
     println!(
         "  {:<19}emits {name}:job_completed (queue), handles conductor:recovery_requested",
-        "manifest.json"
+        "manifest.yaml"
     );
     for (f, what) in files {
         println!("  {f:<19}{what}");
@@ -153,7 +150,7 @@ serde_json = "1"
 "#;
 
 const RUST_MAIN: &str = r##"//! {{NAME}}: a lumenflow-agent exec pack in Rust. The agent starts it (`runtime.command` in
-//! manifest.json) and speaks JSON-RPC 2.0 over stdin/stdout, one message per line. stdout
+//! manifest.yaml) and speaks JSON-RPC 2.0 over stdin/stdout, one message per line. stdout
 //! belongs to the protocol: log with `eprintln!` (the agent forwards stderr to its log).
 //! Run `lumenflow-agent conformance .` in this folder after edits.
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 pub fn run(workspace: Option<&Path>, native: Vec<NativePack>) -> anyhow::Result<u8> {
     let ws = Workspace::locate(workspace)?;
-    let cfg = AgentConfig::load(&ws.name(), &ws.config_file())?;
+    let (cfg, _) = AgentConfig::for_workspace(&ws)?;
     let mut agent = Agent::new(ws, cfg);
     for p in native {
         agent = agent.register(p);

@@ -5,7 +5,8 @@ use super::exit;
 use crate::config::AgentConfig;
 use crate::packs::{scan_packs, PackScan};
 use crate::workspace::Workspace;
-use lumenflow_pack_sdk::manifest::{load_pack_dir, PackLoad};
+use lumenflow_pack_sdk::manifest::{load_pack_dir, Diagnostic, PackLoad, Severity};
+use lumenflow_pack_sdk::platform::{check_pin, loader_warnings, PackPin};
 use std::io::Write;
 use std::path::Path;
 
@@ -22,7 +23,7 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
         } else {
             dir.parent().unwrap_or(&dir).to_path_buf()
         };
-        let Some(load) = load_pack_dir(&dir, &base, None) else {
+        let Some(load) = load_pack_dir(&dir, &base, None).map(|l| platform_checks(l, &[])) else {
             writeln!(
                 out,
                 "{}: no manifest.json or manifest.yaml in this folder",
@@ -37,8 +38,8 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
     }
 
     let ws = Workspace::locate(workspace)?;
-    let cfg = match AgentConfig::load(&ws.name(), &ws.config_file()) {
-        Ok(c) => c,
+    let (cfg, pins) = match AgentConfig::for_workspace(&ws) {
+        Ok((c, yaml)) => (c, yaml.map(|y| y.pins).unwrap_or_default()),
         Err(e) => {
             writeln!(out, "error: {e}")?;
             return Ok(exit::INVALID);
@@ -49,6 +50,10 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
         conflicts,
         root_missing,
     } = scan_packs(&ws, &cfg);
+    let loads: Vec<PackLoad> = loads
+        .into_iter()
+        .map(|l| platform_checks(l, &pins))
+        .collect();
     if root_missing {
         writeln!(
             out,
@@ -70,6 +75,39 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
     } else {
         exit::INVALID
     })
+}
+
+/// What the platform's loader requires beyond the agent: the workspace.yaml pin (an error:
+/// the agent does not load such a pack either) and its own manifest rules (warnings: the agent
+/// runs the pack, the platform would refuse it).
+fn platform_checks(mut load: PackLoad, pins: &[PackPin]) -> PackLoad {
+    let warn = |message: String| Diagnostic {
+        severity: Severity::Warning,
+        file: load.display.clone(),
+        field: None,
+        message: format!("platform loader: {message}"),
+    };
+    let mut warnings = Vec::new();
+    if load.file.file_name().is_some_and(|n| n != "manifest.yaml") {
+        warnings.push(warn(
+            "the platform reads only manifest.yaml; it does not see this pack (rename the file, in YAML)".into(),
+        ));
+    }
+    let raw = std::fs::read_to_string(&load.file)
+        .ok()
+        .and_then(|t| serde_yaml_ng::from_str::<serde_json::Value>(&t).ok());
+    if let Some(raw) = raw {
+        warnings.extend(loader_warnings(&raw).into_iter().map(warn));
+    }
+    load.diagnostics.extend(warnings);
+    if let Some(pin) = load
+        .manifest
+        .as_ref()
+        .and_then(|m| pins.iter().find(|p| p.id == m.id))
+    {
+        check_pin(&mut load, pin);
+    }
+    load
 }
 
 fn print_load(out: &mut impl Write, load: &PackLoad) -> std::io::Result<()> {

@@ -271,7 +271,7 @@ impl Api {
 
     /// Like [`Api::emit`], but `None` when the agent is gone.
     pub fn try_emit(&self, events: Vec<Value>) -> Option<Reply> {
-        let body = json!({"workspace_id": "ws-test", "events": events}).to_string();
+        let body = json!({"events": events}).to_string();
         let r = Self::agent()
             .post(format!("{}/api/v1/events", self.url))
             .header("content-type", "application/json")
@@ -280,12 +280,9 @@ impl Api {
         Self::try_reply(r)
     }
 
-    /// Posts drafts `{kind, payload}` to /api/v1/events.
+    /// Posts drafts `{kind, payload}` to /api/v1/events (naming no workspace: any identity).
     pub fn emit(&self, events: Vec<Value>) -> Reply {
-        self.post(
-            "/api/v1/events",
-            &json!({"workspace_id": "ws-test", "events": events}),
-        )
+        self.post("/api/v1/events", &json!({"events": events}))
     }
 }
 

@@ -109,7 +109,7 @@ pub fn namespace_of(kind: &str) -> Option<&str> {
     kind.split_once(':').map(|(ns, _)| ns)
 }
 
-/// True when the kind belongs to `conductor:` or `agent:`.
+/// True when the kind belongs to a reserved namespace (`conductor:`, `agent:`, `kernel:`).
 pub fn is_reserved(kind: &str) -> bool {
     namespace_of(kind).is_some_and(|ns| crate::RESERVED_NAMESPACES.contains(&ns))
 }

@@ -10,10 +10,12 @@
 
 pub mod canonical;
 pub mod envelope;
+pub mod kernel;
 pub mod kind;
 pub mod manifest;
 pub mod native;
 pub mod outcome;
+pub mod platform;
 
 pub use envelope::{Envelope, EnvelopeError, EventDraft};
 pub use kind::{DeliveryClass, KindError};
@@ -24,6 +26,7 @@ pub use outcome::{HandlerOutcome, OutcomeStatus};
 /// Surfaces this agent provides to packs (`surfaces_required`).
 pub const PROVIDED_SURFACES: &[&str] = &["http"];
 
-/// Namespaces reserved for the control plane and the agent itself: packs may subscribe to
-/// kinds in them, never emit them.
-pub const RESERVED_NAMESPACES: &[&str] = &["conductor", "agent"];
+/// Namespaces reserved for the control plane (`conductor:`), the agent itself (`agent:`) and
+/// the platform's v1 kernel events (`kernel:task_completed`): packs may subscribe to kinds in
+/// them, never emit them.
+pub const RESERVED_NAMESPACES: &[&str] = &["conductor", "agent", "kernel"];
