@@ -349,3 +349,86 @@ fn the_development_conductor_dedupes_per_workspace_and_keeps_events_without_an_i
         "{missing}"
     );
 }
+
+/// Packs where the platform keeps them (`packages/@lumenflow/packs`, no `packs/`), pinned in
+/// workspace.yaml: the pack whose folder hash is the pinned one loads and gets the platform's
+/// v1 events as `kernel:task_completed`; the one whose folder changed since it was pinned is
+/// not loaded, and `validate` and `status` say why.
+#[test]
+fn pinned_packs_under_the_platform_packs_root_and_a_kernel_subscriber() {
+    let mut ws = Workspace::new(json!({}), "");
+    let root = ws.path().join("packages/@lumenflow/packs");
+    let helper = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packs/node/lumenflow-pack.mjs"),
+    )
+    .unwrap();
+    let pack = |id: &str| {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("lumenflow-pack.mjs"), &helper).unwrap();
+        std::fs::write(
+            dir.join("handler.mjs"),
+            "import { runPack } from './lumenflow-pack.mjs';\nimport { appendFileSync } from 'node:fs';\nrunPack({ handlers: { 'kernel:task_completed': async (event) => {\n  appendFileSync('seen.log', `${event.kind} ${event.payload.task_id}\\n`);\n  return { status: 'handled', action: 'noted' };\n} } });\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("manifest.yaml"),
+            format!("id: {id}\nversion: 0.1.0\ntask_types: [{id}]\ntools: []\npolicies: []\nsubscribed_event_kinds: [\"kernel:task_completed\"]\nruntime:\n  command: [node, handler.mjs]\n"),
+        )
+        .unwrap();
+        dir
+    };
+    let good = pack("kwatch");
+    let bad = pack("kstale");
+    let hash = |d: &std::path::Path| lumenflow_agent::sdk::platform::pack_hash(d).unwrap();
+    let (good_hash, stale_hash) = (hash(&good), hash(&bad));
+    // Edited after it was pinned.
+    std::fs::write(bad.join("handler.mjs"), "// changed\n").unwrap();
+    std::fs::write(
+        ws.path().join("workspace.yaml"),
+        format!("id: ws-pins\npacks:\n  - id: kwatch\n    version: 0.1.0\n    integrity: sha256:{good_hash}\n    source: local\n  - id: kstale\n    version: 0.1.0\n    integrity: sha256:{stale_hash}\n    source: local\n"),
+    )
+    .unwrap();
+    let out = ws.run(&["validate"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("ok: kwatch 0.1.0 (packages/@lumenflow/packs/kwatch/manifest.yaml)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("error: workspace.yaml: packs[1]: Pack integrity mismatch for kstale: expected sha256:{stale_hash}, got sha256:")),
+        "{text}"
+    );
+
+    ws.start();
+    let st = wait_for("kwatch running", T, || {
+        let st = ws.status();
+        (ws.pack_status("kwatch")["state"] == "running").then_some(st)
+    });
+    let stale = st["packs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "kstale")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(stale["state"], "invalid", "{st}");
+    assert!(
+        stale["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Pack integrity mismatch for kstale"),
+        "{stale}"
+    );
+    let r = ws.api().post(
+        "/api/v1/events",
+        &json!({"workspace_id": "ws-pins", "events": [
+            {"schema_version": 1, "kind": "task_completed", "task_id": "WU-5", "timestamp": "2026-03-14T10:00:00.000Z"}]}),
+    );
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+    let seen = wait_for("the kernel event handled", T, || {
+        std::fs::read_to_string(good.join("seen.log")).ok()
+    });
+    assert_eq!(seen, "kernel:task_completed WU-5\n");
+}

@@ -238,7 +238,13 @@ impl Handler<StartAll> for PackRegistry {
                 None,
             );
         }
-        let scan = scan_packs_root(&self.packs_root, &self.workspace_root);
+        let mut scan = scan_packs_root(&self.packs_root, &self.workspace_root);
+        for load in &mut scan.loads {
+            let pin = load.manifest.as_ref().and_then(|m| self.pins.get(&m.id));
+            if let Some(pin) = pin {
+                check_pin(load, pin);
+            }
+        }
         for load in &scan.loads {
             let folder = load.folder_name();
             let id = load

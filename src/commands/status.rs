@@ -204,6 +204,26 @@ fn print_live(s: &Value) {
         i["unrouted"].as_u64().unwrap_or(0),
         i["dead_lettered"].as_u64().unwrap_or(0)
     );
+    // The platform's sync port: records on their way to the control plane, and where the
+    // policies and config it serves came from (a cache while the control plane is away).
+    let sp = &s["sync_port"];
+    if sp["mode"] == "relay" {
+        let mut line = format!(
+            "sync port (relayed): {} records waiting, {} forwarded, {} refused",
+            u["records_waiting"], u["records_forwarded"], u["records_refused"]
+        );
+        for (path, p) in sp["pulls"].as_object().into_iter().flatten() {
+            line.push_str(&format!(
+                "; {path} from {}{}",
+                p["source"].as_str().unwrap_or("?"),
+                p["age_s"]
+                    .as_i64()
+                    .map(|a| format!(" ({} old)", age(a)))
+                    .unwrap_or_default()
+            ));
+        }
+        println!("{line}");
+    }
     println!(
         "replay log: {} entries   dead letters: {}   reloads: {}{}",
         s["replay_log"]["entries"],
