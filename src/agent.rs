@@ -551,6 +551,10 @@ fn durable_stats(conn: &rusqlite::Connection) -> anyhow::Result<Arc<AgentStats>>
         .store(count_entries(conn)?, Ordering::Relaxed);
     let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
     stats.dead_letters.store(dead, Ordering::Relaxed);
+    stats.upstream.records_waiting.store(
+        lumenflow_actors::sync_records::waiting(conn)?,
+        Ordering::Relaxed,
+    );
     Ok(stats)
 }
 

@@ -367,13 +367,23 @@ pub async fn records(state: ApiState, path: &'static str, body: Body) -> Respons
         Ok(n) => n,
         Err(m) => return error(StatusCode::UNPROCESSABLE_ENTITY, m),
     };
+    let relay = state.sync.relay.is_some();
     let op = StoreRecords {
         path,
         body: Value::Object(req).to_string(),
-        relay: state.sync.relay.is_some(),
+        relay,
     };
     match state.sync.store.run(op).await {
-        Ok(()) => json_reply(json!({"accepted": n})),
+        Ok(()) => {
+            if relay {
+                state
+                    .stats
+                    .upstream
+                    .records_waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            json_reply(json!({"accepted": n}))
+        }
         Err(StoreError::DiskFull) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             StoreError::DiskFull.to_string(),

@@ -34,6 +34,11 @@ fn new_pack_validates_passes_conformance_and_runs() {
     assert_eq!(code, 0, "{out}");
     let (code, out) = agent_in(ws.path(), &["validate"]);
     assert_eq!(code, 0, "{out}");
+    // The scaffold is what the platform's loader takes too (manifest.yaml, a task type...).
+    assert!(
+        out.contains("ok: hello 0.1.0 (packs/hello/manifest.yaml)") && out.contains("0 warnings"),
+        "{out}"
+    );
     let (code, out) = agent_in(ws.path(), &["conformance", "packs/hello"]);
     assert_eq!(code, 0, "{out}");
     assert!(

@@ -238,6 +238,12 @@ fn a_workspace_with_only_workspace_yaml_forwards_through_the_agent_to_its_contro
     assert_eq!(st["upstream"]["mode"], "http", "{st}");
 
     let api = platform_api(&ws);
+    // Relayed: the control plane's own answer (the dev conductor asks for 5 s heartbeats).
+    let hb = api.post(
+        "/api/v1/heartbeat",
+        &json!({"workspace_id": "ws-yaml", "session_id": "s"}),
+    );
+    assert_eq!(hb.body["next_heartbeat_ms"], 5000, "{}", hb.body);
     let mut events = v1_events();
     events.push(v2_event("ws-yaml"));
     let r = forwarder_cycle(&api, "ws-yaml", &events);
@@ -431,4 +437,40 @@ fn pinned_packs_under_the_platform_packs_root_and_a_kernel_subscriber() {
         std::fs::read_to_string(good.join("seen.log")).ok()
     });
     assert_eq!(seen, "kernel:task_completed WU-5\n");
+}
+
+/// Telemetry accepted while the control plane is down survives a `kill -9` of the agent and
+/// reaches the control plane, in order, once it is back.
+#[test]
+fn records_accepted_while_the_control_plane_is_down_survive_kill_9() {
+    let mut ws = Workspace::new(json!({"identity": "ws-test"}), "");
+    let mut c = Conductor::start(ws.path(), "tok");
+    enroll(&ws, &c, "tok");
+    c.kill();
+    ws.start();
+    let api = ws.api();
+    for i in 0..3 {
+        let r = api.post(
+            "/api/v1/telemetry",
+            &json!({"workspace_id": "ws-test", "records": [{"metric": format!("m{i}"), "value": i, "timestamp": "2026-03-14T10:00:00.000Z"}]}),
+        );
+        assert_eq!(r.body, json!({"accepted": 1}), "{}", r.body);
+    }
+    wait_for("3 records waiting", T, || {
+        (ws.status()["upstream"]["records_waiting"] == 3).then_some(())
+    });
+    ws.kill9();
+    c.restart();
+    ws.start();
+    let records = wait_for("3 records at the control plane", T, || {
+        let r = c.admin("/admin/records", None);
+        (r.as_array().unwrap().len() >= 3).then_some(r)
+    });
+    let metrics: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["body"]["records"][0]["metric"].as_str().unwrap())
+        .collect();
+    assert_eq!(metrics, ["m0", "m1", "m2"]);
 }

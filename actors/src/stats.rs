@@ -111,7 +111,7 @@ pub struct UpstreamStats {
     pub pushed: AtomicU64,
     pub pulled: AtomicU64,
     pub heartbeat_ms: AtomicI64,
-    /// Sync-port records (telemetry, evidence) waiting for the control plane.
+    /// Sync-port requests (telemetry, evidence) waiting for the control plane.
     pub records_waiting: AtomicI64,
     pub records_forwarded: AtomicU64,
     /// Records the control plane refused or has no endpoint for (dropped, logged).
