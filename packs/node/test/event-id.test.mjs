@@ -1,5 +1,5 @@
 // The Node helper's event ids against the published vectors (packs/event-id-vectors.json).
-// Run: node --test packs/node/test/
+// Run: node --test packs/node/test/event-id.test.mjs
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
