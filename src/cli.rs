@@ -33,8 +33,14 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Lang {
+    /// TypeScript: the quickstart's layout (package.json, src/, vitest tests), run with tsx.
+    Ts,
+    /// Plain JavaScript (ESM), no install step.
     Node,
+    /// A Rust program (cargo).
     Rust,
+    /// Python 3, dependency-free (unittest tests).
+    Python,
 }
 
 #[derive(Debug, Subcommand)]

@@ -145,3 +145,50 @@ fn help_lists_every_command() {
         assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
     }
 }
+
+/// A pack written like the quickstart (src/manifest.ts, no manifest.yaml) is not skipped in
+/// silence; a manifest without `runtime` says that is why its handler is missing.
+#[test]
+fn the_real_cause_is_named_for_a_pack_author() {
+    let ws = tempfile::tempdir().unwrap();
+    let root = ws.path();
+    write(root, ".lumenflow/agent.json", "{}");
+    write(
+        root,
+        "packs/ts-only/src/manifest.ts",
+        "export const M = {};\n",
+    );
+    write(
+        root,
+        "packs/no-runtime/manifest.yaml",
+        "id: no-runtime\nversion: 0.1.0\nsubscribed_event_kinds: [\"conductor:recovery_requested\"]\n",
+    );
+    write(
+        root,
+        "packs/no-script/manifest.yaml",
+        "id: no-script\nversion: 0.1.0\nruntime:\n  command: [node, --import, tsx, src/worker.ts]\n",
+    );
+    write(
+        root,
+        "packs/no-program/manifest.yaml",
+        "id: no-program\nversion: 0.1.0\nruntime:\n  command: [no-such-runtime-xyz, main.py]\n",
+    );
+    let (code, out) = run(root, &["validate"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("packs/no-script/manifest.yaml: runtime.command[3]: Worker script not found: \"src/worker.ts\" is not in the pack folder"),
+        "{out}"
+    );
+    assert!(
+        out.contains("packs/no-program/manifest.yaml: runtime.command[0]: Worker program not found: \"no-such-runtime-xyz\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: packs/ts-only: skipped: it has src/manifest.ts but no manifest.yaml or manifest.json"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Missing handler: subscribed kind \"conductor:recovery_requested\" has no registered handler (the manifest has no `runtime`"),
+        "{out}"
+    );
+}

@@ -37,6 +37,23 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Version of this protocol, sent in `initialize`.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// stderr lines kept for the reason of a worker's exit.
+const STDERR_TAIL_LINES: usize = 50;
+
+/// What a dead worker's stderr says went wrong: its last line that names an error (`Error
+/// [ERR_MODULE_NOT_FOUND]: Cannot find package 'tsx'…`, `ModuleNotFoundError: …`), not a
+/// stack frame; else its last line.
+fn last_words(tail: &[String]) -> Option<String> {
+    let names_an_error = |l: &&String| {
+        let t = l.trim_start();
+        !t.starts_with("at ") && (t.contains("Error") || t.contains("error:"))
+    };
+    tail.iter()
+        .rev()
+        .find(names_an_error)
+        .or_else(|| tail.last())
+        .cloned()
+}
 /// Longest line accepted from a worker.
 pub const MAX_LINE: usize = 16 << 20;
 
@@ -68,6 +85,10 @@ struct Shared {
     /// them one at a time, in order, so a request it makes belongs to the oldest of them.
     handling: BTreeMap<u64, Tag>,
     dead: Option<WorkerError>,
+    /// The worker's last stderr lines, for the reason of its exit (a missing module, a syntax
+    /// error: what the author needs, instead of only `exit status: 1`).
+    stderr_tail: std::collections::VecDeque<String>,
+    stderr_closed: bool,
 }
 
 /// The services a worker request is served with, for the delivery it belongs to (`None`:
@@ -384,6 +405,8 @@ impl ExecWorker {
             pending: HashMap::new(),
             handling: BTreeMap::new(),
             dead: None,
+            stderr_tail: Default::default(),
+            stderr_closed: false,
         }));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
 
@@ -412,11 +435,20 @@ impl ExecWorker {
 
         // Stderr: the worker's log.
         let e_pack = pack.clone();
+        let e_shared = shared.clone();
         actix::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 tracing::info!(pack = %e_pack, "worker: {}", truncate(&line, 4096));
+                if !line.trim().is_empty() {
+                    let mut s = lock(&e_shared);
+                    if s.stderr_tail.len() == STDERR_TAIL_LINES {
+                        s.stderr_tail.pop_front();
+                    }
+                    s.stderr_tail.push_back(truncate(line.trim(), 300));
+                }
             }
+            lock(&e_shared).stderr_closed = true;
         });
 
         // Stdout: replies to our requests, and the worker's own requests.
@@ -603,7 +635,20 @@ impl ExecWorker {
         let Some(mut child) = child else { return e };
         let status = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
         match (e, status) {
-            (WorkerError::Exited(_), Ok(Ok(s))) => WorkerError::Exited(s.to_string()),
+            (WorkerError::Exited(_), Ok(Ok(s))) => {
+                // Its last words may still be in the pipe: give the reader a moment.
+                for _ in 0..20 {
+                    if lock(&self.shared).stderr_closed {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let tail: Vec<String> = lock(&self.shared).stderr_tail.iter().cloned().collect();
+                match last_words(&tail) {
+                    None => WorkerError::Exited(s.to_string()),
+                    Some(w) => WorkerError::Exited(format!("{s}; stderr: {w}")),
+                }
+            }
             (e, _) => e,
         }
     }
@@ -769,11 +814,43 @@ mod tests {
     /// Requests read after a `handle` timed out (they were in the pipe while the agent gave up)
     /// belong to no live delivery: refused, never served untagged (committed at once).
     #[test]
+    fn the_reason_of_an_exit_is_the_line_that_names_the_error() {
+        let node: Vec<String> = [
+            "node:internal/modules/esm/resolve:873",
+            "  throw new ERR_MODULE_NOT_FOUND(packageName, fileURLToPath(base), null);",
+            "Error [ERR_MODULE_NOT_FOUND]: Cannot find package 'tsx' imported from /p/",
+            "    at packageResolve (node:internal/modules/esm/resolve:873:9)",
+            "  code: 'ERR_MODULE_NOT_FOUND'",
+            "Node.js v20.20.2",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            last_words(&node).as_deref(),
+            Some("Error [ERR_MODULE_NOT_FOUND]: Cannot find package 'tsx' imported from /p/")
+        );
+        let python = [
+            "Traceback (most recent call last):",
+            "ModuleNotFoundError: No module named 'x'",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            last_words(&python).as_deref(),
+            Some("ModuleNotFoundError: No module named 'x'")
+        );
+        assert_eq!(last_words(&["bye".to_string()]).as_deref(), Some("bye"));
+        assert_eq!(last_words(&[]), None);
+    }
+
+    #[test]
     fn requests_after_the_worker_was_abandoned_are_refused() {
         let shared = Mutex::new(Shared {
             pending: HashMap::new(),
             handling: BTreeMap::from([(4, Tag { chunk: 1, seq: 9 })]),
             dead: None,
+            stderr_tail: Default::default(),
+            stderr_closed: false,
         });
         assert_eq!(
             delivery_of_request(&shared),

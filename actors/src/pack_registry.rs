@@ -239,6 +239,9 @@ impl Handler<StartAll> for PackRegistry {
             );
         }
         let mut scan = scan_packs_root(&self.packs_root, &self.workspace_root);
+        for l in &scan.lookalikes {
+            tracing::warn!("{l}");
+        }
         for load in &mut scan.loads {
             let pin = load.manifest.as_ref().and_then(|m| self.pins.get(&m.id));
             if let Some(pin) = pin {

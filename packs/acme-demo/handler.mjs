@@ -2,7 +2,7 @@
 // Handles conductor:recovery_requested for this pack's jobs (acme-job-*), and emits
 // acme-demo:job_completed (ephemeral) when a job is recovered or run.
 
-import { runPack } from '../node/lumenflow-pack.mjs';
+import { runPack } from './lumenflow-pack.mjs';
 
 // runJob-style emit: the same idempotency key makes a retry produce the same event_id.
 export async function runJob(ctx, jobId, result = 'ok') {

@@ -19,7 +19,7 @@
 // delivered again. stdout belongs to the protocol: console.log is redirected to stderr, which
 // the agent forwards to its log.
 
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 
 export const PROTOCOL_VERSION = 1;
@@ -37,11 +37,85 @@ export function eventId(from, kind, key) {
   const h = createHash('sha1').update(ns).update(name).digest().subarray(0, 16);
   h[6] = (h[6] & 0x0f) | 0x50;
   h[8] = (h[8] & 0x3f) | 0x80;
-  const x = h.toString('hex');
-  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+  return uuidText(h.toString('hex'));
 }
 
-export function runPack({ handlers = {}, onStart } = {}) {
+const hex = (b) => b.toString('hex');
+const uuidText = (x) => `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+
+// A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits. Time-ordered, like the
+// ids the agent gives events without an idempotency key.
+export function uuidv7(now = Date.now()) {
+  const b = randomBytes(16);
+  const ms = BigInt(now);
+  for (let i = 0; i < 6; i++) b[i] = Number((ms >> BigInt(8 * (5 - i))) & 0xffn);
+  b[6] = (b[6] & 0x0f) | 0x70;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  return uuidText(hex(b));
+}
+
+// The idempotency key an event was built with (not serialized: JSON.stringify skips symbols).
+export const IDEMPOTENCY_KEY = Symbol.for('lumenflow.idempotencyKey');
+
+// The quickstart's builder: `buildKernelEventV2({kind, from, ...payload}, {idempotencyKey})`
+// returns a complete v2 envelope `{schema_version: 2, event_id, kind, timestamp, from,
+// payload}`. With a key the id is `eventId(from, kind, key)` (a retry yields the same id, as
+// the agent computes it); without one, a UUIDv7. `fields.payload`, when given, is the payload
+// as it is; otherwise every field but `kind` and `from` is.
+export function buildKernelEventV2(fields, { idempotencyKey, timestamp } = {}) {
+  const { kind, from, payload, ...rest } = fields ?? {};
+  if (typeof kind !== 'string' || !/^[a-z0-9]+(-[a-z0-9]+)*:[a-z][a-z0-9_]*$/.test(kind)) {
+    throw new Error(`buildKernelEventV2: kind must be "<slug>:<event_name_snake_case>", got ${JSON.stringify(kind)}`);
+  }
+  if (typeof from !== 'string' || from === '') {
+    throw new Error('buildKernelEventV2: from (the workspace identity) must be a non-empty string');
+  }
+  const event = {
+    schema_version: 2,
+    event_id: idempotencyKey === undefined ? uuidv7() : eventId(from, kind, String(idempotencyKey)),
+    kind,
+    timestamp: timestamp ?? new Date().toISOString(),
+    from,
+    payload: payload ?? rest,
+  };
+  if (idempotencyKey !== undefined) {
+    Object.defineProperty(event, IDEMPOTENCY_KEY, { value: String(idempotencyKey), enumerable: false });
+  }
+  return event;
+}
+
+// A sync port for events built outside a handler (a script, a job runner): pushes to the running
+// agent's local API, found in `<workspace>/.lumenflow/state/agent/api.json`. The same call as the
+// platform's `pushKernelEvents`, with the events as a list.
+export function agentSyncPort({ workspace = process.cwd(), url, token } = {}) {
+  const find = async () => {
+    if (url && token) return { url, token };
+    const { readFile } = await import('node:fs/promises');
+    const { join, dirname } = await import('node:path');
+    for (let dir = workspace; ; dir = dirname(dir)) {
+      try {
+        return JSON.parse(await readFile(join(dir, '.lumenflow/state/agent/api.json'), 'utf8'));
+      } catch {
+        if (dirname(dir) === dir) throw new Error(`no running lumenflow-agent found from ${workspace} (start it with \`lumenflow-agent start\`)`);
+      }
+    }
+  };
+  return {
+    async pushKernelEvents(events) {
+      const api = await find();
+      const r = await fetch(`${api.url}/api/v1/events`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${api.token}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ events }),
+      });
+      const body = await r.json().catch(() => ({}));
+      if (!r.ok) throw new Error(`HTTP ${r.status}: ${body?.error?.message ?? ''}`);
+      return body;
+    },
+  };
+}
+
+export function runPack({ handlers = {}, onStart, context } = {}) {
   const out = process.stdout;
   // Keep stdout for the protocol.
   console.log = (...args) => console.error(...args);
@@ -81,10 +155,33 @@ export function runPack({ handlers = {}, onStart } = {}) {
     emit: async (kind, payload = {}, { idempotencyKey } = {}) => {
       const params = { kind, payload };
       if (idempotencyKey !== undefined) params.idempotency_key = String(idempotencyKey);
-      const r = await call('emit', params);
-      return r.event_id;
+      // Captured here, so a refusal (`Unknown kind at emit: …`) points at the handler's line,
+      // not into this helper's message loop.
+      const site = new Error();
+      try {
+        const r = await call('emit', params);
+        return r.event_id;
+      } catch (e) {
+        const refused = new Error(e.message);
+        refused.code = e.code;
+        refused.data = e.data;
+        refused.stack = `Error: ${e.message}\n${site.stack.split('\n').slice(2).join('\n')}`;
+        throw refused;
+      }
     },
     log: { debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error') },
+    // The quickstart's `syncPort`, inside the worker: each event built with
+    // buildKernelEventV2 is emitted through the agent (checked against the manifest, committed
+    // with the handler's outcome); its idempotency key goes with it, so the agent gives it the
+    // same event_id.
+    syncPort: {
+      pushKernelEvents: async (events) => {
+        for (const e of events) {
+          await baseCtx.emit(e.kind, e.payload ?? {}, { idempotencyKey: e[IDEMPOTENCY_KEY] });
+        }
+        return { accepted: events.length };
+      },
+    },
   };
 
   const onMessage = (msg) => {
@@ -110,7 +207,7 @@ export function runPack({ handlers = {}, onStart } = {}) {
         baseCtx.workspace = params.workspace;
         reply(id, { handles: Object.keys(handlers) });
         if (onStart) {
-          queue = queue.then(() => onStart({ ...baseCtx })).catch((e) => log('error')(`onStart failed: ${e?.stack ?? e}`));
+          queue = queue.then(() => onStart({ ...baseCtx, ...(context ? context(baseCtx) : {}) })).catch((e) => log('error')(`onStart failed: ${e?.stack ?? e}`));
         }
         return;
       }
@@ -127,7 +224,7 @@ export function runPack({ handlers = {}, onStart } = {}) {
             return;
           }
           try {
-            const ctx = { ...baseCtx, attempt: delivery.attempt, redelivered: delivery.redelivered };
+            const ctx = { ...baseCtx, ...(context ? context(baseCtx) : {}), attempt: delivery.attempt, redelivered: delivery.redelivered };
             const outcome = normalize(await handler(event, ctx));
             if (outcome.status === 'retry') held = true;
             reply(id, outcome);

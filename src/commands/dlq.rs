@@ -35,7 +35,13 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
                 for r in &rows {
                     println!(
                         "{:>5}  {:<8} {:<20} {:<34} {:<38} {:>8}  {}",
-                        r.id, r.origin, r.pack, r.kind, r.event_id, r.attempts, r.error
+                        r.id,
+                        r.origin,
+                        r.pack,
+                        r.kind,
+                        r.event_id,
+                        r.attempts,
+                        super::one_line(&r.error)
                     );
                 }
                 println!(

@@ -19,3 +19,14 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     pub const NOT_RUNNING: u8 = 3;
 }
+
+/// A multi-line text (a handler's stack trace) on one line, for tables: its first line, and how
+/// many more there are (the full text is in `--json` and the log).
+pub fn one_line(text: &str) -> String {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("").trim().to_string();
+    match lines.count() {
+        0 => first,
+        n => format!("{first} (+{n} more lines: see --json)"),
+    }
+}

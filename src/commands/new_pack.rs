@@ -26,6 +26,113 @@ surfaces_required: [http]
 
 /// The Node helper, copied into each new pack so the pack folder stands alone.
 pub const NODE_HELPER: &str = include_str!("../../packs/node/lumenflow-pack.mjs");
+const NODE_HELPER_TYPES: &str = include_str!("../../packs/node/lumenflow-pack.d.mts");
+const NODE_TESTING: &str = include_str!("../../packs/node/testing.mjs");
+const NODE_TESTING_TYPES: &str = include_str!("../../packs/node/testing.d.mts");
+
+/// The TypeScript scaffold (`packs/templates/ts/`), `{{NAME}}` and `{{CONST}}` replaced.
+const TS_TEMPLATE: &[(&str, &str)] = &[
+    (
+        "package.json",
+        include_str!("../../packs/templates/ts/package.json"),
+    ),
+    (
+        "tsconfig.json",
+        include_str!("../../packs/templates/ts/tsconfig.json"),
+    ),
+    (
+        "tsconfig.build.json",
+        include_str!("../../packs/templates/ts/tsconfig.build.json"),
+    ),
+    (
+        "src/manifest.ts",
+        include_str!("../../packs/templates/ts/src/manifest.ts"),
+    ),
+    (
+        "src/emit.ts",
+        include_str!("../../packs/templates/ts/src/emit.ts"),
+    ),
+    (
+        "src/handlers/recovery-requested.ts",
+        include_str!("../../packs/templates/ts/src/handlers/recovery-requested.ts"),
+    ),
+    (
+        "src/index.ts",
+        include_str!("../../packs/templates/ts/src/index.ts"),
+    ),
+    (
+        "src/worker.ts",
+        include_str!("../../packs/templates/ts/src/worker.ts"),
+    ),
+    (
+        "__tests__/emit-replay.test.ts",
+        include_str!("../../packs/templates/ts/__tests__/emit-replay.test.ts"),
+    ),
+];
+
+/// The Python scaffold (`packs/templates/python/`) with the helper, its test kit and the
+/// event-id vectors vendored, so the folder works wherever it is copied.
+const PYTHON_TEMPLATE: &[(&str, &str)] = &[
+    (
+        "handlers.py",
+        include_str!("../../packs/templates/python/handlers.py"),
+    ),
+    (
+        "worker.py",
+        include_str!("../../packs/templates/python/worker.py"),
+    ),
+    (
+        "tests/test_emit_replay.py",
+        include_str!("../../packs/templates/python/tests/test_emit_replay.py"),
+    ),
+    (
+        "lumenflow_pack.py",
+        include_str!("../../packs/python/lumenflow_pack.py"),
+    ),
+    (
+        "lumenflow_testing.py",
+        include_str!("../../packs/python/lumenflow_testing.py"),
+    ),
+    (
+        "event-id-vectors.json",
+        include_str!("../../packs/event-id-vectors.json"),
+    ),
+    (".gitignore", "__pycache__/\n"),
+];
+
+/// Writes a template's files, `{{NAME}}` and `{{CONST}}` (NAME in SCREAMING_SNAKE) replaced.
+fn write_files(dir: &Path, name: &str, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    let konst = name.to_ascii_uppercase().replace('-', "_");
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(
+            path,
+            text.replace("{{NAME}}", name).replace("{{CONST}}", &konst),
+        )?;
+    }
+    Ok(())
+}
+
+/// The quickstart's TypeScript layout, with the helper vendored in `src/lumenflow/` so the
+/// folder works wherever it is copied.
+fn write_ts_pack(dir: &Path, name: &str) -> anyhow::Result<()> {
+    write_files(dir, name, TS_TEMPLATE)?;
+    let helper = dir.join("src/lumenflow");
+    std::fs::create_dir_all(&helper)?;
+    for (file, text) in [
+        ("lumenflow-pack.mjs", NODE_HELPER),
+        ("lumenflow-pack.d.mts", NODE_HELPER_TYPES),
+        ("testing.mjs", NODE_TESTING),
+        ("testing.d.mts", NODE_TESTING_TYPES),
+    ] {
+        std::fs::write(helper.join(file), text)?;
+    }
+    std::fs::write(dir.join(".gitignore"), "node_modules/\ndist/\n")?;
+    Ok(())
+}
 
 pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u8> {
     if !is_kebab_slug(name) || lumenflow_pack_sdk::RESERVED_NAMESPACES.contains(&name) {
@@ -44,13 +151,49 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
     // YAML: the only manifest the platform's loader reads, with what it requires (a task
     // type, `tools`, `policies`), so the pack loads in the platform as in the agent.
     let runtime = match lang {
+        Lang::Ts => "runtime:\n  # tsx runs the TypeScript as it is (installed by `npm install`).\n  command: [node, --import, tsx, src/worker.ts]\n".to_string(),
         Lang::Node => "runtime:\n  command: [node, handler.mjs]\n".to_string(),
+        Lang::Python => "runtime:\n  command: [python3, -u, worker.py]\n".to_string(),
         // The first start builds the worker; its timeout covers that build.
         Lang::Rust => "runtime:\n  command: [cargo, run, --quiet, --release, --manifest-path, Cargo.toml]\n  timeout_ms: 300000\n".to_string(),
     };
     let manifest = MANIFEST.replace("{{NAME}}", name) + &runtime;
     std::fs::write(dir.join("manifest.yaml"), manifest)?;
     let files: &[(&str, &str)] = match lang {
+        Lang::Ts => &[
+            (
+                "package.json",
+                "build, typecheck and test scripts (npm install first)",
+            ),
+            ("src/manifest.ts", "the manifest as a typed value"),
+            (
+                "src/emit.ts",
+                "runJob: builds the event with buildKernelEventV2",
+            ),
+            ("src/handlers/", "onRecoveryRequested (edit me)"),
+            ("src/worker.ts", "the worker the agent starts (runPack)"),
+            (
+                "src/lumenflow/",
+                "the Node helper, its types and test kit (no dependencies)",
+            ),
+            ("__tests__/", "the quickstart's tests (vitest)"),
+        ],
+        Lang::Python => &[
+            ("handlers.py", "run_job and on_recovery_requested (edit me)"),
+            ("worker.py", "the worker the agent starts (run_pack)"),
+            (
+                "lumenflow_pack.py",
+                "the Python helper (protocol; no dependencies)",
+            ),
+            (
+                "lumenflow_testing.py",
+                "the test kit (an in-memory handler context)",
+            ),
+            (
+                "tests/",
+                "the quickstart's tests (python3 -m unittest discover -s tests)",
+            ),
+        ],
         Lang::Node => &[
             ("handler.mjs", "the handler (edit me)"),
             (
@@ -67,6 +210,8 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
         ],
     };
     match lang {
+        Lang::Ts => write_ts_pack(&dir, name)?,
+        Lang::Python => write_files(&dir, name, PYTHON_TEMPLATE)?,
         Lang::Node => {
             std::fs::write(dir.join("lumenflow-pack.mjs"), NODE_HELPER)?;
             std::fs::write(dir.join("handler.mjs"), HANDLER.replace("{{NAME}}", name))?;
@@ -97,6 +242,12 @@ pub fn run(workspace: Option<&Path>, name: &str, lang: Lang) -> anyhow::Result<u
     );
     println!();
     println!("next:");
+    if lang == Lang::Ts {
+        println!("  (cd {shown} && npm install && npm test && npx tsc --noEmit)");
+    }
+    if lang == Lang::Python {
+        println!("  (cd {shown} && python3 -m unittest discover -s tests)");
+    }
     println!("  lumenflow-agent validate");
     println!("  lumenflow-agent conformance {shown}");
     println!("  lumenflow-agent start");

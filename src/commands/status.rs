@@ -189,7 +189,7 @@ fn print_live(s: &Value) {
             dash(&p["restarts"]),
             hash,
             loaded,
-            dash(&p["last_error"])
+            super::one_line(&dash(&p["last_error"]))
         );
     }
     println!();

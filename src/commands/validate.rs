@@ -24,11 +24,13 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
             dir.parent().unwrap_or(&dir).to_path_buf()
         };
         let Some(load) = load_pack_dir(&dir, &base, None).map(|l| platform_checks(l, &[])) else {
-            writeln!(
-                out,
-                "{}: no manifest.json or manifest.yaml in this folder",
-                dir.display()
-            )?;
+            let why = lumenflow_pack_sdk::manifest::lookalike(&dir, &base).unwrap_or_else(|| {
+                format!(
+                    "{}: no manifest.json or manifest.yaml in this folder",
+                    dir.display()
+                )
+            });
+            writeln!(out, "{why}")?;
             return Ok(exit::INVALID);
         };
         print_load(&mut out, &load)?;
@@ -49,6 +51,7 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
         loads,
         conflicts,
         root_missing,
+        lookalikes,
     } = scan_packs(&ws, &cfg);
     let loads: Vec<PackLoad> = loads
         .into_iter()
@@ -67,6 +70,9 @@ pub fn run(workspace: Option<&Path>, pack_dir: Option<&Path>) -> anyhow::Result<
     }
     for c in &conflicts {
         writeln!(out, "error: {c}")?;
+    }
+    for l in &lookalikes {
+        writeln!(out, "warning: {l}")?;
     }
     let valid = loads.iter().filter(|l| l.is_valid()).count();
     writeln!(out, "{}", summary(loads.len(), valid, &loads))?;
@@ -100,6 +106,7 @@ fn platform_checks(mut load: PackLoad, pins: &[PackPin]) -> PackLoad {
         warnings.extend(loader_warnings(&raw).into_iter().map(warn));
     }
     load.diagnostics.extend(warnings);
+    runtime_checks(&mut load);
     if let Some(pin) = load
         .manifest
         .as_ref()
@@ -108,6 +115,61 @@ fn platform_checks(mut load: PackLoad, pins: &[PackPin]) -> PackLoad {
         check_pin(&mut load, pin);
     }
     load
+}
+
+/// Scripts a `runtime.command` argument names, by their extension.
+const SCRIPT_EXTENSIONS: &[&str] = &["mjs", "js", "cjs", "ts", "mts", "py", "sh", "rb"];
+
+/// That the worker can start: `runtime.command`'s program is on PATH or in the pack folder,
+/// and a script it names exists. Found here, not at `start` deep in the log.
+fn runtime_checks(load: &mut PackLoad) {
+    let Some(command) = load
+        .manifest
+        .as_ref()
+        .and_then(|m| m.runtime.as_ref())
+        .map(|r| r.command.clone())
+    else {
+        return;
+    };
+    let mut errors = Vec::new();
+    if let Some(program) = command.first() {
+        if !program_resolves(program, &load.dir) {
+            errors.push((
+                "runtime.command[0]".to_string(),
+                format!("Worker program not found: \"{program}\" is not on PATH and not in the pack folder (install it, or fix runtime.command)"),
+            ));
+        }
+    }
+    for (i, arg) in command.iter().enumerate().skip(1) {
+        let is_script = !arg.starts_with('-')
+            && Path::new(arg)
+                .extension()
+                .is_some_and(|e| SCRIPT_EXTENSIONS.contains(&e.to_string_lossy().as_ref()));
+        if is_script && !load.dir.join(arg).is_file() {
+            errors.push((
+                format!("runtime.command[{i}]"),
+                format!("Worker script not found: \"{arg}\" is not in the pack folder"),
+            ));
+        }
+    }
+    for (field, message) in errors {
+        load.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: load.display.clone(),
+            field: Some(field),
+            message,
+        });
+        load.manifest = None;
+    }
+}
+
+fn program_resolves(program: &str, pack_dir: &Path) -> bool {
+    if program.contains('/') {
+        return pack_dir.join(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
 }
 
 fn print_load(out: &mut impl Write, load: &PackLoad) -> std::io::Result<()> {

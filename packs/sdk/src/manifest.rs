@@ -985,7 +985,16 @@ pub fn load_pack_dir(
         pack_dir: Some(dir.to_path_buf()),
         handled,
     };
-    let (manifest, diags) = validate(value, &ctx);
+    let (manifest, mut diags) = validate(value, &ctx);
+    if !has_runtime {
+        // The real cause of a missing handler in a pack folder: nothing runs its handlers.
+        for d in diags
+            .iter_mut()
+            .filter(|d| d.message.starts_with("Missing handler:"))
+        {
+            d.message.push_str(" (the manifest has no `runtime`: add `runtime: {command: [node, handler.mjs]}` or the command that starts your worker; only a pack registered from Rust code needs none)");
+        }
+    }
     load.manifest = manifest;
     load.diagnostics = diags;
     Some(load)
@@ -998,6 +1007,23 @@ pub struct PackScan {
     /// Problems between packs (two packs with one slug).
     pub conflicts: Vec<String>,
     pub root_missing: bool,
+    /// Folders that look like a pack but have no manifest the agent reads (skipped), each
+    /// with what to do.
+    pub lookalikes: Vec<String>,
+}
+
+/// Files that say a folder is meant to be a pack, when it has no manifest.yaml|json.
+const PACK_LOOKALIKE_FILES: &[&str] = &["manifest.ts", "src/manifest.ts", "manifest.yml"];
+
+/// Why a folder without a manifest the agent reads looks like a pack, if it does.
+pub fn lookalike(dir: &Path, display_base: &Path) -> Option<String> {
+    let found = PACK_LOOKALIKE_FILES
+        .iter()
+        .find(|f| dir.join(f).is_file())?;
+    let shown = dir.strip_prefix(display_base).unwrap_or(dir).display();
+    Some(format!(
+        "{shown}: skipped: it has {found} but no manifest.yaml or manifest.json, the only files the agent and the platform read (write the manifest as manifest.yaml)"
+    ))
 }
 
 /// Loads every folder of `root` that has a manifest (folders without one, and hidden ones, are
@@ -1022,8 +1048,9 @@ pub fn scan_packs_root(root: &Path, display_base: &Path) -> PackScan {
         .collect();
     dirs.sort();
     for dir in dirs {
-        if let Some(load) = load_pack_dir(&dir, display_base, None) {
-            scan.loads.push(load);
+        match load_pack_dir(&dir, display_base, None) {
+            Some(load) => scan.loads.push(load),
+            None => scan.lookalikes.extend(lookalike(&dir, display_base)),
         }
     }
     let mut slugs: BTreeMap<String, String> = BTreeMap::new();

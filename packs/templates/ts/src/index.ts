@@ -1,0 +1,3 @@
+export { {{CONST}}_MANIFEST } from './manifest';
+export { runJob } from './emit';
+export { onRecoveryRequested } from './handlers/recovery-requested';
