@@ -256,6 +256,52 @@ runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
     assert!(ws.inbox().is_empty());
 }
 
+/// A handler that lets a refused emit crash it would crash the same way at every redelivery:
+/// it is dead-lettered at its first attempt, with the refusal as the reason, and without the
+/// attempt's other effects; the worker is not restarted three times.
+#[test]
+fn a_handler_crashing_on_a_refused_emit_is_dead_lettered_at_once() {
+    let mut ws = Workspace::new(json!({}), "");
+    copy_dir(&repo().join("packs/node"), &ws.path().join("packs/node"));
+    raw_pack(
+        &ws,
+        "strict",
+        r#"import { runPack } from '../node/lumenflow-pack.mjs';
+import { appendFileSync } from 'node:fs';
+runPack({ handlers: { 'conductor:recovery_requested': async (event, ctx) => {
+  appendFileSync('calls.log', 'call\n');
+  await ctx.emit('strict:done', { n: 1 });
+  await ctx.emit('strict:not_declared', {});
+  return { status: 'handled', action: 'never' };
+} } });
+"#,
+        json!({"emitted_event_kinds": ["strict:done"], "backpressure_policy": {"strict:done": "queue"}}),
+    );
+    ws.start();
+    ws.inbound("conductor:recovery_requested", "{}");
+    wait_for("the dead letter", T, || {
+        (ws.status()["dead_letters"] == 1).then_some(())
+    });
+    let dl: Vec<Value> =
+        serde_json::from_slice(&ws.run(&["dlq", "list", "--json"]).stdout).unwrap();
+    assert_eq!(dl[0]["attempts"], 1, "{dl:?}");
+    assert!(
+        dl[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("an emit was refused: Unknown kind at emit: pack \"strict\" does not declare \"strict:not_declared\""),
+        "{dl:?}"
+    );
+    let calls = std::fs::read_to_string(ws.path().join("packs/strict/calls.log")).unwrap();
+    assert_eq!(calls.lines().count(), 1, "handled once, not retried");
+    let p = ws.pack_status("strict");
+    assert_eq!(p["restarts"], 0, "{p}");
+    assert!(
+        ws.inbox().is_empty(),
+        "the attempt's other emit is not kept"
+    );
+}
+
 #[test]
 fn missing_handler_in_the_handshake_marks_the_pack_invalid() {
     let mut ws = Workspace::new(json!({}), "");

@@ -43,6 +43,8 @@ struct Inner {
     puts: Vec<(i64, String)>,
     keys: HashSet<String>,
     queued: i64,
+    /// Emits the manifest refused, by delivery: such a delivery fails the same way every time.
+    refused: Vec<(i64, String)>,
 }
 
 #[derive(Default)]
@@ -105,6 +107,48 @@ impl EffectStage {
         s.keys.insert(key.clone());
         s.puts.push((tag.seq, key));
         Ok(())
+    }
+
+    /// Notes that the delivery of `tag` asked for an emit its manifest forbids.
+    pub fn refuse(&self, tag: Tag, message: &str) {
+        let mut s = self.lock();
+        if Self::check(&s, tag).is_ok() {
+            s.refused.push((tag.seq, message.to_string()));
+        }
+    }
+
+    /// The first refused emit of the delivery of `seq` in this chunk, if any.
+    pub fn refusal(&self, seq: i64) -> Option<String> {
+        let s = self.lock();
+        s.refused
+            .iter()
+            .find(|(q, _)| *q == seq)
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Drops what the delivery of `seq` staged: it is dead-lettered without its effects, as a
+    /// crashed attempt would leave none.
+    pub fn discard(&self, seq: i64) {
+        let mut s = self.lock();
+        let dropped_queued = s
+            .emits
+            .iter()
+            .filter(|(q, e)| *q == seq && e.class == DeliveryClass::Queue)
+            .count() as i64;
+        s.queued -= dropped_queued;
+        s.emits.retain(|(q, _)| *q != seq);
+        let keys: Vec<String> = s
+            .puts
+            .iter()
+            .filter(|(q, _)| *q == seq)
+            .map(|(_, k)| k.clone())
+            .collect();
+        s.puts.retain(|(q, _)| *q != seq);
+        for k in keys {
+            if !s.puts.iter().any(|(_, other)| *other == k) {
+                s.keys.remove(&k);
+            }
+        }
     }
 
     /// Did the delivery of `seq` put a key? (A handler recording its own key is guarding an

@@ -666,7 +666,12 @@ impl HostServices {
             .shared
             .emitter
             .prepare(Some(&self.shared.pack), vec![Incoming::Draft(draft)])
-            .map_err(emit_error)?;
+            .map_err(emit_error)
+            .inspect_err(|e| {
+                if let ServiceError::Rejected(m) = e {
+                    self.shared.stage.refuse(tag, m);
+                }
+            })?;
         let queued = events
             .iter()
             .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
@@ -854,7 +859,8 @@ impl ChunkRun {
                     )),
                 })
             } else {
-                self.outcome(p, i, tag(p), exec.as_deref(), &mut sent).await
+                let outcome = self.outcome(p, i, tag(p), exec.as_deref(), &mut sent).await;
+                self.deterministic_failure(p.seq, outcome)
             };
             if !self.settle(p, &keys[i], outcome, &mut done, r) {
                 break;
@@ -870,6 +876,31 @@ impl ChunkRun {
             }
         }
         done
+    }
+
+    /// A handler that crashed after the manifest refused one of its emits (`Unknown kind at
+    /// emit: …`) would crash the same way at every redelivery: it is dead-lettered now, with
+    /// the refusal as the reason and without the attempt's effects, instead of being retried
+    /// `max_attempts` times as a crash (restarting the worker each time).
+    fn deterministic_failure(
+        &self,
+        seq: i64,
+        outcome: Result<HandlerOutcome, Crash>,
+    ) -> Result<HandlerOutcome, Crash> {
+        match outcome {
+            Err(crash) => match self.stage.refusal(seq) {
+                Some(refused) => {
+                    self.stage.discard(seq);
+                    tracing::warn!(pack = %self.pack, crash = %crash, "the handler failed after an emit its manifest refuses: dead-lettered now (it would fail the same way every time)");
+                    Ok(HandlerOutcome {
+                        status: OutcomeStatus::Failed,
+                        action: Some(format!("an emit was refused: {refused}")),
+                    })
+                }
+                None => Err(crash),
+            },
+            ok => ok,
+        }
     }
 
     /// Runs event `i` (`p`) through the handler: a native call, or the exec reply to the
