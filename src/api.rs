@@ -133,24 +133,9 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/events", post(post_events))
         .route("/v1/inbound", post(post_inbound))
-        .route(
-            "/api/v1/heartbeat",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::heartbeat(s, req.into_body())
-            }),
-        )
-        .route(
-            "/api/v1/policies",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::policies(s, req.into_body())
-            }),
-        )
-        .route(
-            "/api/v1/config",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::config(s, req.into_body())
-            }),
-        )
+        .route("/api/v1/heartbeat", sync_route(crate::sync_port::heartbeat))
+        .route("/api/v1/policies", sync_route(crate::sync_port::policies))
+        .route("/api/v1/config", sync_route(crate::sync_port::config))
         .route(
             "/api/v1/authenticate",
             post(|State(s): State<ApiState>, req: Request| {
@@ -160,33 +145,23 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/api/v1/telemetry",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::records(s, "/api/v1/telemetry", req.into_body())
-            }),
+            sync_route(|s, b| crate::sync_port::records(s, "/api/v1/telemetry", b)),
         )
         .route(
             "/api/v1/evidence",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::records(s, "/api/v1/evidence", req.into_body())
-            }),
+            sync_route(|s, b| crate::sync_port::records(s, "/api/v1/evidence", b)),
         )
         .route(
             "/api/v1/approvals/request",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::approvals(s, "request", req.into_body())
-            }),
+            sync_route(|s, b| crate::sync_port::approvals(s, "request", b)),
         )
         .route(
             "/api/v1/approvals/resolve",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::approvals(s, "resolve", req.into_body())
-            }),
+            sync_route(|s, b| crate::sync_port::approvals(s, "resolve", b)),
         )
         .route(
             "/api/v1/approvals/list",
-            post(|State(s): State<ApiState>, req: Request| {
-                crate::sync_port::approvals(s, "list", req.into_body())
-            }),
+            sync_route(|s, b| crate::sync_port::approvals(s, "list", b)),
         )
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -200,6 +175,15 @@ pub fn router(state: ApiState) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// A POST route of the sync port: its handler gets the state and the request body.
+fn sync_route<F, Fut>(handler: F) -> axum::routing::MethodRouter<ApiState>
+where
+    F: Fn(ApiState, Body) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    post(move |State(s): State<ApiState>, req: Request| handler(s, req.into_body()))
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {

@@ -10,12 +10,19 @@ use std::process::Command;
 use std::time::Duration;
 
 fn agent_in(dir: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(AGENT)
-        .args(args)
-        .current_dir(dir)
-        .env("LUMENFLOW_AGENT_NO_USER_CONFIG", "1")
-        .output()
-        .unwrap();
+    let mut c = Command::new(AGENT);
+    c.env("LUMENFLOW_AGENT_NO_USER_CONFIG", "1");
+    outcome(c.args(args).current_dir(dir), AGENT)
+}
+
+/// Runs `cmd args` in `dir`; exit code and output.
+fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String) {
+    outcome(Command::new(cmd).args(args).current_dir(dir), cmd)
+}
+
+/// Exit code and stdout + stderr of a command run to completion.
+fn outcome(c: &mut Command, name: &str) -> (i32, String) {
+    let out = c.output().unwrap_or_else(|e| panic!("{name}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         format!(
@@ -66,23 +73,6 @@ fn new_pack_validates_passes_conformance_and_runs() {
     assert!(out.contains("kebab-case"), "{out}");
 }
 
-/// Runs `cmd args` in `dir`; exit code and output.
-fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The README's first path, as written: `new pack hello --lang ts`, `npm install`, `npm test`
 /// (the quickstart's tests), `npx tsc --noEmit`, `validate`, `conformance`, `start`, an
 /// inbound recovery -> `hello:job_completed` in the inbox. Needs npm and the npm registry
@@ -116,6 +106,13 @@ fn a_new_typescript_pack_tests_typechecks_passes_conformance_and_runs() {
     assert!(out.contains("3 passed"), "{out}");
     let (code, out) = run_in(&pack, "npx", &["tsc", "--noEmit"]);
     assert_eq!(code, 0, "tsc --noEmit: {out}");
+    validate_conformance_and_run_hello(&mut ws);
+}
+
+/// The end of every scaffold's path: `validate` (0 warnings), `conformance`, `start`, an
+/// inbound recovery -> `hello:job_completed` in the inbox, with the id the published
+/// derivation gives (identity `ws-ts`, the kind, key `hello-job-1:completed`).
+fn validate_conformance_and_run_hello(ws: &mut Workspace) {
     let (code, out) = agent_in(ws.path(), &["validate"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("0 warnings"), "{out}");
@@ -135,7 +132,6 @@ fn a_new_typescript_pack_tests_typechecks_passes_conformance_and_runs() {
     assert_eq!(e["kind"], "hello:job_completed");
     assert_eq!(e["from"], "ws-ts");
     assert_eq!(e["payload"]["job_id"], "hello-job-1");
-    // buildKernelEventV2's key: the id the published derivation gives (ws-ts, kind, key).
     assert_eq!(e["event_id"], "5fac27ff-47aa-53bb-aef4-cd09e18cf50b");
 }
 
@@ -160,24 +156,7 @@ fn a_new_python_pack_tests_passes_conformance_and_runs() {
     );
     assert_eq!(code, 0, "unittest: {out}");
     assert!(out.contains("Ran 3 tests"), "{out}");
-    let (code, out) = agent_in(ws.path(), &["validate"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("0 warnings"), "{out}");
-    let (code, out) = agent_in(ws.path(), &["conformance", "packs/hello"]);
-    assert_eq!(code, 0, "{out}");
-    ws.start();
-    ws.inbound("conductor:recovery_requested", r#"{"wu_id":"hello-job-1"}"#);
-    let inbox = wait_for(
-        "hello:job_completed in the inbox",
-        Duration::from_secs(20),
-        || {
-            let i = ws.inbox();
-            (!i.is_empty()).then_some(i)
-        },
-    );
-    let e = &inbox[0]["event"];
-    assert_eq!(e["kind"], "hello:job_completed");
-    assert_eq!(e["event_id"], "5fac27ff-47aa-53bb-aef4-cd09e18cf50b");
+    validate_conformance_and_run_hello(&mut ws);
 }
 
 /// The Python helper passes the published vectors.
