@@ -475,6 +475,7 @@ impl Agent {
                 workspace: self.ws.root.display().to_string(),
                 identity: cfg.identity.clone(),
                 upstream: cfg.upstream.clone(),
+                upstream_source: self.upstream_source,
             },
             self.sync_port(core)?,
         )

@@ -58,6 +58,7 @@ pub struct ApiState {
     workspace: Arc<str>,
     identity: Arc<str>,
     upstream: Arc<str>,
+    upstream_source: &'static str,
     /// A second token the API accepts: the one the platform's SDK sends (`api.token_env`).
     extra_token: Option<Arc<str>>,
     pub sync: Arc<crate::sync_port::SyncPort>,
@@ -72,6 +73,8 @@ pub struct ApiNames {
     pub identity: String,
     /// The upstream's endpoint (or `mem:inbox`).
     pub upstream: String,
+    /// Where the upstream came from: `enrollment`, `workspace.yaml` or `agent.json`.
+    pub upstream_source: &'static str,
 }
 
 impl ApiState {
@@ -91,6 +94,7 @@ impl ApiState {
             workspace: names.workspace.into(),
             identity: names.identity.into(),
             upstream: names.upstream.into(),
+            upstream_source: names.upstream_source,
             extra_token: None,
             sync: Arc::new(sync),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -491,6 +495,7 @@ pub fn status_json(state: &ApiState) -> Value {
         "upstream": {
             "mode": s.upstream.mode,
             "endpoint": &*state.upstream,
+            "source": state.upstream_source,
             "state": s.upstream.state,
             "last_error": s.upstream.last_error,
             "last_success_ms": s.upstream.last_success_ms,

@@ -236,6 +236,7 @@ fn a_workspace_with_only_workspace_yaml_forwards_through_the_agent_to_its_contro
     let st = ws.status();
     assert_eq!(st["agent"]["identity"], "ws-yaml");
     assert_eq!(st["upstream"]["mode"], "http", "{st}");
+    assert_eq!(st["upstream"]["source"], "workspace.yaml", "{st}");
 
     let api = platform_api(&ws);
     // Relayed: the control plane's own answer (the dev conductor asks for 5 s heartbeats).
@@ -473,4 +474,43 @@ fn records_accepted_while_the_control_plane_is_down_survive_kill_9() {
         .map(|r| r["body"]["records"][0]["metric"].as_str().unwrap())
         .collect();
     assert_eq!(metrics, ["m0", "m1", "m2"]);
+}
+
+/// workspace.yaml `policy_mode` combines the control plane's `default_decision` (allow) with
+/// agent.json's (deny) as the platform does: `tighten-only` lets the local deny win (forwarding
+/// pauses, the event waits durably); `authoritative` follows the control plane (it is sent).
+#[test]
+fn policy_mode_combines_the_control_planes_decision_with_the_local_one() {
+    for (mode, paused) in [("tighten-only", true), ("authoritative", false)] {
+        let mut ws = Workspace::new(
+            json!({"policies": {"default_decision": "deny", "rules": []}}),
+            "emitter",
+        );
+        let c = Conductor::start(ws.path(), "cp");
+        std::fs::write(
+            ws.path().join("workspace.yaml"),
+            format!("id: ws-pm\ncontrol_plane:\n  endpoint: {}\n  org_id: o\n  project_id: p\n  sync_interval: 30\n  policy_mode: {mode}\n  auth:\n    token_env: LF_TEST_CP_TOKEN\n", c.url()),
+        )
+        .unwrap();
+        ws.start_with_env(&[("LF_TEST_CP_TOKEN", "cp")]);
+        let r = ws.api().emit(vec![
+            json!({"kind": "emitter:job_completed", "payload": {"mode": mode}}),
+        ]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        if paused {
+            let st = wait_for("forwarding paused by the local deny", T, || {
+                let st = ws.status();
+                st["upstream"]["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("paused"))
+                    .then_some(st)
+            });
+            assert_eq!(st["queue"]["durable_depth"], 1, "{st}");
+            assert!(c.received().is_empty(), "{mode}: nothing forwarded");
+        } else {
+            wait_for("the event at the control plane", T, || {
+                (c.received().len() == 1).then_some(())
+            });
+        }
+    }
 }

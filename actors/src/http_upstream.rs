@@ -876,6 +876,12 @@ impl Actor for HttpUpstream {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         self.stats.set_upstream(Some("http"), "connected", None);
+        // A local deny that the policy mode lets win whatever the control plane says
+        // (`tighten-only`, `dev-override`): paused from the start, not after a first push
+        // raced the policy pull.
+        if self.cfg.policy_mode.deny(false, self.cfg.local_deny).0 {
+            self.set_link(Link::PolicyDeny, None, None);
+        }
         self.busy = false;
         self.dirty = true;
         self.pump(ctx);

@@ -138,10 +138,11 @@ fn print_live(s: &Value) {
     );
     let u = &s["upstream"];
     println!(
-        "identity {}   upstream {} ({}){}",
+        "identity {}   upstream {} ({}; from {}){}",
         dash(&a["identity"]),
         dash(&u["endpoint"]),
         dash(&u["state"]),
+        dash(&u["source"]),
         u["last_error"]
             .as_str()
             .map(|e| format!("   last error: {e}"))
