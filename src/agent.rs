@@ -51,6 +51,7 @@ type AliveProbe = Box<dyn Fn() -> bool>;
 enum UpstreamChoice {
     MemInbox,
     Http(HttpConfig),
+    Nats(lumenflow_actors::nats_upstream::NatsConfig),
 }
 
 /// An agent for one workspace, ready to run.
@@ -180,6 +181,24 @@ impl Agent {
                 self.upstream_source = "workspace.yaml";
                 return Ok(());
             }
+        }
+        if self.cfg.upstream.starts_with("nats://") || self.cfg.upstream.starts_with("tls://") {
+            use lumenflow_actors::nats_upstream::{NatsConfig, DEFAULT_STREAM};
+            self.upstream = UpstreamChoice::Nats(NatsConfig {
+                servers: self
+                    .cfg
+                    .upstream
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect(),
+                workspace_id: self.cfg.identity.clone(),
+                stream: DEFAULT_STREAM.to_string(),
+                batch_max: self.cfg.queue_batch_max,
+                token: std::env::var("LUMENFLOW_NATS_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+            });
+            return Ok(());
         }
         if self.cfg.upstream != "mem:inbox" {
             let var = "LUMENFLOW_CONTROL_PLANE_TOKEN";
@@ -358,6 +377,13 @@ impl Agent {
                 let addr = Supervisor::start(move |_| HttpUpstream::new(h, s, r, st, c));
                 (addr.clone().recipient(), addr.recipient())
             }
+            UpstreamChoice::Nats(nats) => {
+                let (n, s, r, st) = (nats.clone(), store.clone(), router.clone(), stats.clone());
+                let addr = Supervisor::start(move |_| {
+                    lumenflow_actors::nats_upstream::NatsUpstream::new(n, s, r, st)
+                });
+                (addr.clone().recipient(), addr.recipient())
+            }
         };
         let queue = {
             let (s, u, r, st, max) = (
@@ -505,7 +531,7 @@ impl Agent {
                 h.token.clone(),
                 h.root_certs.as_ref(),
             )),
-            UpstreamChoice::MemInbox => None,
+            UpstreamChoice::MemInbox | UpstreamChoice::Nats(_) => None,
         };
         let yaml = crate::workspace_yaml::load(&self.ws.root)?;
         let config = yaml.and_then(|y| {

@@ -413,6 +413,17 @@ pub fn check_upstream(s: &str) -> Result<(), String> {
     if s == "mem:inbox" {
         return Ok(());
     }
+    if s.starts_with("nats://") || s.starts_with("tls://") {
+        // NATS JetStream: one server, or a comma-separated list for a cluster.
+        return match s.split(',').map(str::trim).find(|u| {
+            !(u.starts_with("nats://") || u.starts_with("tls://")) || u.len() <= "nats://".len()
+        }) {
+            None => Ok(()),
+            Some(bad) => Err(format!(
+                "\"{bad}\": a NATS server is nats://host:port or tls://host:port"
+            )),
+        };
+    }
     if let Some(rest) = s.strip_prefix("https://") {
         if !rest.is_empty() {
             return Ok(());
@@ -438,7 +449,7 @@ pub fn check_upstream(s: &str) -> Result<(), String> {
         ));
     }
     Err(format!(
-        "\"{s}\" must be \"mem:inbox\" or an http(s):// endpoint URL"
+        "\"{s}\" must be \"mem:inbox\", an http(s):// endpoint URL, or nats:// servers"
     ))
 }
 

@@ -76,17 +76,18 @@ pub fn load_root_certs(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>
 
 /// One event of a push batch.
 #[derive(Clone)]
-struct Item {
+pub(crate) struct Item {
     /// Outbox row, `None` for an ephemeral event.
-    seq: Option<i64>,
-    event_id: String,
-    kind: String,
-    pack: String,
-    body: Arc<str>,
+    pub(crate) seq: Option<i64>,
+    pub(crate) event_id: String,
+    pub(crate) kind: String,
+    pub(crate) pack: String,
+    pub(crate) body: Arc<str>,
 }
 
-struct ReadOutbox {
-    limit: usize,
+/// The oldest `limit` outbox rows, in order.
+pub(crate) struct ReadOutbox {
+    pub(crate) limit: usize,
 }
 impl StoreOp for ReadOutbox {
     type Output = Vec<Item>;
@@ -110,9 +111,9 @@ impl StoreOp for ReadOutbox {
 }
 
 /// Deletes acknowledged rows; dead-letters rejected ones. Returns the oldest remaining row time.
-struct Settle {
-    acked: Vec<i64>,
-    rejected: Vec<(Item, String)>,
+pub(crate) struct Settle {
+    pub(crate) acked: Vec<i64>,
+    pub(crate) rejected: Vec<(Item, String)>,
 }
 impl StoreOp for Settle {
     type Output = i64;

@@ -28,6 +28,7 @@ pub mod effects;
 pub mod exec_worker;
 pub mod http_upstream;
 pub mod inbound_events;
+pub mod nats_upstream;
 pub mod pack_host;
 pub mod pack_registry;
 pub mod policy_mode;
