@@ -196,10 +196,7 @@ fn queue_events_are_in_the_stream_once_each_across_a_server_kill_9() {
     nats.kill9();
     // Accepted while the server is down: durable, waiting.
     orders(&ws, 200, 300);
-    assert_eq!(
-        ws.status()["queue"]["durable_depth"].as_i64().unwrap() > 0,
-        true
-    );
+    assert!(ws.status()["queue"]["durable_depth"].as_i64().unwrap() > 0);
     nats.restart();
     wait_for(
         "the outbox drained after the restart",
