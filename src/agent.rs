@@ -18,7 +18,6 @@ use crate::workspace::Workspace;
 use actix::prelude::*;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use lumenflow_actors::http_upstream::{load_pull_cursor, HttpConfig, HttpUpstream};
 use lumenflow_actors::pack_host::HostConfig;
 use lumenflow_actors::pack_registry::{DrainAll, HostDeps, PackRegistry, StartAll};
 use lumenflow_actors::queue::{outbox_depth, DurableQueue};
@@ -27,7 +26,9 @@ use lumenflow_actors::router::{Emitter, Router, RoutingTable};
 use lumenflow_actors::schema::{migrate, SchemaError};
 use lumenflow_actors::stats::AgentStats;
 use lumenflow_actors::store::{open_connection, Durability, Store, StoreHandle};
-use lumenflow_actors::upstream::{IsIdle, Push, Upstream, UpstreamMode};
+use lumenflow_actors::upstreams::drain::{IsIdle, Push};
+use lumenflow_actors::upstreams::http::{load_pull_cursor, HttpConfig, HttpUpstream};
+use lumenflow_actors::upstreams::mem::{Upstream, UpstreamMode};
 use lumenflow_actors::watcher::Watcher;
 use lumenflow_pack_sdk::NativePack;
 use std::fs::File;
@@ -51,7 +52,7 @@ type AliveProbe = Box<dyn Fn() -> bool>;
 enum UpstreamChoice {
     MemInbox,
     Http(HttpConfig),
-    Nats(lumenflow_actors::nats_upstream::NatsConfig),
+    Nats(lumenflow_actors::upstreams::nats::NatsConfig),
 }
 
 /// An agent for one workspace, ready to run.
@@ -103,7 +104,7 @@ impl Agent {
         let at = format!("{}: tls.ca_file", self.ws.display(&self.ws.config_file()));
         let pem = std::fs::read(&path)
             .map_err(|e| anyhow::anyhow!("{at}: cannot read {}: {e}", path.display()))?;
-        let certs = lumenflow_actors::http_upstream::load_root_certs(&pem)
+        let certs = lumenflow_actors::upstreams::http::load_root_certs(&pem)
             .map_err(|m| anyhow::anyhow!("{at}: {}: {m}", path.display()))?;
         tracing::info!(file = %path.display(), certificates = certs.len(), "https upstream: trusting the roots of tls.ca_file");
         Ok(Some(Arc::new(certs)))
@@ -157,6 +158,11 @@ impl Agent {
         if let Some(e) = crate::enrollment::Enrollment::load(&self.ws)? {
             self.cfg.identity = e.subject.clone();
             self.cfg.upstream = e.endpoint.clone();
+            if is_nats(&e.endpoint) {
+                self.upstream = UpstreamChoice::Nats(self.nats_config(Some(e.token)));
+                self.upstream_source = "enrollment";
+                return Ok(());
+            }
             let mut h = http(&e.endpoint, e.token, e.subject);
             h.enrollment_file = Some(self.ws.enrollment_file());
             self.upstream = UpstreamChoice::Http(h);
@@ -182,22 +188,11 @@ impl Agent {
                 return Ok(());
             }
         }
-        if self.cfg.upstream.starts_with("nats://") || self.cfg.upstream.starts_with("tls://") {
-            use lumenflow_actors::nats_upstream::{NatsConfig, DEFAULT_STREAM};
-            self.upstream = UpstreamChoice::Nats(NatsConfig {
-                servers: self
-                    .cfg
-                    .upstream
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .collect(),
-                workspace_id: self.cfg.identity.clone(),
-                stream: DEFAULT_STREAM.to_string(),
-                batch_max: self.cfg.queue_batch_max,
-                token: std::env::var("LUMENFLOW_NATS_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty()),
-            });
+        if is_nats(&self.cfg.upstream) {
+            let token = std::env::var("LUMENFLOW_NATS_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            self.upstream = UpstreamChoice::Nats(self.nats_config(token));
             return Ok(());
         }
         if self.cfg.upstream != "mem:inbox" {
@@ -210,6 +205,22 @@ impl Agent {
             self.upstream = UpstreamChoice::Http(h);
         }
         Ok(())
+    }
+
+    /// NATS JetStream at `cfg.upstream` (a comma-separated list of servers for a cluster).
+    fn nats_config(&self, token: Option<String>) -> lumenflow_actors::upstreams::nats::NatsConfig {
+        lumenflow_actors::upstreams::nats::NatsConfig {
+            servers: self
+                .cfg
+                .upstream
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+            workspace_id: self.cfg.identity.clone(),
+            stream: lumenflow_actors::upstreams::nats::DEFAULT_STREAM.to_string(),
+            batch_max: self.cfg.queue_batch_max,
+            token,
+        }
     }
 
     /// Is `endpoint` this agent's own local API (a fixed loopback `api.listen` port)?
@@ -380,7 +391,7 @@ impl Agent {
             UpstreamChoice::Nats(nats) => {
                 let (n, s, r, st) = (nats.clone(), store.clone(), router.clone(), stats.clone());
                 let addr = Supervisor::start(move |_| {
-                    lumenflow_actors::nats_upstream::NatsUpstream::new(n, s, r, st)
+                    lumenflow_actors::upstreams::nats::NatsUpstream::new(n, s, r, st)
                 });
                 (addr.clone().recipient(), addr.recipient())
             }
@@ -789,6 +800,11 @@ fn random_token() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
+}
+
+/// A NATS upstream: `nats://` or `tls://` servers.
+fn is_nats(upstream: &str) -> bool {
+    upstream.starts_with("nats://") || upstream.starts_with("tls://")
 }
 
 /// `.lumenflow/state/.gitignore` (`*`): the agent's state is never committed, also in a

@@ -20,9 +20,9 @@ use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use lumenflow_actors::approvals::{ApprovalError, ListApprovals, RequestApproval, ResolveApproval};
-use lumenflow_actors::http_upstream::{post, Reply};
 use lumenflow_actors::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use lumenflow_actors::sync_records::StoreRecords;
+use lumenflow_actors::upstreams::http::{post, Reply};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ impl Relay {
         Relay {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
-            agent: lumenflow_actors::http_upstream::http_agent(RELAY_TIMEOUT, roots),
+            agent: lumenflow_actors::upstreams::http::http_agent(RELAY_TIMEOUT, roots),
         }
     }
 }

@@ -31,11 +31,7 @@ impl Nats {
             eprintln!("SKIPPED: nats-server is not installed (`.ci/run` installs it)");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut n = Nats {
             child: None,
             port,
@@ -153,18 +149,6 @@ impl Drop for Nats {
     }
 }
 
-fn shop(ws: &Workspace) {
-    let dir = ws.path().join("packs/shop");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"id": "shop", "version": "0.1.0", "emitted_event_kinds": ["shop:order_placed"],
-               "backpressure_policy": {"shop:order_placed": "queue"}})
-        .to_string(),
-    )
-    .unwrap();
-}
-
 fn orders(ws: &Workspace, from: usize, n: usize) {
     let events: Vec<Value> = (from..from + n)
         .map(|i| json!({"kind": "shop:order_placed", "payload": {"n": i}, "idempotency_key": format!("order-{i}")}))
@@ -184,7 +168,7 @@ fn queue_events_are_in_the_stream_once_each_across_a_server_kill_9() {
         json!({"identity": "ws-fleet", "upstream": nats.url()}).to_string(),
     )
     .unwrap();
-    shop(&ws);
+    shop_pack(&ws);
     ws.start();
     wait_for("connected to NATS", T, || {
         (ws.status()["upstream"]["state"] == "connected").then_some(())
@@ -240,4 +224,27 @@ fn inbound_published_twice_with_one_id_is_handled_once() {
     });
     assert_eq!(p["handled"], 1, "{p}");
     assert_eq!(ws.effects().len(), 1, "{:?}", ws.effects());
+}
+
+/// `enroll --endpoint nats://…` makes NATS the upstream, the enrollment's subject the
+/// workspace token of the subjects.
+#[test]
+fn an_enrollment_with_a_nats_endpoint_publishes_there() {
+    let mut ws = Workspace::new(json!({}), "");
+    let Some(nats) = Nats::start(ws.path()) else {
+        return;
+    };
+    shop_pack(&ws);
+    enroll_at(&ws, &nats.url(), "nats-token");
+    ws.start();
+    wait_for("connected to NATS", T, || {
+        (ws.status()["upstream"]["state"] == "connected").then_some(())
+    });
+    orders(&ws, 0, 3);
+    wait_for("published", T, || {
+        (ws.status()["queue"]["durable_depth"] == 0).then_some(())
+    });
+    let (ids, _) = nats.stored("lumenflow.ws-test.events.shop.order_placed");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ws.status()["upstream"]["source"], "enrollment");
 }

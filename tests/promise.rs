@@ -43,19 +43,6 @@ fn node_pack(ws: &Workspace, id: &str, manifest: Value, handlers: &str) -> PathB
     dir
 }
 
-/// A pack that only emits `shop:order_placed` (queue), for upstream tests.
-fn shop_pack(ws: &Workspace) {
-    let dir = ws.path().join("packs/shop");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"id": "shop", "version": "0.1.0", "emitted_event_kinds": ["shop:order_placed"],
-               "backpressure_policy": {"shop:order_placed": "queue"}})
-        .to_string(),
-    )
-    .unwrap();
-}
-
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

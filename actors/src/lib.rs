@@ -7,8 +7,9 @@
 //! Store        one SQLite writer; group commits for every table
 //! ReplayLog    (pack, event) finished?  handler keys; retention
 //! DurableQueue admission: durable before ack, backpressure at max depth
-//! Upstream     mem:inbox (embedded) ; ephemeral ring ; HttpUpstream: the control plane,
-//!              events and sync-port records (telemetry, evidence) in order
+//! upstreams/   one delivery loop (drain: rounds, acks, backoff, ephemeral ring) and one
+//!              transport each: mem:inbox (embedded), HTTP (the control plane: events,
+//!              sync-port records, pulls), NATS JetStream (fleets)
 //! Router       kind -> packs; inbound log; dispatch in commit order
 //! PackRegistry which packs run; validated hot reloads, atomic route swaps
 //! Watcher      notify + debouncer on the packs root and agent.json
@@ -26,9 +27,7 @@ pub mod approvals;
 pub mod dead_letters;
 pub mod effects;
 pub mod exec_worker;
-pub mod http_upstream;
 pub mod inbound_events;
-pub mod nats_upstream;
 pub mod pack_host;
 pub mod pack_registry;
 pub mod policy_mode;
@@ -40,6 +39,6 @@ pub mod stats;
 pub mod store;
 pub mod supervision;
 pub mod sync_records;
-pub mod upstream;
+pub mod upstreams;
 pub mod watcher;
 pub mod worker_clock;

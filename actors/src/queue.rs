@@ -19,7 +19,7 @@
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
-use crate::upstream::Push;
+use crate::upstreams::drain::Push;
 use actix::prelude::*;
 use lumenflow_pack_sdk::{DeliveryClass, Envelope};
 use rusqlite::{params, Connection};

@@ -295,7 +295,7 @@ pub struct Conductor {
     token: String,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -480,4 +480,17 @@ impl TlsFront {
         });
         TlsFront { port }
     }
+}
+
+/// A pack that only emits `shop:order_placed` (queue), for upstream tests.
+pub fn shop_pack(ws: &Workspace) {
+    let dir = ws.path().join("packs/shop");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"id": "shop", "version": "0.1.0", "emitted_event_kinds": ["shop:order_placed"],
+               "backpressure_policy": {"shop:order_placed": "queue"}})
+        .to_string(),
+    )
+    .unwrap();
 }

@@ -21,13 +21,12 @@
 //! - The stream (`LUMENFLOW`, subjects `lumenflow.>`, file storage, limits retention) is created
 //!   when missing; an existing one is used as the operator configured it.
 
-use crate::http_upstream::{Item, ReadOutbox, Settle};
 use crate::inbound_events::read_pulled_value;
 use crate::router::{Inbound, Router};
 use crate::stats::AgentStats;
-use crate::store::{now_ms, StoreError, StoreHandle};
-use crate::supervision::full_jitter;
-use crate::upstream::{EphemeralRing, IsIdle, Push};
+use crate::store::{StoreError, StoreHandle};
+use crate::upstreams::drain::{DrainLoop, End, IsIdle, Next, Push, Settled};
+use crate::upstreams::outbox::{Item, ReadOutbox, Settle};
 use actix::prelude::*;
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -81,12 +80,10 @@ pub struct NatsUpstream {
     store: StoreHandle,
     router: Addr<Router>,
     stats: Arc<AgentStats>,
-    ring: EphemeralRing,
+    /// The shared delivery loop (its transport here: JetStream publishes and their acks).
+    drain: DrainLoop,
     js: Option<jetstream::Context>,
     client: Option<async_nats::Client>,
-    busy: bool,
-    dirty: bool,
-    attempt: u32,
 }
 
 impl NatsUpstream {
@@ -96,17 +93,15 @@ impl NatsUpstream {
         router: Addr<Router>,
         stats: Arc<AgentStats>,
     ) -> Self {
+        let drain = DrainLoop::new(cfg.batch_max);
         NatsUpstream {
             cfg,
             store,
             router,
             stats,
-            ring: EphemeralRing::default(),
+            drain,
             js: None,
             client: None,
-            busy: false,
-            dirty: true,
-            attempt: 0,
         }
     }
 
@@ -141,7 +136,7 @@ impl NatsUpstream {
                 act.client = Some(client);
                 act.js = Some(js.clone());
                 act.stats.set_upstream(Some("nats"), "connected", None);
-                act.dirty = true;
+                act.drain.mark_dirty();
                 act.pump(ctx);
                 act.pull(ctx, js);
             }
@@ -159,46 +154,49 @@ impl NatsUpstream {
             .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 
-    /// Publishes the oldest outbox rows (and waiting ephemeral events), then settles the acked
-    /// prefix: a row goes only when the server stored it.
+    /// One round of the shared drain loop: the oldest outbox rows published (pipelined, each
+    /// with `Nats-Msg-Id`), their acks awaited in order, the acked prefix settled; waiting
+    /// ephemeral events published without acks.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         let (Some(js), Some(client)) = (self.js.clone(), self.client.clone()) else {
             return;
         };
-        if self.busy || !self.dirty {
-            return;
-        }
         if !self.connected() {
-            self.ring.drop_all(&self.stats);
+            // Not connected: ephemeral events are dropped now, never sent late.
+            self.drain.ring.drop_all(&self.stats);
+            self.drain.mark_dirty();
             ctx.run_later(Duration::from_millis(500), |act, ctx| act.pump(ctx));
             return;
         }
-        self.busy = true;
-        self.dirty = false;
-        let ephemeral = self.ring.take(self.cfg.batch_max);
+        if !self.drain.begin() {
+            return;
+        }
+        let ephemeral = self.drain.take_ephemeral_items();
         let (store, cfg) = (self.store.clone(), self.cfg.clone());
         let fut = async move {
-            // Ephemeral: fire and forget while connected.
             let mut sent = 0usize;
-            for a in &ephemeral {
-                let subj = subject(&cfg.workspace_id, "events", &a.envelope.kind);
-                if client
-                    .publish(subj, bytes::Bytes::from(a.body.to_string()))
+            for (i, item) in ephemeral.iter().enumerate() {
+                let subj = subject(&cfg.workspace_id, "events", &item.kind);
+                if let Err(e) = client
+                    .publish(subj, bytes::Bytes::from(item.body.to_string()))
                     .await
-                    .is_ok()
                 {
-                    sent += 1;
+                    return Ok(Some(retry(
+                        format!("publish: {e}"),
+                        sent,
+                        ephemeral.len() - i,
+                    )));
                 }
+                sent += 1;
             }
             let items: Vec<Item> = store
                 .run(ReadOutbox {
                     limit: cfg.batch_max,
                 })
                 .await?;
-            if items.is_empty() {
-                return Ok::<_, StoreError>((sent, 0usize, None, 0i64));
+            if items.is_empty() && sent == 0 {
+                return Ok::<_, StoreError>(None);
             }
-            // Pipelined: every publish goes out, then the acks are awaited in order.
             let mut acks = Vec::with_capacity(items.len());
             let mut error = None;
             for item in &items {
@@ -217,6 +215,7 @@ impl NatsUpstream {
                     }
                 }
             }
+            // Acked in order: a row leaves only with every row before it.
             let mut acked = Vec::new();
             for (item, ack) in items.iter().zip(acks) {
                 match ack.await {
@@ -228,51 +227,48 @@ impl NatsUpstream {
                 }
             }
             let n = acked.len();
+            let more = n == cfg.batch_max;
             let oldest = store
                 .run(Settle {
                     acked,
                     rejected: Vec::new(),
                 })
                 .await?;
-            Ok((sent, n, error, oldest))
+            let end = match error {
+                None => End::Done,
+                Some(error) => End::Retry {
+                    error,
+                    retry_after: None,
+                    dropped_ephemeral: 0,
+                },
+            };
+            Ok(Some(Settled {
+                end,
+                sent: sent + n,
+                removed: n,
+                dead_lettered: 0,
+                oldest,
+                more,
+            }))
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-            act.busy = false;
-            match res {
-                Ok((sent, n, error, oldest)) => {
-                    let q = &act.stats.queue;
-                    q.durable_depth.fetch_sub(n as i64, Ordering::AcqRel);
-                    q.oldest_ms.store(oldest, Ordering::Relaxed);
-                    act.stats
-                        .upstream
-                        .pushed
-                        .fetch_add((sent + n) as u64, Ordering::Relaxed);
-                    match error {
-                        None => {
-                            if n > 0 || sent > 0 {
-                                act.stats.upstream.last_success_ms.store(now_ms(), Ordering::Relaxed);
-                                act.attempt = 0;
-                                act.dirty = true;
-                            }
-                            act.stats.set_upstream(None, "connected", None);
-                            act.pump(ctx);
-                        }
-                        Some(e) => {
-                            if n > 0 {
-                                act.attempt = 0;
-                            }
-                            act.attempt += 1;
-                            let wait = full_jitter(Duration::from_millis(200), Duration::from_secs(30), act.attempt);
-                            tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "NATS publish failed; retrying");
-                            act.stats.set_upstream(None, &format!("backoff (next try in {} ms)", wait.as_millis()), Some(e));
-                            act.dirty = true;
-                            ctx.run_later(wait, |act, ctx| act.pump(ctx));
-                        }
-                    }
+            match act.drain.finish(res, &act.stats) {
+                Next::Idle => {}
+                Next::Again => {
+                    act.stats.set_upstream(None, "connected", None);
+                    act.pump(ctx);
                 }
-                Err(e) => {
+                Next::Backoff { wait, error } => {
+                    tracing::warn!(error = %error, wait_ms = wait.as_millis() as u64, "NATS publish failed; retrying");
+                    act.stats.set_upstream(None, &format!("backoff (next try in {} ms)", wait.as_millis()), Some(error));
+                    ctx.run_later(wait, |act, ctx| act.pump(ctx));
+                }
+                Next::Unauthorized(error) => {
+                    act.stats.set_upstream(None, "unauthorized", Some(error));
+                    ctx.run_later(Duration::from_secs(2), |act, ctx| act.pump(ctx));
+                }
+                Next::Store(e) => {
                     tracing::warn!(error = %e, "NATS upstream: cannot read or settle the outbox; retrying in 1 s");
-                    act.dirty = true;
                     ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump(ctx));
                 }
             }
@@ -391,9 +387,24 @@ impl Actor for NatsUpstream {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         self.stats.set_upstream(Some("nats"), "connecting", None);
-        self.busy = false;
-        self.dirty = true;
+        self.drain.restarted();
         self.connect(ctx);
+    }
+}
+
+/// A round that stopped on a failed publish: what was sent, and the ephemeral events dropped.
+fn retry(error: String, sent: usize, dropped_ephemeral: usize) -> Settled {
+    Settled {
+        end: End::Retry {
+            error,
+            retry_after: None,
+            dropped_ephemeral,
+        },
+        sent,
+        removed: 0,
+        dead_lettered: 0,
+        oldest: 0,
+        more: true,
     }
 }
 
@@ -403,10 +414,7 @@ impl Handler<Push> for NatsUpstream {
     type Result = ();
     fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
         let connected = self.connected();
-        self.ring.offer(m.ephemeral, connected, &self.stats);
-        if m.durable || !self.ring.is_empty() {
-            self.dirty = true;
-        }
+        self.drain.push(m, connected, &self.stats);
         self.pump(ctx);
     }
 }
@@ -414,7 +422,7 @@ impl Handler<Push> for NatsUpstream {
 impl Handler<IsIdle> for NatsUpstream {
     type Result = bool;
     fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
-        !self.busy && self.ring.is_empty()
+        self.drain.idle()
     }
 }
 

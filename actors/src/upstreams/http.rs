@@ -24,12 +24,13 @@ use crate::inbound_events::read_pulled_value;
 use crate::policy_mode::PolicyMode;
 use crate::router::{Inbound, Router};
 use crate::stats::AgentStats;
-use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::store::{now_ms, StoreError, StoreHandle};
 use crate::supervision::full_jitter;
 use crate::sync_records::{record_count, OldestRecord, RecordOutcome, SettleRecord};
-use crate::upstream::{EphemeralRing, IsIdle, Push};
+use crate::upstreams::drain::{DrainLoop, End, IsIdle, Next, Push, Settled};
+use crate::upstreams::outbox::{Item, ReadOutbox, Settle};
 use actix::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -72,74 +73,6 @@ pub fn load_root_certs(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>
         return Err("no certificate in it (expected -----BEGIN CERTIFICATE-----)".into());
     }
     Ok(certs)
-}
-
-/// One event of a push batch.
-#[derive(Clone)]
-pub(crate) struct Item {
-    /// Outbox row, `None` for an ephemeral event.
-    pub(crate) seq: Option<i64>,
-    pub(crate) event_id: String,
-    pub(crate) kind: String,
-    pub(crate) pack: String,
-    pub(crate) body: Arc<str>,
-}
-
-/// The oldest `limit` outbox rows, in order.
-pub(crate) struct ReadOutbox {
-    pub(crate) limit: usize,
-}
-impl StoreOp for ReadOutbox {
-    type Output = Vec<Item>;
-    fn run(self, conn: &Connection) -> Result<Vec<Item>, StoreError> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, event_id, kind, pack, body FROM outbox ORDER BY seq LIMIT ?1",
-        )?;
-        let rows = stmt
-            .query_map([self.limit as i64], |r| {
-                Ok(Item {
-                    seq: Some(r.get(0)?),
-                    event_id: r.get(1)?,
-                    kind: r.get(2)?,
-                    pack: r.get(3)?,
-                    body: r.get::<_, String>(4)?.into(),
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-}
-
-/// Deletes acknowledged rows; dead-letters rejected ones. Returns the oldest remaining row time.
-pub(crate) struct Settle {
-    pub(crate) acked: Vec<i64>,
-    pub(crate) rejected: Vec<(Item, String)>,
-}
-impl StoreOp for Settle {
-    type Output = i64;
-    fn run(self, conn: &Connection) -> Result<i64, StoreError> {
-        let mut del = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-        for seq in &self.acked {
-            del.execute([seq])?;
-        }
-        for (item, reason) in &self.rejected {
-            conn.prepare_cached(
-                "INSERT INTO dead_letters(pack, event_id, kind, attempts, error, created_ms, body, origin) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, 'upstream')",
-            )?
-            .execute(params![item.pack, item.event_id, item.kind, reason, now_ms(), &*item.body])?;
-            if let Some(seq) = item.seq {
-                del.execute([seq])?;
-            }
-        }
-        Ok(conn
-            .query_row(
-                "SELECT created_ms FROM outbox ORDER BY seq LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0))
-    }
 }
 
 /// The pull cursor persisted with the inbound events (`meta.pull_cursor`).
@@ -272,22 +205,6 @@ struct Round {
     end: End,
 }
 
-enum End {
-    /// Everything sent or rejected.
-    Done,
-    /// Stopped on a retryable failure; the ephemeral events not sent are dropped.
-    Retry {
-        error: String,
-        retry_after: Option<u64>,
-        dropped_ephemeral: usize,
-    },
-    /// Stopped on 401/403; the ephemeral events not sent are dropped.
-    Unauthorized {
-        error: String,
-        dropped_ephemeral: usize,
-    },
-}
-
 /// Sends `items`, splitting on 413 and bisecting on 400/422.
 async fn push_round(agent: ureq::Agent, cfg: HttpConfig, items: Vec<Item>) -> Round {
     let url = format!("{}/api/v1/events", cfg.endpoint);
@@ -418,17 +335,6 @@ enum RecordRound {
     Retry(String),
 }
 
-/// A push round, settled in the outbox.
-struct Settled {
-    end: End,
-    sent: usize,
-    /// Outbox rows gone (acknowledged or dead-lettered).
-    removed: usize,
-    dead_lettered: usize,
-    /// Creation time of the oldest row still waiting.
-    oldest: i64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
     Connected,
@@ -442,10 +348,8 @@ pub struct HttpUpstream {
     store: StoreHandle,
     router: Addr<Router>,
     stats: Arc<AgentStats>,
-    ring: EphemeralRing,
-    busy: bool,
-    dirty: bool,
-    attempt: u32,
+    /// The shared delivery loop: rounds, ack accounting, backoff, the ephemeral ring.
+    drain: DrainLoop,
     link: Link,
     heartbeat_every: Duration,
     pull_cursor: Option<String>,
@@ -467,6 +371,7 @@ impl HttpUpstream {
         pull_cursor: Option<String>,
     ) -> Self {
         let heartbeat_every = cfg.sync_interval;
+        let drain = DrainLoop::new(cfg.batch_max);
         let push_agent = http_agent(PUSH_TIMEOUT, cfg.root_certs.as_ref());
         let pull_agent = http_agent(
             Duration::from_millis(PULL_WAIT_MS) + PUSH_TIMEOUT,
@@ -477,10 +382,7 @@ impl HttpUpstream {
             store,
             router,
             stats,
-            ring: EphemeralRing::default(),
-            busy: false,
-            dirty: true,
-            attempt: 0,
+            drain,
             link: Link::Connected,
             heartbeat_every,
             pull_cursor,
@@ -516,24 +418,12 @@ impl HttpUpstream {
         }
     }
 
+    /// One round of the shared drain loop (`drain`): the HTTP transport is `push_round`.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.dirty || self.link != Link::Connected {
+        if self.link != Link::Connected || !self.drain.begin() {
             return;
         }
-        self.busy = true;
-        self.dirty = false;
-        let ephemeral: Vec<Item> = self
-            .ring
-            .take(self.cfg.batch_max)
-            .into_iter()
-            .map(|a| Item {
-                seq: None,
-                event_id: a.envelope.event_id.clone(),
-                kind: a.envelope.kind.clone(),
-                pack: a.pack.clone(),
-                body: a.body.clone(),
-            })
-            .collect();
+        let ephemeral = self.drain.take_ephemeral_items();
         let limit = self.cfg.batch_max - ephemeral.len();
         let (store, agent, cfg) = (
             self.store.clone(),
@@ -565,51 +455,19 @@ impl HttpUpstream {
                 removed,
                 dead_lettered,
                 oldest,
+                more: true,
             }))
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-            act.busy = false;
-            let settled = match res {
-                Ok(Some(s)) => s,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "upstream: cannot read or settle the outbox; retrying in 1 s");
-                    act.dirty = true;
-                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump(ctx));
-                    return;
-                }
-            };
-            let q = &act.stats.queue;
-            q.durable_depth.fetch_sub(settled.removed as i64, Ordering::AcqRel);
-            q.oldest_ms.store(settled.oldest, Ordering::Relaxed);
-            if settled.dead_lettered > 0 {
-                act.stats.dead_letters.fetch_add(settled.dead_lettered as i64, Ordering::Relaxed);
-            }
-            act.stats.upstream.pushed.fetch_add(settled.sent as u64, Ordering::Relaxed);
-            match settled.end {
-                End::Done => {
-                    act.stats.upstream.last_success_ms.store(now_ms(), Ordering::Relaxed);
-                    act.attempt = 0;
+            match act.drain.finish(res, &act.stats) {
+                Next::Idle => {}
+                Next::Again => {
                     act.set_link(Link::Connected, None, None);
-                    act.dirty = true;
                     act.pump(ctx);
                 }
-                End::Retry { error, retry_after, dropped_ephemeral } => {
-                    q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
-                    // Offered while this push was in flight, before the link was known down.
-                    act.ring.drop_all(&act.stats);
-                    // A partial ack is progress: the rest goes again soon, not after a backoff
-                    // that grew while nothing went through.
-                    if settled.sent > 0 {
-                        act.attempt = 0;
-                    }
-                    act.attempt += 1;
-                    let wait = retry_after
-                        .map(Duration::from_secs)
-                        .unwrap_or_else(|| full_jitter(Duration::from_millis(200), Duration::from_secs(30), act.attempt));
-                    tracing::warn!(error = %error, attempt = act.attempt, wait_ms = wait.as_millis() as u64, "upstream push failed; retrying");
+                Next::Backoff { wait, error } => {
+                    tracing::warn!(error = %error, attempt = act.drain.attempt(), wait_ms = wait.as_millis() as u64, "upstream push failed; retrying");
                     act.set_link(Link::Backoff, Some(error), Some(wait));
-                    act.dirty = true;
                     ctx.run_later(wait, |act, ctx| {
                         if act.link == Link::Backoff {
                             act.set_link(Link::Connected, None, None);
@@ -617,13 +475,14 @@ impl HttpUpstream {
                         act.pump(ctx);
                     });
                 }
-                End::Unauthorized { error, dropped_ephemeral } => {
-                    q.ephemeral_dropped.fetch_add(dropped_ephemeral as u64, Ordering::Relaxed);
-                    act.ring.drop_all(&act.stats);
+                Next::Unauthorized(error) => {
                     tracing::error!(error = %error, "upstream refused the token: paused (nothing is dropped); fix the enrollment token");
                     act.set_link(Link::Unauthorized, Some(format!("unauthorized: {error}")), None);
-                    act.dirty = true;
                     ctx.run_later(Duration::from_secs(2), |act, ctx| act.retry_unauthorized(ctx));
+                }
+                Next::Store(e) => {
+                    tracing::warn!(error = %e, "upstream: cannot read or settle the outbox; retrying in 1 s");
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump(ctx));
                 }
             }
         }));
@@ -636,7 +495,7 @@ impl HttpUpstream {
         self.reread_token();
         self.link = Link::Connected; // try once; a 401 puts us back
         self.pump(ctx);
-        if self.link == Link::Connected && !self.busy {
+        if self.link == Link::Connected && !self.drain.busy() {
             ctx.run_later(Duration::from_secs(2), |act, ctx| {
                 act.retry_unauthorized(ctx)
             });
@@ -680,7 +539,7 @@ impl HttpUpstream {
                 } else if !deny && act.link == Link::PolicyDeny {
                     tracing::info!("control plane policy allows forwarding again");
                     act.set_link(Link::Connected, None, None);
-                    act.dirty = true;
+                    act.drain.mark_dirty();
                     act.pump(ctx);
                 }
             }
@@ -883,8 +742,7 @@ impl Actor for HttpUpstream {
         if self.cfg.policy_mode.deny(false, self.cfg.local_deny).0 {
             self.set_link(Link::PolicyDeny, None, None);
         }
-        self.busy = false;
-        self.dirty = true;
+        self.drain.restarted();
         self.pump(ctx);
         self.heartbeat(ctx);
         self.pull(ctx);
@@ -900,10 +758,7 @@ impl Handler<Push> for HttpUpstream {
     fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
         // Circuit open: while not connected, ephemeral events are fail-silent.
         let connected = self.link == Link::Connected;
-        self.ring.offer(m.ephemeral, connected, &self.stats);
-        if m.durable || !self.ring.is_empty() {
-            self.dirty = true;
-        }
+        self.drain.push(m, connected, &self.stats);
         self.pump(ctx);
     }
 }
@@ -911,7 +766,7 @@ impl Handler<Push> for HttpUpstream {
 impl Handler<IsIdle> for HttpUpstream {
     type Result = bool;
     fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
-        !self.busy && self.ring.is_empty()
+        self.drain.idle()
     }
 }
 

@@ -1,8 +1,6 @@
-//! `Upstream`: the connection to where pack events go (SPEC §9).
-//!
-//! Owns delivery out of the outbox and the ephemeral ring. This file implements the embedded
-//! `mem:inbox` upstream (the default): upstream-bound events land in the `mem_inbox` table,
-//! readable with `lumenflow-agent inbox`.
+//! `Upstream`: the embedded `mem:inbox` upstream (the default): upstream-bound events land in
+//! the `mem_inbox` table, readable with `lumenflow-agent inbox`. Its rounds run on the shared
+//! drain loop (`drain`); its transport is one transaction.
 //!
 //! Guarantees:
 //! - Durable events leave the outbox in order, in batches of `queue.batch_max`, and are removed
@@ -14,62 +12,15 @@
 use crate::queue::Accepted;
 use crate::stats::AgentStats;
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
+use crate::upstreams::drain::{DrainLoop, End, IsIdle, Next, Push, Settled};
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Ephemeral events held in memory while the upstream is busy.
-const RING_MAX: usize = 100_000;
 /// Rows `mem_inbox` keeps (the newest).
 const MEM_INBOX_MAX: i64 = 1_000_000;
-
-/// Ephemeral events waiting in memory for the upstream (SPEC §6: memory only, fail-silent).
-/// Bounded: what does not fit, or arrives while the upstream refuses it, is dropped and
-/// counted. Shared by every upstream.
-#[derive(Default)]
-pub struct EphemeralRing {
-    events: VecDeque<Accepted>,
-}
-
-impl EphemeralRing {
-    /// Keeps `events` if `accepting` and there is room; drops and counts the rest.
-    pub fn offer(&mut self, events: Vec<Accepted>, accepting: bool, stats: &AgentStats) {
-        for e in events {
-            if accepting && self.events.len() < RING_MAX {
-                self.events.push_back(e);
-            } else {
-                stats
-                    .queue
-                    .ephemeral_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Takes up to `max` of the oldest events.
-    pub fn take(&mut self, max: usize) -> Vec<Accepted> {
-        let n = self.events.len().min(max);
-        self.events.drain(..n).collect()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
-    /// Drops and counts everything waiting: the upstream turned out to be down, and ephemeral
-    /// events are never delivered late.
-    pub fn drop_all(&mut self, stats: &AgentStats) {
-        let n = self.events.len();
-        self.events.clear();
-        stats
-            .queue
-            .ephemeral_dropped
-            .fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
 
 pub enum UpstreamMode {
     MemInbox,
@@ -153,10 +104,8 @@ pub struct Upstream {
     mode: UpstreamMode,
     store: StoreHandle,
     batch_max: usize,
-    ring: EphemeralRing,
-    busy: bool,
-    /// Work arrived while a batch was in flight.
-    dirty: bool,
+    /// The shared delivery loop (its transport here: one transaction into `mem_inbox`).
+    drain: DrainLoop,
     stats: Arc<AgentStats>,
 }
 
@@ -171,20 +120,18 @@ impl Upstream {
             mode,
             store,
             batch_max,
-            ring: EphemeralRing::default(),
-            busy: false,
-            dirty: true,
+            drain: DrainLoop::new(batch_max),
             stats,
         }
     }
 
+    /// One round of the shared drain loop: outbox rows and ephemeral events moved into
+    /// `mem_inbox` in one transaction.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || !self.dirty {
+        if !self.drain.begin() {
             return;
         }
-        self.busy = true;
-        self.dirty = false;
-        let ephemeral = self.ring.take(self.batch_max);
+        let ephemeral = self.drain.take_ephemeral();
         let n_ephemeral = ephemeral.len();
         // `queue.batch_max` sizes pushes over the network; mem:inbox is a move inside the
         // same database, one transaction however many rows, so it takes more per trip and
@@ -192,41 +139,33 @@ impl Upstream {
         // the ingest rate).
         let max = self.batch_max.max(MEM_INBOX_MOVE_MAX);
         let store = self.store.clone();
-        let fut = async move { store.run(MemInboxTransfer { max, ephemeral }).await };
+        let fut = async move {
+            let t = store.run(MemInboxTransfer { max, ephemeral }).await?;
+            Ok(Some(Settled {
+                end: End::Done,
+                sent: t.moved + n_ephemeral,
+                removed: t.moved,
+                dead_lettered: 0,
+                oldest: t.oldest_ms,
+                more: t.moved == max,
+            }))
+        };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            act.busy = false;
-            match res {
-                Ok(t) => {
-                    let q = &act.stats.queue;
-                    q.durable_depth.fetch_sub(t.moved as i64, Ordering::AcqRel);
-                    q.oldest_ms.store(t.oldest_ms, Ordering::Relaxed);
-                    act.stats
-                        .upstream
-                        .pushed
-                        .fetch_add((t.moved + n_ephemeral) as u64, Ordering::Relaxed);
-                    act.stats
-                        .upstream
-                        .last_success_ms
-                        .store(now_ms(), Ordering::Relaxed);
-                    if t.moved == max || !act.ring.is_empty() {
-                        act.dirty = true;
-                    }
-                    act.pump(ctx);
-                }
-                Err(e) => {
+            match act.drain.finish(res, &act.stats) {
+                Next::Store(e) => {
                     // The ephemeral events of a failed batch are lost by design; count them.
                     act.stats
                         .queue
                         .ephemeral_dropped
                         .fetch_add(n_ephemeral as u64, Ordering::Relaxed);
-                    act.stats.set_upstream(None, "backoff", Some(e.to_string()));
+                    act.stats.set_upstream(None, "backoff", Some(e.clone()));
                     tracing::warn!(error = %e, "mem:inbox transfer failed; retrying in 1 s");
-                    act.dirty = true;
                     ctx.run_later(Duration::from_secs(1), |act, ctx| {
                         act.stats.set_upstream(None, "connected", None);
                         act.pump(ctx)
                     });
                 }
+                _ => act.pump(ctx),
             }
         }));
     }
@@ -237,7 +176,7 @@ impl Actor for Upstream {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.stats
             .set_upstream(Some(self.mode.name()), "connected", None);
-        self.dirty = true;
+        self.drain.mark_dirty();
         self.pump(ctx);
         let store = self.store.clone();
         ctx.run_interval(Duration::from_secs(300), move |act, ctx| {
@@ -256,38 +195,21 @@ impl Actor for Upstream {
 
 impl Supervised for Upstream {
     fn restarting(&mut self, _: &mut Self::Context) {
-        self.busy = false;
-        self.dirty = true;
+        self.drain.restarted();
     }
 }
 
-/// New work: ephemeral events to send, and whether durable ones were added to the outbox.
-pub struct Push {
-    pub ephemeral: Vec<Accepted>,
-    pub durable: bool,
-}
-impl Message for Push {
-    type Result = ();
-}
 impl Handler<Push> for Upstream {
     type Result = ();
     fn handle(&mut self, m: Push, ctx: &mut Context<Self>) {
-        self.ring.offer(m.ephemeral, true, &self.stats);
-        if m.durable || !self.ring.is_empty() {
-            self.dirty = true;
-        }
+        self.drain.push(m, true, &self.stats);
         self.pump(ctx);
     }
 }
 
-/// Is the upstream idle (nothing in flight, nothing waiting in memory)? Used to drain at stop.
-pub struct IsIdle;
-impl Message for IsIdle {
-    type Result = bool;
-}
 impl Handler<IsIdle> for Upstream {
     type Result = bool;
     fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
-        !self.busy && !self.dirty && self.ring.is_empty()
+        self.drain.quiet()
     }
 }
