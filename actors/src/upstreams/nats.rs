@@ -84,6 +84,8 @@ pub struct NatsUpstream {
     drain: DrainLoop,
     js: Option<jetstream::Context>,
     client: Option<async_nats::Client>,
+    /// The workspace's inbound consumer, once looked up.
+    consumer: Option<jetstream::consumer::PullConsumer>,
 }
 
 impl NatsUpstream {
@@ -102,6 +104,7 @@ impl NatsUpstream {
             drain,
             js: None,
             client: None,
+            consumer: None,
         }
     }
 
@@ -279,108 +282,146 @@ impl NatsUpstream {
     /// log, then ack (an event the agent cannot read is dead-lettered, then `term`ed).
     fn pull(&mut self, ctx: &mut Context<Self>, js: jetstream::Context) {
         let (cfg, router) = (self.cfg.clone(), self.router.clone());
+        let known = self.consumer.clone();
         let fut = async move {
-            let stream = js
-                .get_stream(&cfg.stream)
-                .await
-                .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
-            let name = format!("lf-{}", subject_token(&cfg.workspace_id));
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    jetstream::consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: format!(
-                            "lumenflow.{}.inbound.>",
-                            subject_token(&cfg.workspace_id)
-                        ),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: Duration::from_secs(30),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| format!("consumer {name}: {e}"))?;
-            let mut batch = consumer
-                .fetch()
-                .max_messages(500)
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await
-                .map_err(|e| format!("fetch: {e}"))?;
-            let mut messages = Vec::new();
-            while let Some(m) = batch.next().await {
-                match m {
-                    Ok(m) => messages.push(m),
-                    Err(e) => return Err(format!("fetch: {e}")),
-                }
-            }
-            if messages.is_empty() {
-                return Ok(0);
-            }
-            let mut events = Vec::new();
-            let mut unreadable = Vec::new();
-            let mut readable = Vec::with_capacity(messages.len());
-            for m in &messages {
-                let value = serde_json::from_slice(&m.payload).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(&m.payload).into_owned())
-                });
-                match read_pulled_value(value) {
-                    Ok(env) => {
-                        events.push(env);
-                        readable.push(true);
-                    }
-                    Err(u) => {
-                        unreadable.push(u);
-                        readable.push(false);
-                    }
-                }
-            }
-            let n = events.len();
-            router
-                .send(Inbound {
-                    events,
-                    unreadable,
-                    cursor: None,
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            // Committed: now the server may forget them.
-            for (m, ok) in messages.iter().zip(readable) {
-                let kind = if ok {
-                    jetstream::AckKind::Ack
-                } else {
-                    jetstream::AckKind::Term
-                };
-                if let Err(e) = m.ack_with(kind).await {
-                    tracing::debug!(error = %e, "NATS ack failed; the message comes again and the replay log absorbs it");
-                }
-            }
-            Ok(n)
+            // The consumer is looked up once and kept; after any failure it is looked up (or
+            // created) again, so a consumer that went stale across a reconnect is replaced.
+            let consumer = match known {
+                Some(c) => c,
+                None => workspace_consumer(&js, &cfg).await?,
+            };
+            let keep = consumer.clone();
+            let fetched = fetch_and_commit(consumer, &router).await;
+            fetched.map(|n| (n, keep))
         };
         ctx.spawn(fut.into_actor(self).map(
-            move |res: Result<usize, String>, act, ctx| match res {
-                Ok(n) => {
-                    act.stats
-                        .upstream
-                        .pulled
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    if let Some(js) = act.js.clone() {
-                        act.pull(ctx, js);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "NATS inbound pull failed; retrying in 2 s");
-                    ctx.run_later(Duration::from_secs(2), |act, ctx| {
+            move |res: Result<(usize, jetstream::consumer::PullConsumer), String>, act, ctx| {
+                match res {
+                    Ok((n, consumer)) => {
+                        act.consumer = Some(consumer);
+                        act.stats
+                            .upstream
+                            .pulled
+                            .fetch_add(n as u64, Ordering::Relaxed);
                         if let Some(js) = act.js.clone() {
                             act.pull(ctx, js);
                         }
-                    });
+                    }
+                    Err(e) => {
+                        act.consumer = None;
+                        tracing::warn!(error = %e, "NATS inbound pull failed; retrying in 2 s");
+                        ctx.run_later(Duration::from_secs(2), |act, ctx| {
+                            if let Some(js) = act.js.clone() {
+                                act.pull(ctx, js);
+                            }
+                        });
+                    }
                 }
             },
         ));
     }
+}
+
+/// The workspace's durable pull consumer `lf-<W>` on its inbound subjects, created when
+/// missing. `max_ack_pending` bounds what is handed out unacked (one fetch of 500 at a time,
+/// handled in order).
+async fn workspace_consumer(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<jetstream::consumer::PullConsumer, String> {
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
+    let name = format!("lf-{}", subject_token(&cfg.workspace_id));
+    stream
+        .get_or_create_consumer(
+            &name,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: format!("lumenflow.{}.inbound.>", subject_token(&cfg.workspace_id)),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {name}: {e}"))
+}
+
+/// One fetch: the messages committed to the inbound log, then acked (`term` for those the agent
+/// cannot read, dead-lettered in the same commit); when the commit fails, `nak`ed with a delay
+/// so they come again soon. Returns how many events were read.
+async fn fetch_and_commit(
+    consumer: jetstream::consumer::PullConsumer,
+    router: &Addr<Router>,
+) -> Result<usize, String> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(500)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| format!("fetch: {e}"))?;
+    let mut messages = Vec::new();
+    while let Some(m) = batch.next().await {
+        match m {
+            Ok(m) => messages.push(m),
+            Err(e) => return Err(format!("fetch: {e}")),
+        }
+    }
+    if messages.is_empty() {
+        return Ok(0);
+    }
+    let mut events = Vec::new();
+    let mut unreadable = Vec::new();
+    let mut readable = Vec::with_capacity(messages.len());
+    for m in &messages {
+        let value = serde_json::from_slice(&m.payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&m.payload).into_owned())
+        });
+        match read_pulled_value(value) {
+            Ok(env) => {
+                events.push(env);
+                readable.push(true);
+            }
+            Err(u) => {
+                unreadable.push(u);
+                readable.push(false);
+            }
+        }
+    }
+    let n = events.len();
+    let committed = router
+        .send(Inbound {
+            events,
+            unreadable,
+            cursor: None,
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(e) = committed {
+        for m in &messages {
+            let _ = m
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        return Err(format!("inbound commit: {e}"));
+    }
+    // Committed: now the server may forget them.
+    for (m, ok) in messages.iter().zip(readable) {
+        let kind = if ok {
+            jetstream::AckKind::Ack
+        } else {
+            jetstream::AckKind::Term
+        };
+        if let Err(e) = m.ack_with(kind).await {
+            tracing::debug!(error = %e, "NATS ack failed; the message comes again and the replay log absorbs it");
+        }
+    }
+    Ok(n)
 }
 
 impl Actor for NatsUpstream {
