@@ -62,8 +62,9 @@ pub struct Agent {
     native: Vec<NativePack>,
     backoff_base: Duration,
     upstream: UpstreamChoice,
-    /// workspace.yaml `packs:` pins, checked before a pinned pack loads.
-    pins: Vec<lumenflow_pack_sdk::platform::PackPin>,
+    /// workspace.yaml, read once at start: its pins (checked before a pinned pack loads), its
+    /// control_plane (the upstream, and the config the sync port serves).
+    yaml: crate::workspace_yaml::WorkspaceYaml,
     /// Where the upstream came from: `enrollment`, `workspace.yaml` or `agent.json`.
     upstream_source: &'static str,
     pull_cursor: Option<String>,
@@ -78,7 +79,7 @@ impl Agent {
             backoff_base: Duration::from_secs(1),
             upstream: UpstreamChoice::MemInbox,
             upstream_source: "agent.json",
-            pins: Vec::new(),
+            yaml: Default::default(),
             pull_cursor: None,
         }
     }
@@ -140,9 +141,8 @@ impl Agent {
     /// `auth.token_env` names), then agent.json's `upstream`.
     fn choose_upstream(&mut self) -> anyhow::Result<()> {
         let root_certs = self.root_certs()?;
-        let yaml = crate::workspace_yaml::load(&self.ws.root)?.unwrap_or_default();
-        self.pins = yaml.pins;
-        let yaml_cp = yaml.control_plane;
+        self.yaml = crate::workspace_yaml::load(&self.ws.root)?.unwrap_or_default();
+        let yaml_cp = self.yaml.control_plane.clone();
         let local_deny = self.cfg.policies["default_decision"] == "deny";
         let http = |endpoint: &str, token: String, workspace_id: String| HttpConfig {
             endpoint: endpoint.trim_end_matches('/').to_string(),
@@ -469,7 +469,7 @@ impl Agent {
                 self.native.clone(),
             );
             let mut check = Some(config_check);
-            let pins = self.pins.clone();
+            let pins = self.yaml.pins.clone();
             Supervisor::start(move |_| {
                 PackRegistry::new(deps, root, ws_root, native, check.take()).with_pins(pins)
             })
@@ -514,7 +514,7 @@ impl Agent {
                 upstream: cfg.upstream.clone(),
                 upstream_source: self.upstream_source,
             },
-            self.sync_port(core)?,
+            self.sync_port(core),
         )
         .also_accepting(extra_token);
         let shutdown = state.shutdown.clone();
@@ -535,7 +535,7 @@ impl Agent {
     /// The platform's sync port on the local API: relayed to the control plane in conductor
     /// mode, answered locally on mem:inbox (policies from agent.json, config from
     /// workspace.yaml).
-    fn sync_port(&self, core: &Core) -> anyhow::Result<crate::sync_port::SyncPort> {
+    fn sync_port(&self, core: &Core) -> crate::sync_port::SyncPort {
         let relay = match &self.upstream {
             UpstreamChoice::Http(h) => Some(crate::sync_port::Relay::new(
                 &h.endpoint,
@@ -544,17 +544,20 @@ impl Agent {
             )),
             UpstreamChoice::MemInbox | UpstreamChoice::Nats(_) => None,
         };
-        let yaml = crate::workspace_yaml::load(&self.ws.root)?;
-        let config = yaml.and_then(|y| {
-            let cp = y.control_plane?;
-            Some(serde_json::json!({"id": y.id.unwrap_or_else(|| self.cfg.identity.clone()), "control_plane": cp.raw}))
+        let config = self.yaml.control_plane.as_ref().map(|cp| {
+            let id = self
+                .yaml
+                .id
+                .clone()
+                .unwrap_or_else(|| self.cfg.identity.clone());
+            serde_json::json!({"id": id, "control_plane": cp.raw})
         });
-        Ok(crate::sync_port::SyncPort::new(
+        crate::sync_port::SyncPort::new(
             relay,
             core.store.clone(),
             self.cfg.policies.clone(),
             config,
-        ))
+        )
     }
 
     /// Lets each pack finish its event in flight, then the upstream flush (bounded).

@@ -379,7 +379,7 @@ fn emit_error(e: EmitError) -> Response {
 }
 
 /// The refusal to send while shutting down, if we are.
-fn refusal_if_stopping(state: &ApiState) -> Option<Response> {
+pub fn refusal_if_stopping(state: &ApiState) -> Option<Response> {
     state.shutdown.load(Ordering::SeqCst).then(|| {
         error(
             StatusCode::SERVICE_UNAVAILABLE,

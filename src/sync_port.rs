@@ -353,11 +353,8 @@ pub async fn heartbeat(state: ApiState, body: Body) -> Response {
 /// `telemetry` (`records`) and `evidence` (`evidence_refs`): checked, committed, answered
 /// `{"accepted": n}`; forwarded in order in conductor mode (see `sync_records`).
 pub async fn records(state: ApiState, path: &'static str, body: Body) -> Response {
-    if state.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Shutting down: the agent accepts nothing new",
-        );
+    if let Some(r) = crate::api::refusal_if_stopping(&state) {
+        return r;
     }
     let req = match read_request(&state, body).await {
         Ok(r) => r,

@@ -270,20 +270,15 @@ fn vendored_helpers_are_the_helper() {
 #[test]
 fn node_helper_passes_the_event_id_vectors() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("node")
-        .args([
+    let (code, text) = run_in(
+        repo,
+        "node",
+        &[
             "--test",
             "--test-reporter=tap",
             "packs/node/test/event-id.test.mjs",
-        ])
-        .current_dir(repo)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    assert!(out.status.success(), "{text}");
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains("# pass 4"), "{text}");
 }

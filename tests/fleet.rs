@@ -58,12 +58,7 @@ impl Nats {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let port = self.port;
-        wait_for("nats-server to listen", T, || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        wait_for_port("nats-server", self.port);
     }
 
     fn kill9(&mut self) {

@@ -295,6 +295,19 @@ pub struct Conductor {
     token: String,
 }
 
+/// Waits (up to 30 s) until something listens on the loopback `port`.
+pub fn wait_for_port(what: &str, port: u16) {
+    wait_for(
+        &format!("{what} to listen"),
+        Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        },
+    );
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -332,12 +345,7 @@ impl Conductor {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let port = self.port;
-        wait_for("the conductor to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        wait_for_port("the conductor", self.port);
     }
 
     pub fn kill(&mut self) {
