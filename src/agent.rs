@@ -29,7 +29,7 @@ use lumenflow_actors::store::{open_connection, Durability, Store, StoreHandle};
 use lumenflow_actors::upstreams::drain::{IsIdle, Push};
 use lumenflow_actors::upstreams::http::{load_pull_cursor, HttpConfig, HttpUpstream};
 use lumenflow_actors::upstreams::mem::{Upstream, UpstreamMode};
-use lumenflow_actors::watcher::Watcher;
+use lumenflow_actors::watcher::{Watcher, Watching};
 use lumenflow_pack_sdk::NativePack;
 use std::fs::File;
 use std::sync::atomic::Ordering;
@@ -474,12 +474,16 @@ impl Agent {
                 PackRegistry::new(deps, root, ws_root, native, check.take()).with_pins(pins)
             })
         };
-        let started = registry.send(StartAll).await.unwrap_or(0);
-        tracing::debug!(packs = started, "packs started");
+        // The watches are in place before the packs are read and before the API opens, so an
+        // edit made at any moment after start is seen (a later save of unchanged content is a
+        // no-op). Actix runs `started` before any message, hence the `Watching` round trip.
         let watcher = {
             let (root, dir, reg) = (packs_root, self.ws.lumenflow_dir(), registry.clone());
             Supervisor::start(move |_| Watcher::new(root, dir, reg))
         };
+        let _ = watcher.send(Watching).await;
+        let started = registry.send(StartAll).await.unwrap_or(0);
+        tracing::debug!(packs = started, "packs started");
         (registry, watcher)
     }
 

@@ -111,6 +111,20 @@ pub fn classify(
     c
 }
 
+/// Answers whether the OS watches are in place. Sent once after start: actix handles no message
+/// before `started` has returned, so the answer also means "edits from now on are seen".
+pub struct Watching;
+impl Message for Watching {
+    type Result = bool;
+}
+
+impl Handler<Watching> for Watcher {
+    type Result = bool;
+    fn handle(&mut self, _: Watching, _: &mut Context<Self>) -> bool {
+        self.debouncer.is_some()
+    }
+}
+
 struct FsChanged(DebounceEventResult);
 impl Message for FsChanged {
     type Result = ();
