@@ -207,20 +207,52 @@ impl Agent {
         Ok(())
     }
 
-    /// NATS JetStream at `cfg.upstream` (a comma-separated list of servers for a cluster).
+    /// NATS JetStream at `cfg.upstream` (a comma-separated list of servers for a cluster), with
+    /// agent.json's `nats` settings. `token` is an enrollment's (or `LUMENFLOW_NATS_TOKEN`), used
+    /// when `nats` names no other way to authenticate.
     fn nats_config(&self, token: Option<String>) -> lumenflow_actors::upstreams::nats::NatsConfig {
-        lumenflow_actors::upstreams::nats::NatsConfig {
-            servers: self
-                .cfg
-                .upstream
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect(),
-            workspace_id: self.cfg.identity.clone(),
-            stream: lumenflow_actors::upstreams::nats::DEFAULT_STREAM.to_string(),
-            batch_max: self.cfg.queue_batch_max,
-            token,
+        use lumenflow_actors::upstreams::nats::{NatsAuth, NatsConfig};
+        let n = &self.cfg.nats;
+        let path = |p: &String| self.ws.root.join(p);
+        let auth = if let Some(p) = &n.credentials_file {
+            NatsAuth::Credentials(path(p))
+        } else if let Some(p) = &n.nkey_seed_file {
+            NatsAuth::NkeySeed(path(p))
+        } else if let Some(v) = &n.token_env {
+            NatsAuth::TokenEnv(v.clone())
+        } else if let Some(p) = &n.token_file {
+            NatsAuth::TokenFile(path(p))
+        } else if let (Some(user), Some(pw)) = (&n.user, &n.password_env) {
+            NatsAuth::UserPassword {
+                user: user.clone(),
+                password_env: pw.clone(),
+            }
+        } else if let Some(t) = token {
+            NatsAuth::Token(t)
+        } else {
+            NatsAuth::None
+        };
+        let servers = self
+            .cfg
+            .upstream
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
+        let mut c = NatsConfig::new(servers, self.cfg.identity.clone());
+        if let Some(s) = &n.stream {
+            c.stream.clone_from(s);
         }
+        c.batch_max = self.cfg.queue_batch_max;
+        c.auth = auth;
+        c.ca_file = self.cfg.tls_ca_file.as_ref().map(path);
+        c.fleet_from.clone_from(&n.workspaces);
+        if let Some(ms) = n.ack_wait_ms {
+            c.ack_wait = Duration::from_millis(ms);
+        }
+        if let Some(s) = n.stall_after_s {
+            c.stall_after = Duration::from_secs(s);
+        }
+        c
     }
 
     /// Is `endpoint` this agent's own local API (a fixed loopback `api.listen` port)?
@@ -389,9 +421,15 @@ impl Agent {
                 (addr.clone().recipient(), addr.recipient())
             }
             UpstreamChoice::Nats(nats) => {
-                let (n, s, r, st) = (nats.clone(), store.clone(), router.clone(), stats.clone());
+                let (n, s, r, t, st) = (
+                    nats.clone(),
+                    store.clone(),
+                    router.clone(),
+                    table.clone(),
+                    stats.clone(),
+                );
                 let addr = Supervisor::start(move |_| {
-                    lumenflow_actors::upstreams::nats::NatsUpstream::new(n, s, r, st)
+                    lumenflow_actors::upstreams::nats::NatsUpstream::new(n, s, r, t, st)
                 });
                 (addr.clone().recipient(), addr.recipient())
             }

@@ -504,6 +504,7 @@ pub fn status_json(state: &ApiState) -> Value {
             "records_waiting": s.upstream.records_waiting,
             "records_forwarded": s.upstream.records_forwarded,
             "records_refused": s.upstream.records_refused,
+            "nats": s.upstream.nats,
         },
         "inbound": s.inbound,
         "sync_port": state.sync.status(),

@@ -47,6 +47,29 @@ pub struct AgentConfig {
     /// The policy set the local API serves on mem:inbox (`POST /api/v1/policies`), and the
     /// local policies `policy_mode` combines with the control plane's in conductor mode.
     pub policies: Value,
+    /// The NATS JetStream upstream's settings (`nats` in agent.json).
+    pub nats: NatsSettings,
+}
+
+/// `nats` in agent.json: how the agent authenticates to NATS, which stream it uses, and where
+/// cross-workspace subscriptions come from. Secrets are never in the file: they are read from
+/// the files or variables named here, at every connection attempt.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct NatsSettings {
+    pub stream: Option<String>,
+    /// A `.creds` file (JWT + nkey seed), as `nsc` writes it.
+    pub credentials_file: Option<String>,
+    /// A file holding a user nkey seed (`SU…`).
+    pub nkey_seed_file: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub user: Option<String>,
+    pub password_env: Option<String>,
+    /// The workspaces whose events local packs may receive (None: every workspace).
+    pub workspaces: Option<Vec<String>>,
+    pub ack_wait_ms: Option<u64>,
+    /// No progress for this long while messages wait: the consumer is looked up again.
+    pub stall_after_s: Option<u64>,
 }
 
 impl AgentConfig {
@@ -67,6 +90,7 @@ impl AgentConfig {
             tls_ca_file: None,
             api_token_env: None,
             policies: serde_json::json!({"default_decision": "allow", "rules": []}),
+            nats: NatsSettings::default(),
         }
     }
 
@@ -288,6 +312,7 @@ impl AgentConfig {
                         })? as u32;
                     }
                 }
+                "nats" => self.nats = parse_nats(v, &err)?,
                 "policies" => {
                     check_policy_set(v).map_err(|m| err(key, m))?;
                     self.policies = v.clone();
@@ -321,7 +346,126 @@ const TOP_KEYS: &[&str] = &[
     "handler",
     "tls",
     "policies",
+    "nats",
 ];
+
+fn parse_nats(
+    v: &Value,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<NatsSettings, ConfigError> {
+    let m = obj_of(v, "nats", err)?;
+    check_keys(
+        m,
+        "nats.",
+        &[
+            "stream",
+            "credentials_file",
+            "nkey_seed_file",
+            "token_env",
+            "token_file",
+            "user",
+            "password_env",
+            "workspaces",
+            "ack_wait_ms",
+            "stall_after_s",
+        ],
+        err,
+    )?;
+    let mut n = NatsSettings::default();
+    let text = |key: &str, what: &str| -> Result<Option<String>, ConfigError> {
+        match m.get(key) {
+            None => Ok(None),
+            Some(x) => non_empty_string(x).map(Some).ok_or_else(|| {
+                err(
+                    &format!("nats.{key}"),
+                    format!("expected {what}, found {x}"),
+                )
+            }),
+        }
+    };
+    let env = |key: &str| -> Result<Option<String>, ConfigError> {
+        match m.get(key) {
+            None => Ok(None),
+            Some(x) => x
+                .as_str()
+                .filter(|s| is_env_name(s))
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| {
+                    err(
+                        &format!("nats.{key}"),
+                        format!(
+                            "expected an environment variable name (^[A-Z][A-Z0-9_]*$), found {x}"
+                        ),
+                    )
+                }),
+        }
+    };
+    n.stream = text("stream", "a stream name")?;
+    if let Some(s) = &n.stream {
+        if s.contains(['.', '*', '>', ' ', '/', '\\']) {
+            return Err(err(
+                "nats.stream",
+                format!("\"{s}\": a stream name has no '.', '*', '>', spaces or slashes"),
+            ));
+        }
+    }
+    n.credentials_file = text("credentials_file", "the path of a .creds file")?;
+    n.nkey_seed_file = text("nkey_seed_file", "the path of a file holding an nkey seed")?;
+    n.token_file = text("token_file", "the path of a file holding the token")?;
+    n.user = text("user", "a user name")?;
+    n.token_env = env("token_env")?;
+    n.password_env = env("password_env")?;
+    if n.password_env.is_some() != n.user.is_some() {
+        return Err(err(
+            "nats.user",
+            "nats.user and nats.password_env go together".into(),
+        ));
+    }
+    let secrets = [
+        n.credentials_file.is_some(),
+        n.nkey_seed_file.is_some(),
+        n.token_env.is_some() || n.token_file.is_some(),
+        n.user.is_some(),
+    ];
+    if secrets.iter().filter(|x| **x).count() > 1
+        || (n.token_env.is_some() && n.token_file.is_some())
+    {
+        return Err(err(
+            "nats",
+            "choose one way to authenticate: credentials_file, nkey_seed_file, token_env or token_file, or user + password_env".into(),
+        ));
+    }
+    if let Some(x) = m.get("workspaces") {
+        let list = x
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .and_then(|a| a.iter().map(non_empty_string).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| {
+                err(
+                    "nats.workspaces",
+                    format!("expected a non-empty list of workspace identities, or [\"*\"] for every workspace, found {x}"),
+                )
+            })?;
+        n.workspaces = (!list.iter().any(|w| w == "*")).then_some(list);
+    }
+    if let Some(x) = m.get("ack_wait_ms") {
+        n.ack_wait_ms = Some(int_in(x, 1000, 3_600_000).ok_or_else(|| {
+            err(
+                "nats.ack_wait_ms",
+                format!("expected a whole number of milliseconds from 1000 to 3600000, found {x}"),
+            )
+        })?);
+    }
+    if let Some(x) = m.get("stall_after_s") {
+        n.stall_after_s = Some(int_in(x, 5, 86_400).ok_or_else(|| {
+            err(
+                "nats.stall_after_s",
+                format!("expected a whole number of seconds from 5 to 86400, found {x}"),
+            )
+        })?);
+    }
+    Ok(n)
+}
 
 /// `^[A-Z][A-Z0-9_]*$`: the platform's rule for the names of token variables.
 pub fn is_env_name(s: &str) -> bool {
@@ -520,6 +664,49 @@ mod tests {
         assert!(apply(json!({"tls": {"ca": "x.pem"}}))
             .unwrap_err()
             .contains("tls.ca: unknown key (did you mean \"tls.ca_file\"?)"));
+    }
+
+    #[test]
+    fn nats_settings_name_what_is_wrong() {
+        let c = apply(
+            json!({"nats": {"stream": "FLEET", "token_env": "NATS_TOKEN",
+            "workspaces": ["ws-a", "ws-b"], "ack_wait_ms": 5000, "stall_after_s": 10}}),
+        )
+        .unwrap();
+        assert_eq!(c.nats.stream.as_deref(), Some("FLEET"));
+        assert_eq!(c.nats.workspaces, Some(vec!["ws-a".into(), "ws-b".into()]));
+        let every = apply(json!({"nats": {"workspaces": ["*"]}})).unwrap();
+        assert_eq!(every.nats.workspaces, None, "* is every workspace");
+        for (bad, says) in [
+            (
+                json!({"nats": {"stream": "a.b"}}),
+                "nats.stream: \"a.b\": a stream name has no '.'",
+            ),
+            (
+                json!({"nats": {"token_env": "lower"}}),
+                "nats.token_env: expected an environment variable name",
+            ),
+            (
+                json!({"nats": {"user": "u"}}),
+                "nats.user and nats.password_env go together",
+            ),
+            (
+                json!({"nats": {"token_env": "A", "credentials_file": "x.creds"}}),
+                "choose one way to authenticate",
+            ),
+            (
+                json!({"nats": {"workspaces": []}}),
+                "nats.workspaces: expected a non-empty list",
+            ),
+            (
+                json!({"nats": {"ack_wait_ms": 10}}),
+                "nats.ack_wait_ms: expected a whole number of milliseconds from 1000",
+            ),
+            (json!({"nats": {"creds": "x"}}), "nats.creds: unknown key"),
+        ] {
+            let e = apply(bad.clone()).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     proptest::proptest! {

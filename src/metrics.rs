@@ -75,6 +75,32 @@ impl Collector for StatsCollector {
             "Events delivered to the upstream",
             s.upstream.pushed,
         )?;
+        if s.upstream.mode == "nats" {
+            let u = &self.0.upstream;
+            gauge(
+                &mut enc,
+                "lumenflow_agent_nats_consumer_pending",
+                "Messages waiting in this workspace's NATS consumers (not delivered or not acked)",
+                u.consumer_pending
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+            let last = u.last_ack_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if last > 0 {
+                gauge(
+                    &mut enc,
+                    "lumenflow_agent_nats_last_ack_age_seconds",
+                    "Seconds since the last JetStream publish ack",
+                    (lumenflow_actors::store::now_ms() - last) / 1000,
+                )?;
+            }
+            counter(
+                &mut enc,
+                "lumenflow_agent_nats_consumer_recoveries",
+                "NATS consumers looked up again after no progress while messages waited",
+                u.consumer_recoveries
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+        }
         counter(
             &mut enc,
             "lumenflow_agent_inbound_accepted",

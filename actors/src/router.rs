@@ -72,7 +72,25 @@ struct AppendInbound {
     events: Vec<(Arc<Envelope>, Arc<str>)>,
     /// Events that could not be read: dead-lettered (origin `inbound`) in this transaction.
     unreadable: Vec<Unreadable>,
-    cursor: Option<String>,
+    cursor: Option<PullCursor>,
+}
+
+/// An upstream's place in its inbound stream, stored in `meta` in the transaction that holds
+/// the events it passes: after a crash the upstream resumes exactly after what was committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullCursor {
+    pub key: String,
+    pub value: String,
+}
+
+impl PullCursor {
+    /// The HTTP control plane's cursor (`meta.pull_cursor`).
+    pub fn http(value: String) -> Self {
+        PullCursor {
+            key: "pull_cursor".into(),
+            value,
+        }
+    }
 }
 
 impl StoreOp for AppendInbound {
@@ -96,8 +114,8 @@ impl StoreOp for AppendInbound {
         }
         if let Some(c) = &self.cursor {
             conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('pull_cursor', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [c],
+                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [&c.key, &c.value],
             )?;
         }
         Ok(seqs)
@@ -168,7 +186,7 @@ pub struct Inbound {
     /// Pulled events that could not be read: dead-lettered with the cursor that passes them.
     pub unreadable: Vec<Unreadable>,
     /// The upstream's pull cursor after these events, stored in the same transaction.
-    pub cursor: Option<String>,
+    pub cursor: Option<PullCursor>,
 }
 impl Message for Inbound {
     type Result = Result<usize, StoreError>;

@@ -116,6 +116,14 @@ pub struct UpstreamStats {
     pub records_forwarded: AtomicU64,
     /// Records the control plane refused or has no endpoint for (dropped, logged).
     pub records_refused: AtomicU64,
+    /// The NATS upstream's details (server, stream, consumers), refreshed every few seconds.
+    pub nats: Mutex<Option<serde_json::Value>>,
+    /// Messages waiting in this workspace's NATS consumers (its inbound lag).
+    pub consumer_pending: AtomicI64,
+    /// When the last publish ack arrived (NATS), ms since the epoch.
+    pub last_ack_ms: AtomicI64,
+    /// Consumers looked up again because they made no progress while messages waited.
+    pub consumer_recoveries: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -190,6 +198,19 @@ impl AgentStats {
         set_str(&self.reload.last_error, e);
     }
 
+    /// The NATS details (refreshed each second), with the counters read now.
+    fn nats_snapshot(&self) -> Option<serde_json::Value> {
+        let mut n = self.upstream.nats.lock().ok().and_then(|n| n.clone())?;
+        let last_ack = self.upstream.last_ack_ms.load(Ordering::Relaxed);
+        n["last_ack_ms"] = (last_ack > 0).then_some(last_ack).into();
+        n["consumer_recoveries"] = self
+            .upstream
+            .consumer_recoveries
+            .load(Ordering::Relaxed)
+            .into();
+        Some(n)
+    }
+
     /// A consistent-enough copy for `status --json` (each counter is read once).
     pub fn snapshot(&self) -> StatusSnapshot {
         let now = crate::store::now_ms();
@@ -245,6 +266,7 @@ impl AgentStats {
                 records_waiting: self.upstream.records_waiting.load(Ordering::Relaxed),
                 records_forwarded: self.upstream.records_forwarded.load(Ordering::Relaxed),
                 records_refused: self.upstream.records_refused.load(Ordering::Relaxed),
+                nats: self.nats_snapshot(),
             },
             inbound: InboundSnapshot {
                 accepted: self.inbound_accepted.load(Ordering::Relaxed),
@@ -320,6 +342,8 @@ pub struct UpstreamSnapshot {
     pub records_waiting: i64,
     pub records_forwarded: u64,
     pub records_refused: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -205,6 +205,44 @@ fn print_live(s: &Value) {
         i["unrouted"].as_u64().unwrap_or(0),
         i["dead_lettered"].as_u64().unwrap_or(0)
     );
+    // NATS: which server, which stream, each consumer's lag, when the last publish was acked.
+    let n = &u["nats"];
+    if n.is_object() {
+        let server = &n["connected_to"];
+        let last_ack = n["last_ack_ms"]
+            .as_i64()
+            .map(|ms| {
+                format!(
+                    "{} ago",
+                    age((lumenflow_actors::store::now_ms() - ms) / 1000)
+                )
+            })
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "nats: server {} ({}:{} v{}), stream {} (duplicate window {} s, {} replica(s)), last publish ack {last_ack}, {} consumer recoveries",
+            server["name"].as_str().unwrap_or("-"),
+            server["host"].as_str().unwrap_or("-"),
+            server["port"],
+            server["version"].as_str().unwrap_or("?"),
+            n["stream"]["name"].as_str().unwrap_or("-"),
+            n["stream"]["duplicate_window_s"],
+            n["stream"]["replicas"],
+            n["consumer_recoveries"],
+        );
+        for (name, c) in n["consumers"].as_object().into_iter().flatten() {
+            println!(
+                "  consumer {name} on {}: {} pending, {} unacked, {} delivered{}",
+                c["filter"].as_str().unwrap_or("?"),
+                c["pending"],
+                c["ack_pending"],
+                c["delivered"],
+                c["last_error"]
+                    .as_str()
+                    .map(|e| format!(" ({})", super::one_line(e)))
+                    .unwrap_or_default()
+            );
+        }
+    }
     // The platform's sync port: records on their way to the control plane, and where the
     // policies and config it serves came from (a cache while the control plane is away).
     let sp = &s["sync_port"];

@@ -698,7 +698,7 @@ impl HttpUpstream {
                             .send(Inbound {
                                 events,
                                 unreadable,
-                                cursor: next.clone(),
+                                cursor: next.clone().map(crate::router::PullCursor::http),
                             })
                             .await
                             .map_err(|e| e.to_string())?
