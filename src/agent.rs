@@ -242,7 +242,9 @@ impl Agent {
         if let Some(s) = &n.stream {
             c.stream.clone_from(s);
         }
-        c.batch_max = self.cfg.queue_batch_max;
+        // Each event is its own NATS message (no request-size limit): a round publishes four
+        // API batches' worth, so its fixed costs (outbox read, settle commit) are amortised.
+        c.batch_max = self.cfg.queue_batch_max.saturating_mul(4);
         c.auth = auth;
         c.ca_file = self.cfg.tls_ca_file.as_ref().map(path);
         c.fleet_from.clone_from(&n.workspaces);

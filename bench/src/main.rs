@@ -594,7 +594,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 1 } else { 3 });
-    // `--only queue,native`: run just those scenarios (names: baselines peers queue conductor ephemeral
+    // `--only queue,native`: run just those scenarios (names: baselines peers nats queue conductor ephemeral
     // latency native exec crash reload idle rss).
     let only: Option<String> = args
         .iter()
@@ -744,6 +744,38 @@ fn main() {
         }
     } else {
         notes.push("NATS JetStream skipped: `nats-server` is not installed (Debian: `apt-get install nats-server`).".into());
+    }
+
+    // Queue kind end to end to NATS JetStream, beside the raw publisher on a fresh server of
+    // the same configuration in the same run (file store, acked publishes, pipelines of 100).
+    if want("nats") && peers::installed("nats-server") {
+        let v = peers::version("nats-server");
+        let raw = jetstream.unwrap_or_else(|| {
+            med(runs, || {
+                let server = peers::start_nats(None).expect("nats-server did not start");
+                peers::nats_create_stream(server.port).expect("create stream");
+                peers::nats_jetstream(server.port, &bodies, 100, 4)
+            })
+        });
+        let rate = med(runs, || {
+            let server = peers::start_nats(None).expect("nats-server did not start");
+            let ws = workspace(json!({"durability": "full", "identity": "ws-bench",
+                "upstream": format!("nats://127.0.0.1:{}", server.port)}));
+            let agent = Agent::start(&bin, ws.path(), "bench");
+            agent.wait_until("connected to NATS", |s| s["upstream"]["state"] == "connected");
+            let rate = queue_e2e(&agent, n, 100);
+            agent.stop();
+            rate
+        });
+        eprintln!("queue -> NATS JetStream: {rate:.0}/s (raw publisher {raw:.0}/s)");
+        rows.push(Row {
+            scenario: format!("queue kind, API batch 100, 4 clients -> NATS JetStream, acked (end to end; {v})"),
+            durability: "agent: fsync per group commit, ack after commit; server: file store, ack after write",
+            value: rate,
+            unit: "events/s",
+            baseline: Some(("raw JetStream publisher, pipelines of 100, 4 clients".to_string(), raw)),
+            target: ">= 0.8x",
+        });
     }
 
     // Queue kind end to end, mem:inbox.
