@@ -762,7 +762,9 @@ fn main() {
             let ws = workspace(json!({"durability": "full", "identity": "ws-bench",
                 "upstream": format!("nats://127.0.0.1:{}", server.port)}));
             let agent = Agent::start(&bin, ws.path(), "bench");
-            agent.wait_until("connected to NATS", |s| s["upstream"]["state"] == "connected");
+            agent.wait_until("connected to NATS", |s| {
+                s["upstream"]["state"] == "connected"
+            });
             let rate = queue_e2e(&agent, n, 100);
             agent.stop();
             rate
