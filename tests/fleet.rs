@@ -156,14 +156,30 @@ async fn stored_in(
     js: &async_nats::jetstream::Context,
     subjects: &str,
 ) -> (BTreeMap<String, usize>, Vec<Value>) {
-    let stream = js.get_stream("LUMENFLOW").await.unwrap();
-    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            filter_subject: subjects.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // A cluster that just lost a node may take a while to answer (leader elections): retried
+    // for up to a minute.
+    let mut tries = 0;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = loop {
+        let created = match js.get_stream("LUMENFLOW").await {
+            Ok(stream) => stream
+                .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                    filter_subject: subjects.into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match created {
+            Ok(c) => break c,
+            Err(e) if tries < 60 => {
+                tries += 1;
+                eprintln!("reading the stream: {e}; again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("cannot read the stream: {e}"),
+        }
+    };
     let mut ids = BTreeMap::new();
     let mut bodies = Vec::new();
     loop {
