@@ -188,7 +188,8 @@ impl NatsUpstream {
             let i = c.server_info();
             serde_json::json!({"name": i.server_name, "host": i.host, "port": i.port, "version": i.version})
         });
-        let last_ack = self.stats.upstream.last_ack_ms.load(Ordering::Relaxed);
+        // `last_ack_ms` and `consumer_recoveries` are filled in from the counters when status is
+        // read (`AgentStats::nats_snapshot`), so they are never a second late.
         let detail = serde_json::json!({
             "servers": self.cfg.servers,
             "connected_to": server,
@@ -196,8 +197,6 @@ impl NatsUpstream {
             "stream": self.stream,
             "consumers": consumers,
             "consumer_pending": pending,
-            "consumer_recoveries": self.stats.upstream.consumer_recoveries.load(Ordering::Relaxed),
-            "last_ack_ms": (last_ack > 0).then_some(last_ack),
             "last_lame_duck_ms": self.last_lame_duck_ms,
         });
         if let Ok(mut n) = self.stats.upstream.nats.lock() {
