@@ -115,6 +115,17 @@ impl Agent {
     /// workspace lock, the state database, the known packs' places in the inbound log, then
     /// the actor tree ([`Agent::run_tree`]).
     pub fn run(mut self) -> anyhow::Result<()> {
+        // Before anything opens a file: packs, the store and the API share this limit.
+        let files = crate::limits::raise_open_files();
+        if files.limit > files.started_with {
+            tracing::debug!(
+                from = files.started_with,
+                to = files.limit,
+                "raised the open-files limit"
+            );
+        } else if files.limit < 4096 {
+            tracing::warn!(limit = files.limit, "the open-files limit is low (ulimit -n); many exec packs or API connections may not fit");
+        }
         self.choose_upstream()?;
         create_private_dir(&self.ws.state_dir())?;
         ignore_state_in_git(&self.ws);
@@ -519,7 +530,8 @@ impl Agent {
         // no-op). Actix runs `started` before any message, hence the `Watching` round trip.
         let watcher = {
             let (root, dir, reg) = (packs_root, self.ws.lumenflow_dir(), registry.clone());
-            Supervisor::start(move |_| Watcher::new(root, dir, reg))
+            let stats = stats.clone();
+            Supervisor::start(move |_| Watcher::new(root, dir, reg, stats.clone()))
         };
         let _ = watcher.send(Watching).await;
         let started = registry.send(StartAll).await.unwrap_or(0);
@@ -568,7 +580,17 @@ impl Agent {
             &serde_json::json!({"url": format!("http://{addr}"), "token": token, "pid": std::process::id()}),
         )?;
         tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
-        let server = actix::spawn(api::serve(listener, state));
+        let open_files = crate::limits::raise_open_files();
+        let limits = crate::api_server::Limits::for_fd_limit(open_files.limit);
+        let server = actix::spawn(api::serve(listener, state, limits));
+        // Freed memory (a flood of connections, a large batch) goes back to the OS.
+        actix::spawn(async {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                crate::api_server::trim_memory();
+            }
+        });
         Ok(Api {
             shutdown,
             file,

@@ -63,6 +63,8 @@ pub struct ApiState {
     extra_token: Option<Arc<str>>,
     pub sync: Arc<crate::sync_port::SyncPort>,
     pub shutdown: Arc<AtomicBool>,
+    pub connections: Arc<crate::api_server::Connections>,
+    body_timeout: std::time::Duration,
 }
 
 /// What the API says about where it runs.
@@ -98,6 +100,8 @@ impl ApiState {
             extra_token: None,
             sync: Arc::new(sync),
             shutdown: Arc::new(AtomicBool::new(false)),
+            connections: Default::default(),
+            body_timeout: std::time::Duration::from_secs(15),
         }
     }
 
@@ -190,10 +194,15 @@ where
     post(move |State(s): State<ApiState>, req: Request| handler(s, req.into_body()))
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
-    if let Err(e) = axum::serve(listener, router(state)).await {
-        tracing::error!(error = %e, "local API stopped");
-    }
+/// Serves the API on `listener` within `limits` (see `api_server`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut state: ApiState,
+    limits: crate::api_server::Limits,
+) {
+    state.body_timeout = limits.body_timeout;
+    let conns = state.connections.clone();
+    crate::api_server::serve(listener, router(state), limits, conns).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -213,24 +222,78 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
     constant_time_eq(presented.as_bytes(), expected.as_bytes())
 }
 
+/// Whether `host` is a loopback host with an optional port, and nothing else: `127.0.0.1`,
+/// `localhost` or `[::1]`, then at most `:` and 1 to 5 digits. (`127.0.0.1:evil.com` and
+/// `127.0.0.1:80@evil.com` are not.)
+fn is_loopback_authority(host: &str) -> bool {
+    let (name, rest) = if let Some(r) = host.strip_prefix("[::1]") {
+        ("::1", r)
+    } else {
+        match host.find(':') {
+            Some(i) => (&host[..i], &host[i..]),
+            None => (host, ""),
+        }
+    };
+    let port_ok = match rest.strip_prefix(':') {
+        None => rest.is_empty(),
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u32>().is_ok_and(|n| n <= 65535)
+        }
+    };
+    port_ok && (name == "::1" || name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost"))
+}
+
 fn loopback_host(headers: &HeaderMap) -> Result<(), String> {
-    let Some(host) = headers.get(header::HOST) else {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
         return Ok(());
     };
+    if hosts.next().is_some() {
+        return Err("Forbidden: more than one Host header".to_string());
+    }
     let host = host
         .to_str()
         .map_err(|_| "Host header is not text".to_string())?;
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
-    };
-    if matches!(name, "127.0.0.1" | "localhost" | "::1") {
+    if is_loopback_authority(host) {
         Ok(())
     } else {
         Err(format!(
-            "Forbidden: Host \"{host}\" is not a loopback address"
+            "Forbidden: Host \"{}\" is not a loopback address (127.0.0.1, localhost or [::1], with an optional port)",
+            host.escape_debug()
         ))
+    }
+}
+
+/// Reads the whole body of an authorized request within the body timeout, so a client that
+/// sends half a body cannot hold a handler (and its connection) forever.
+async fn read_body_in_time(state: &ApiState, req: Request) -> Result<Request, Response> {
+    use axum::body::HttpBody;
+    if req.body().is_end_stream() {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = MAX_BODY_BYTES + (1 << 10);
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "Request Timeout: the body did not arrive within {} s",
+                    state.body_timeout.as_secs()
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(r)
+        }
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
+        )),
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
     }
 }
 
@@ -243,7 +306,10 @@ async fn guard(State(state): State<ApiState>, req: Request, next: Next) -> Respo
         Some(t) if !state.accepts(t.trim()) => {
             error(StatusCode::UNAUTHORIZED, "Unauthorized: wrong token (the token is in .lumenflow/state/agent/api.json)")
         }
-        Some(_) => next.run(req).await,
+        Some(_) => match read_body_in_time(&state, req).await {
+            Ok(req) => next.run(req).await,
+            Err(r) => r,
+        },
     }
 }
 
@@ -490,6 +556,15 @@ pub fn status_json(state: &ApiState) -> Value {
             "started_ms": state.stats.started_ms,
             "running": true,
         },
+        "limits": {
+            "open_files": crate::limits::open_files(),
+            "sandbox_support": lumenflow_actors::sandbox::kernel_support(),
+        },
+        "api": {
+            "connections": state.connections.open.load(Ordering::Relaxed),
+            "max_connections": state.connections.max.load(Ordering::Relaxed),
+            "refused": state.connections.refused.load(Ordering::Relaxed),
+        },
         "packs": s.packs,
         "queue": s.queue,
         "upstream": {
@@ -553,10 +628,26 @@ mod tests {
             h.insert(header::HOST, HeaderValue::from_static(ok));
             assert!(loopback_host(&h).is_ok(), "{ok}");
         }
-        for bad in ["evil.example:80", "10.0.0.1:8080", "127.0.0.1.evil.com"] {
+        for bad in [
+            "evil.example:80",
+            "10.0.0.1:8080",
+            "127.0.0.1.evil.com",
+            "127.0.0.1:evil.com",
+            "127.0.0.1:80@evil.com",
+            "localhost:",
+            "localhost:99999",
+            "[::1]evil",
+            "[::1]:80:81",
+            "",
+        ] {
             h.insert(header::HOST, HeaderValue::from_static(bad));
             assert!(loopback_host(&h).is_err(), "{bad}");
         }
+        // Two Host headers: refused, whichever comes first.
+        let mut two = HeaderMap::new();
+        two.append(header::HOST, HeaderValue::from_static("127.0.0.1:1"));
+        two.append(header::HOST, HeaderValue::from_static("evil.com"));
+        assert!(loopback_host(&two).is_err());
     }
 
     proptest::proptest! {
@@ -590,8 +681,12 @@ mod tests {
             h.insert(header::HOST, v);
             if loopback_host(&h).is_ok() {
                 let text = String::from_utf8_lossy(&bytes);
+                // Exactly a loopback name and an optional numeric port: nothing after it.
+                let rest = ["127.0.0.1", "localhost", "[::1]"]
+                    .iter()
+                    .find_map(|n| text.to_ascii_lowercase().strip_prefix(n).map(str::to_string));
                 proptest::prop_assert!(
-                    text.starts_with("127.0.0.1") || text.starts_with("localhost") || text.starts_with("[::1]") || text.starts_with("::1"),
+                    rest.as_deref().is_some_and(|r| r.is_empty() || (r.starts_with(':') && r[1..].bytes().all(|b| b.is_ascii_digit()))),
                     "accepted {:?}", text
                 );
             }

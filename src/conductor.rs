@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
+/// Largest request body the dev conductor accepts.
+pub const MAX_PUSH_BODY: usize = 40 << 20;
+
 /// Injected failures (for tests and demos).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +138,9 @@ impl Conductor {
                 self.clone(),
                 require_token,
             ))
+            // A push round carries at most ROUND_MAX_BYTES of events per class plus its JSON
+            // (axum's default of 2 MB refused a single 8 MB event, which was then retried).
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_PUSH_BODY))
             .with_state(self)
     }
 

@@ -7,12 +7,14 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_server;
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod conductor;
 pub mod config;
 pub mod enrollment;
+pub mod limits;
 pub mod metrics;
 pub mod packs;
 pub mod run;
@@ -20,4 +22,5 @@ pub mod sync_port;
 pub mod workspace;
 pub mod workspace_yaml;
 
+pub use lumenflow_actors as actors;
 pub use lumenflow_pack_sdk as sdk;

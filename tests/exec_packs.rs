@@ -25,20 +25,6 @@ fn acme_workspace(packs: &str) -> Workspace {
     ws
 }
 
-/// A pack folder `packs/ID` with a manifest (subscribing to `conductor:recovery_requested`,
-/// running `node worker.mjs`; `extra` overrides or adds keys) and the worker script.
-fn raw_pack(ws: &Workspace, id: &str, script: &str, extra: Value) {
-    let dir = ws.path().join("packs").join(id);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut m = json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": ["conductor:recovery_requested"],
-        "runtime": {"command": ["node", "worker.mjs"]}});
-    for (k, v) in extra.as_object().unwrap() {
-        m[k] = v.clone();
-    }
-    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
-    std::fs::write(dir.join("worker.mjs"), script).unwrap();
-}
-
 const ANSWER_INIT: &str = r#"
 import { createInterface } from 'node:readline';
 const send = (m) => process.stdout.write(JSON.stringify({jsonrpc: '2.0', ...m}) + '\n');

@@ -414,6 +414,14 @@ fn a_full_disk_refuses_new_events_clearly_and_recovers_when_space_returns() {
     eprintln!("RELIABILITY full disk: {} events acknowledged before the 2 MiB state disk filled; refused with 507 \"{msg}\"; accepted again after it grew; {lost} lost, {dupes} duplicated", acked.len() - 1);
     assert_eq!(lost, 0);
     assert_eq!(dupes, 0);
+    // Recovered: status no longer shows the disk-full error as current.
+    let s = ws.status();
+    assert!(
+        s["upstream"]["last_error"].is_null(),
+        "after recovery: {}",
+        s["upstream"]
+    );
+    assert_eq!(s["upstream"]["state"], "connected");
     ws.kill9();
 }
 

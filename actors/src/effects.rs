@@ -45,7 +45,16 @@ struct Inner {
     queued: i64,
     /// Emits the manifest refused, by delivery: such a delivery fails the same way every time.
     refused: Vec<(i64, String)>,
+    /// Bytes of the staged emits.
+    bytes: usize,
+    /// Emits staged by each delivery.
+    per_delivery: std::collections::HashMap<i64, usize>,
 }
+
+/// Most events one delivery may emit before its outcome is committed.
+pub const MAX_EMITS_PER_DELIVERY: usize = 10_000;
+/// Most bytes of events a chunk may hold staged (200,000 emits in one `handle` held 277 MB).
+pub const MAX_STAGED_BYTES: usize = 64 << 20;
 
 #[derive(Default)]
 pub struct EffectStage {
@@ -92,6 +101,21 @@ impl EffectStage {
     pub fn emit(&self, tag: Tag, events: Vec<Accepted>) -> Result<(), ServiceError> {
         let mut s = self.lock();
         Self::check(&s, tag)?;
+        let bytes: usize = events.iter().map(|e| e.body.len()).sum();
+        let count = s.per_delivery.get(&tag.seq).copied().unwrap_or(0) + events.len();
+        if count > MAX_EMITS_PER_DELIVERY {
+            return Err(ServiceError::Rejected(format!(
+                "Too many emits: one delivery may emit at most {MAX_EMITS_PER_DELIVERY} events (they are held until its outcome is committed); emit the rest from later events"
+            )));
+        }
+        if s.bytes + bytes > MAX_STAGED_BYTES && !s.emits.is_empty() {
+            return Err(ServiceError::Rejected(format!(
+                "Too many emitted bytes: the events emitted while handling one chunk may hold at most {} MiB until their outcome is committed",
+                MAX_STAGED_BYTES >> 20
+            )));
+        }
+        s.bytes += bytes;
+        s.per_delivery.insert(tag.seq, count);
         for e in events {
             if e.class == DeliveryClass::Queue {
                 s.queued += 1;
@@ -136,6 +160,14 @@ impl EffectStage {
             .filter(|(q, e)| *q == seq && e.class == DeliveryClass::Queue)
             .count() as i64;
         s.queued -= dropped_queued;
+        let dropped_bytes: usize = s
+            .emits
+            .iter()
+            .filter(|(q, _)| *q == seq)
+            .map(|(_, e)| e.body.len())
+            .sum();
+        s.bytes -= dropped_bytes;
+        s.per_delivery.remove(&seq);
         s.emits.retain(|(q, _)| *q != seq);
         let keys: Vec<String> = s
             .puts
@@ -171,6 +203,8 @@ impl EffectStage {
         s.open = false;
         s.keys.clear();
         s.queued = 0;
+        s.bytes = 0;
+        s.per_delivery.clear();
         Staged {
             emits: std::mem::take(&mut s.emits)
                 .into_iter()
@@ -189,6 +223,44 @@ impl EffectStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(bytes: usize) -> Accepted {
+        use lumenflow_pack_sdk::EventDraft;
+        let mut p = serde_json::Map::new();
+        p.insert("blob".into(), "x".repeat(bytes).into());
+        let e = EventDraft::new("demo:done", p).build("ws", std::time::SystemTime::now());
+        Accepted {
+            body: e.to_json().into(),
+            envelope: std::sync::Arc::new(e),
+            pack: "demo".into(),
+            class: DeliveryClass::Queue,
+            local: false,
+        }
+    }
+
+    #[test]
+    fn a_delivery_cannot_stage_without_bound() {
+        let stage = EffectStage::default();
+        let c = stage.open();
+        let a = Tag { chunk: c, seq: 1 };
+        for _ in 0..MAX_EMITS_PER_DELIVERY {
+            stage.emit(a, vec![event(1)]).unwrap();
+        }
+        let e = stage.emit(a, vec![event(1)]).unwrap_err();
+        assert!(e.to_string().contains("Too many emits"), "{e}");
+        // Another delivery of the chunk still may, until the chunk's bytes run out.
+        let b = Tag { chunk: c, seq: 2 };
+        stage.emit(b, vec![event(1)]).unwrap();
+        let big = || vec![event(MAX_STAGED_BYTES / 4)];
+        let refused = (0..8)
+            .map(|_| stage.emit(b, big()))
+            .filter(Result::is_err)
+            .count();
+        assert!(refused >= 4, "{refused}");
+        // Dropping a delivery gives its bytes back.
+        stage.discard(2);
+        stage.emit(b, big()).unwrap();
+    }
 
     #[test]
     fn only_finished_deliveries_commit_and_stale_tags_are_refused() {

@@ -20,6 +20,19 @@
 //! Anything that breaks the protocol (a line that is not JSON-RPC, a reply to an unknown id, a
 //! line over [`MAX_LINE`]) or a worker exit fails every request in flight with the reason, and
 //! the worker is killed: the host treats it as a crash.
+//!
+//! Containment, whatever the worker does:
+//! - It runs in a process group of its own; killing it kills the group, so a child it started
+//!   does not outlive a restart or the agent's exit. Its exit is seen by its pid, at once, even
+//!   when a child of its own still holds its stdout open.
+//! - Its environment is clean: [`INHERITED_ENV`] (and `LC_*`) from the agent's, the names its
+//!   tools list in `required_env`, its manifest's `runtime.env`, and `LUMENFLOW_PACK_ID`. The
+//!   agent's own secrets (`LUMENFLOW_CONTROL_PLANE_TOKEN`, …) are not passed on.
+//! - Its stderr is read as bytes, lossily decoded, one line of at most [`MAX_LOG_LINE`] bytes
+//!   at a time (the rest of a longer line is skipped): no byte sequence stops the log or grows
+//!   the agent's memory.
+//! - A manifest whose tools declare `required_scopes` is confined by the kernel (see
+//!   [`crate::sandbox`]).
 
 use crate::effects::Tag;
 use lumenflow_pack_sdk::envelope::EventDraft;
@@ -32,8 +45,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Version of this protocol, sent in `initialize`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -56,6 +69,102 @@ fn last_words(tail: &[String]) -> Option<String> {
 }
 /// Longest line accepted from a worker.
 pub const MAX_LINE: usize = 16 << 20;
+/// Longest stderr line kept; the rest of a longer one is skipped.
+pub const MAX_LOG_LINE: usize = 64 << 10;
+/// Variables a worker inherits from the agent's environment (with every `LC_*`): what a
+/// program needs to find its tools, libraries, locale, certificates and proxy.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "NODE_PATH",
+    "NODE_EXTRA_CA_CERTS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+];
+
+/// The names a manifest's tools list in `required_env`.
+fn required_env(manifest: &Manifest) -> Vec<String> {
+    manifest
+        .raw
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("required_env")?.as_array())
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The environment a worker of `manifest` starts with, from the agent's `vars`.
+pub fn worker_env(
+    manifest: &Manifest,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let required = required_env(manifest);
+    let mut env: Vec<_> = vars
+        .filter(|(k, _)| {
+            k.to_str().is_some_and(|k| {
+                INHERITED_ENV.contains(&k)
+                    || k.starts_with("LC_")
+                    || required.iter().any(|r| r == k)
+            })
+        })
+        .collect();
+    if let Some(rt) = &manifest.runtime {
+        env.retain(|(k, _)| !rt.env.keys().any(|r| k.to_str() == Some(r)));
+        env.extend(rt.env.iter().map(|(k, v)| (k.into(), v.into())));
+    }
+    env.retain(|(k, _)| k != "LUMENFLOW_PACK_ID");
+    env.push(("LUMENFLOW_PACK_ID".into(), manifest.id.clone().into()));
+    env
+}
+
+/// Reads one stderr line: at most `max` bytes of it are kept, the rest skipped. `Ok(None)` at
+/// end of stream.
+async fn read_log_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Option<(Vec<u8>, bool)>> {
+    let (mut line, mut cut, mut any) = (Vec::new(), false, false);
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(any.then_some((line, cut)));
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max.saturating_sub(line.len());
+        if chunk.len() > room {
+            cut = true;
+        }
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let consumed = done.unwrap_or(buf.len());
+        r.consume(consumed);
+        if done.is_some() {
+            return Ok(Some((line, cut)));
+        }
+    }
+}
 
 /// Why a worker call did not produce a result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +177,9 @@ pub enum WorkerError {
     },
     #[error("worker exited ({0})")]
     Exited(String),
+    /// The manifest declares a confinement this machine cannot enforce (see `sandbox`).
+    #[error("{0}")]
+    Unenforceable(String),
     #[error("broken protocol: {0}")]
     Protocol(String),
     #[error("no reply to `{method}` within {ms} ms")]
@@ -89,6 +201,9 @@ struct Shared {
     /// error: what the author needs, instead of only `exit status: 1`).
     stderr_tail: std::collections::VecDeque<String>,
     stderr_closed: bool,
+    stdout_closed: bool,
+    /// The worker process was reaped: its pid (and group id) may belong to another process.
+    reaped: bool,
 }
 
 /// The services a worker request is served with, for the delivery it belongs to (`None`:
@@ -100,7 +215,23 @@ pub struct ExecWorker {
     out: mpsc::UnboundedSender<String>,
     shared: Arc<Mutex<Shared>>,
     next_id: Mutex<u64>,
-    child: Mutex<Option<Child>>,
+    /// The worker's pid, which is also its process group's id.
+    pid: Option<u32>,
+    /// Set once the process exited: its status and last words.
+    exited: watch::Receiver<Option<String>>,
+}
+
+/// Sends SIGKILL to the worker's whole process group, unless it was reaped already (its group
+/// was killed then).
+fn kill_group(shared: &Mutex<Shared>, pid: Option<u32>) {
+    let Some(pid) = pid else { return };
+    if lock(shared).reaped {
+        return;
+    }
+    #[cfg(unix)]
+    unsafe {
+        libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -364,6 +495,7 @@ impl ExecWorker {
     pub fn spawn(
         manifest: &Manifest,
         pack_dir: &Path,
+        workspace: &Path,
         services: ServicesFor,
     ) -> Result<ExecWorker, WorkerError> {
         let runtime = manifest
@@ -380,21 +512,45 @@ impl ExecWorker {
         } else {
             PathBuf::from(&argv[0])
         };
+        let spawn_error = |error: String| WorkerError::Spawn {
+            command: argv.join(" "),
+            dir: pack_dir.display().to_string(),
+            error,
+        };
+        let mut env = worker_env(manifest, std::env::vars_os());
         let mut cmd = Command::new(&program);
         cmd.args(&argv[1..])
             .current_dir(pack_dir)
-            .envs(&runtime.env)
-            .env("LUMENFLOW_PACK_ID", &manifest.id)
+            .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .process_group(0);
         die_with_the_agent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
-            command: argv.join(" "),
-            dir: pack_dir.display().to_string(),
-            error: e.to_string(),
-        })?;
+        if let Some(scopes) = crate::sandbox::scopes_of(manifest, workspace) {
+            // A private, writable TMPDIR: the only place outside its write scopes it may write.
+            let tmp = workspace
+                .join(".lumenflow/state/agent/tmp")
+                .join(&manifest.id);
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| spawn_error(format!("cannot create {}: {e}", tmp.display())))?;
+            env.retain(|(k, _)| k != "TMPDIR");
+            env.push(("TMPDIR".into(), tmp.clone().into()));
+            let path_var = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .and_then(|(_, v)| v.to_str());
+            let confinement =
+                crate::sandbox::Confinement::prepare(&scopes, pack_dir, &program, path_var, &tmp)
+                    .map_err(|e| WorkerError::Unenforceable(e.to_string()))?;
+            // Runs in the child between fork and exec: raw system calls on memory prepared here.
+            unsafe {
+                cmd.pre_exec(move || confinement.apply_in_child());
+            }
+        }
+        cmd.envs(env);
+        let mut child = cmd.spawn().map_err(|e| spawn_error(e.to_string()))?;
+        let pid = child.id();
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -407,8 +563,42 @@ impl ExecWorker {
             dead: None,
             stderr_tail: Default::default(),
             stderr_closed: false,
+            stdout_closed: false,
+            reaped: false,
         }));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+
+        // The process itself: its exit is seen by its pid, not by its pipes closing (a child
+        // of its own may hold them open). Its group is killed with it.
+        let (exit_tx, exited) = watch::channel(None::<String>);
+        let x_shared = shared.clone();
+        actix::spawn(async move {
+            let status = child.wait().await;
+            kill_group(&x_shared, pid);
+            lock(&x_shared).reaped = true;
+            // What it wrote before it exited (a reply, its last words) is still being read.
+            for _ in 0..25 {
+                let drained = {
+                    let s = lock(&x_shared);
+                    s.stdout_closed && s.stderr_closed
+                };
+                if drained {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let status = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
+            let tail: Vec<String> = lock(&x_shared).stderr_tail.iter().cloned().collect();
+            let detail = match last_words(&tail) {
+                None => status,
+                Some(w) => format!("{status}; stderr: {w}"),
+            };
+            fail_all(&x_shared, WorkerError::Exited(detail.clone()));
+            let _ = exit_tx.send(Some(detail));
+        });
 
         // Writer: batches whatever is queued into one write + flush.
         let w_shared = shared.clone();
@@ -437,9 +627,11 @@ impl ExecWorker {
         let e_pack = pack.clone();
         let e_shared = shared.clone();
         actix::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(pack = %e_pack, "worker: {}", truncate(&line, 4096));
+            let mut reader = BufReader::with_capacity(8 << 10, stderr);
+            while let Ok(Some((bytes, cut))) = read_log_line(&mut reader, MAX_LOG_LINE).await {
+                let line = String::from_utf8_lossy(&bytes);
+                let more = if cut { " […line cut]" } else { "" };
+                tracing::info!(pack = %e_pack, "worker: {}{more}", truncate(&line, 4096));
                 if !line.trim().is_empty() {
                     let mut s = lock(&e_shared);
                     if s.stderr_tail.len() == STDERR_TAIL_LINES {
@@ -461,6 +653,7 @@ impl ExecWorker {
                 let line = match read_line_limited(&mut reader, MAX_LINE).await {
                     Ok(Some(l)) => l,
                     Ok(None) => {
+                        lock(&r_shared).stdout_closed = true;
                         fail_all(&r_shared, WorkerError::Exited("its stdout closed".into()));
                         break;
                     }
@@ -535,7 +728,8 @@ impl ExecWorker {
             out: out_tx,
             shared,
             next_id: Mutex::new(1),
-            child: Mutex::new(Some(child)),
+            pid,
+            exited,
         })
     }
 
@@ -629,27 +823,26 @@ impl ExecWorker {
         }
     }
 
-    /// Adds the exit status to an `Exited` reason when the process is gone.
+    /// Adds the exit status (and last words) to an `Exited` reason once the process is gone.
     async fn exit_detail(&self, e: WorkerError) -> WorkerError {
-        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(mut child) = child else { return e };
-        let status = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
-        match (e, status) {
-            (WorkerError::Exited(_), Ok(Ok(s))) => {
-                // Its last words may still be in the pipe: give the reader a moment.
-                for _ in 0..20 {
-                    if lock(&self.shared).stderr_closed {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                let tail: Vec<String> = lock(&self.shared).stderr_tail.iter().cloned().collect();
-                match last_words(&tail) {
-                    None => WorkerError::Exited(s.to_string()),
-                    Some(w) => WorkerError::Exited(format!("{s}; stderr: {w}")),
-                }
+        if !matches!(e, WorkerError::Exited(_)) {
+            return e;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), self.exited()).await {
+            Ok(detail) => WorkerError::Exited(detail),
+            Err(_) => e,
+        }
+    }
+
+    /// Resolves when the worker process has exited, with its status and last words.
+    pub fn exited(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.exited.clone();
+        async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(d) => d.clone().unwrap_or_default(),
+                // The watcher task is gone: so is the process.
+                Err(_) => "exited".into(),
             }
-            (e, _) => e,
         }
     }
 
@@ -731,35 +924,22 @@ impl ExecWorker {
         })
     }
 
-    /// Asks the worker to exit; kills it if it does not within `grace`.
+    /// Asks the worker to exit; kills it (and its group) if it does not within `grace`. Its
+    /// group is killed in any case: nothing it started outlives it.
     pub async fn shutdown(&self, grace: Duration) {
         let rx = self.request("shutdown", Value::Null);
         let _ = tokio::time::timeout(grace, rx).await;
-        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut c) = child {
-            if tokio::time::timeout(grace, c.wait()).await.is_err() {
-                let _ = c.start_kill();
-            }
-        }
+        let _ = tokio::time::timeout(grace, self.exited()).await;
+        self.kill();
     }
 
+    /// Kills the worker's process group.
     pub fn kill(&self) {
-        if let Some(c) = self
-            .child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            let _ = c.start_kill();
-        }
+        kill_group(&self.shared, self.pid);
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .and_then(|c| c.id())
+        self.pid
     }
 
     pub fn pack(&self) -> &str {
@@ -851,6 +1031,8 @@ mod tests {
             dead: None,
             stderr_tail: Default::default(),
             stderr_closed: false,
+            stdout_closed: false,
+            reaped: false,
         });
         assert_eq!(
             delivery_of_request(&shared),

@@ -34,6 +34,7 @@ pub mod policy_mode;
 pub mod queue;
 pub mod replay_log;
 pub mod router;
+pub mod sandbox;
 pub mod schema;
 pub mod stats;
 pub mod store;

@@ -689,7 +689,12 @@ impl HostServices {
             .first()
             .map(|e| e.envelope.event_id.clone())
             .ok_or_else(|| ServiceError::Unavailable("no id".into()))?;
-        self.shared.stage.emit(tag, events)?;
+        // Over the stage's bounds: as deterministic as a kind the manifest refuses.
+        self.shared.stage.emit(tag, events).inspect_err(|e| {
+            if let ServiceError::Rejected(m) = e {
+                self.shared.stage.refuse(tag, m);
+            }
+        })?;
         Ok(id)
     }
 }
@@ -1227,8 +1232,19 @@ impl PackHost {
             Some(tag) => base.for_delivery(tag),
             None => Arc::new(base.clone()),
         });
-        let worker = match ExecWorker::spawn(&self.manifest, &dir, services) {
+        let scopes = crate::sandbox::scopes_of(&self.manifest, &self.cfg.workspace);
+        self.stats
+            .set_sandbox(Some(crate::sandbox::describe(scopes.as_ref())));
+        let worker = match ExecWorker::spawn(&self.manifest, &dir, &self.cfg.workspace, services) {
             Ok(w) => Arc::new(w),
+            Err(WorkerError::Unenforceable(why)) => {
+                // Deterministic: restarting cannot help. Fixed by editing the manifest.
+                tracing::error!(pack = %self.id, "{why}");
+                self.invalid = true;
+                self.stats.set_state(PackState::Invalid);
+                self.stats.set_last_error(Some(why));
+                return;
+            }
             Err(e) => {
                 tracing::error!(pack = %self.id, error = %e, "cannot start the pack's worker");
                 self.crashed(e.to_string(), ctx);
@@ -1237,6 +1253,7 @@ impl PackHost {
         };
         tracing::info!(pack = %self.id, pid = worker.pid().unwrap_or(0), command = %self.manifest.runtime.as_ref().map(|r| r.command.join(" ")).unwrap_or_default(), "worker started");
         self.worker = Some(worker.clone());
+        self.watch_worker_exit(&worker, ctx);
         let manifest = self.manifest.clone();
         let (root, identity) = (self.cfg.workspace.clone(), self.cfg.identity.clone());
         // The handshake may include a build (e.g. `cargo run`): a pack's own runtime.timeout_ms
@@ -1274,6 +1291,25 @@ impl PackHost {
                 act.crashed(why, ctx);
             }
         }));
+    }
+
+    /// A worker that exits while no chunk is running is a crash now, not at the next event
+    /// (`status` must not say `running` for a dead worker). During a chunk, the chunk's own
+    /// requests fail and report it.
+    fn watch_worker_exit(&mut self, worker: &ExecWorker, ctx: &mut Context<Self>) {
+        let pid = worker.pid();
+        ctx.spawn(
+            worker
+                .exited()
+                .into_actor(self)
+                .map(move |detail, act, ctx| {
+                    let current = act.worker.as_ref().is_some_and(|w| w.pid() == pid);
+                    if current && !act.busy.load(Ordering::Acquire) {
+                        act.worker = None;
+                        act.crashed(format!("worker exited ({detail})"), ctx);
+                    }
+                }),
+        );
     }
 
     fn timeout(&self) -> Duration {
@@ -1472,6 +1508,12 @@ impl PackHost {
                 act.reload(ctx);
             });
             return;
+        }
+        // Storage works again: an error about it is history now.
+        if self.stats.last_error().is_some_and(|e| {
+            e.starts_with("cannot record progress") || e.starts_with("cannot load pending events")
+        }) {
+            self.stats.set_last_error(None);
         }
         self.keyed = r.keyed || (self.keyed && r.finished == 0);
         self.prefetched = (r.crash.is_none() && r.retry.is_none() && !r.next_seen.is_empty())

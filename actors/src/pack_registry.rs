@@ -118,6 +118,8 @@ pub struct PackRegistry {
     config_check: Option<ConfigCheck>,
     /// workspace.yaml `packs:` pins, by pack id: checked before a pinned pack loads.
     pins: BTreeMap<String, PackPin>,
+    /// Reload requests not read yet, merged (see `ReloadPacks`).
+    pending_reload: Option<ReloadPacks>,
 }
 
 impl PackRegistry {
@@ -147,6 +149,7 @@ impl PackRegistry {
             errors: BTreeMap::new(),
             config_check,
             pins: BTreeMap::new(),
+            pending_reload: None,
         }
     }
 
@@ -314,28 +317,114 @@ enum Change {
 impl Handler<ReloadPacks> for PackRegistry {
     type Result = ();
     fn handle(&mut self, m: ReloadPacks, ctx: &mut Context<Self>) {
-        let folders: Vec<String> = match m.folders {
-            Some(f) => f,
+        // Requests that queued up while a read was running are merged into one read: a burst
+        // of saves reads the folder once more, not once per batch of file events.
+        match &mut self.pending_reload {
+            Some(p) => p.merge(m),
             None => {
-                let mut all: Vec<String> = scan_packs_root(&self.packs_root, &self.workspace_root)
-                    .loads
-                    .iter()
-                    .map(|l| l.folder_name())
-                    .collect();
-                all.extend(self.running.values().filter_map(|r| r.folder.clone()));
-                all.sort();
-                all.dedup();
-                all
+                self.pending_reload = Some(m);
+                ctx.notify(ReadPending);
             }
+        }
+    }
+}
+
+impl ReloadPacks {
+    fn merge(&mut self, other: ReloadPacks) {
+        self.folders = match (self.folders.take(), other.folders) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                a.sort();
+                a.dedup();
+                Some(a)
+            }
+            _ => None,
         };
+        self.code.extend(other.code);
+    }
+}
+
+/// Reads the merged pending reload requests (sent to itself behind those already queued).
+struct ReadPending;
+impl Message for ReadPending {
+    type Result = ();
+}
+
+impl Handler<ReadPending> for PackRegistry {
+    type Result = ();
+    fn handle(&mut self, _: ReadPending, ctx: &mut Context<Self>) {
+        let Some(m) = self.pending_reload.take() else {
+            return;
+        };
+        // Reading and parsing run on a blocking thread: a hostile manifest must not hold the
+        // actor thread (and the local API beside it). The mailbox waits meanwhile, so reloads
+        // still apply one at a time, in order.
+        let (root, ws) = (self.packs_root.clone(), self.workspace_root.clone());
+        let running: Vec<String> = self
+            .running
+            .values()
+            .filter_map(|r| r.folder.clone())
+            .collect();
+        let folders = m.folders;
+        let read = async move {
+            tokio::task::spawn_blocking(move || read_folders(folders, &root, &ws, running))
+                .await
+                .unwrap_or_default()
+        };
+        let code = m.code;
+        ctx.wait(
+            read.into_actor(self)
+                .map(move |loads, act, ctx| act.apply_loads(loads, code, ctx)),
+        );
+    }
+}
+
+/// Loads the pack folders `folders` (`None`: every folder under `root`, and the `running`
+/// ones, which may be gone).
+fn read_folders(
+    folders: Option<Vec<String>>,
+    root: &std::path::Path,
+    ws: &std::path::Path,
+    running: Vec<String>,
+) -> Vec<(String, Option<PackLoad>)> {
+    let folders: Vec<String> = match folders {
+        Some(f) => f,
+        None => {
+            let mut all: Vec<String> = scan_packs_root(root, ws)
+                .loads
+                .iter()
+                .map(|l| l.folder_name())
+                .collect();
+            all.extend(running);
+            all.sort();
+            all.dedup();
+            all
+        }
+    };
+    folders
+        .into_iter()
+        .map(|f| {
+            let load = load_pack_dir(&root.join(&f), ws, None);
+            (f, load)
+        })
+        .collect()
+}
+
+impl PackRegistry {
+    /// Applies freshly read pack folders: starts, replaces, restarts or removes hosts.
+    fn apply_loads(
+        &mut self,
+        loads: Vec<(String, Option<PackLoad>)>,
+        code: BTreeSet<String>,
+        ctx: &mut Context<Self>,
+    ) {
         let mut changes = Vec::new();
-        for folder in folders {
+        for (folder, load) in loads {
             let running_id = self
                 .running
                 .iter()
                 .find(|(_, r)| r.folder.as_deref() == Some(&folder))
                 .map(|(id, _)| id.clone());
-            let load = load_pack_dir(&self.packs_root.join(&folder), &self.workspace_root, None);
             let Some(mut load) = load else {
                 if let Some(id) = running_id {
                     changes.push(Change::Remove(id));
@@ -393,7 +482,7 @@ impl Handler<ReloadPacks> for PackRegistry {
                         .is_some_and(|r| r.manifest.hash == manifest.hash);
                     if !same {
                         changes.push(Change::Replace(Arc::new(manifest), handler, folder));
-                    } else if m.code.contains(&folder) && manifest.runtime.is_some() {
+                    } else if code.contains(&folder) && manifest.runtime.is_some() {
                         changes.push(Change::Restart(Arc::new(manifest), handler, folder));
                     } else if had_error {
                         // Back to the running content: the reload error is gone.

@@ -65,6 +65,8 @@ pub struct PackStats {
     version: Mutex<Option<String>>,
     manifest_hash: Mutex<Option<String>>,
     pub loaded_at_ms: AtomicI64,
+    /// What its worker is confined to (see `sandbox::describe`); `None` before it starts.
+    sandbox: Mutex<Option<String>>,
 }
 
 impl PackStats {
@@ -79,6 +81,9 @@ impl PackStats {
     }
     pub fn set_last_error(&self, e: Option<String>) {
         set_str(&self.last_error, e);
+    }
+    pub fn set_sandbox(&self, s: Option<String>) {
+        set_str(&self.sandbox, s);
     }
     pub fn set_manifest(&self, version: &str, hash: &str) {
         set_str(&self.version, Some(version.to_string()));
@@ -131,6 +136,8 @@ pub struct ReloadStats {
     pub count: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub last_ms: AtomicI64,
+    /// Why manifest edits are not being watched (`None`: they are).
+    pub off: Mutex<Option<String>>,
 }
 
 /// Everything `status` shows, live.
@@ -189,7 +196,8 @@ impl AgentStats {
             set_str(&self.upstream.mode, Some(m.to_string()));
         }
         set_str(&self.upstream.state, Some(state.to_string()));
-        if error.is_some() {
+        // Connected again: the last error is history (it used to say "disk full" for ever).
+        if error.is_some() || state == "connected" {
             set_str(&self.upstream.last_error, error);
         }
     }
@@ -234,6 +242,7 @@ impl AgentStats {
                         last_error: s.last_error(),
                         manifest_hash: lock_str(&s.manifest_hash),
                         loaded_at_ms: s.loaded_at_ms.load(Ordering::Relaxed),
+                        sandbox: lock_str(&s.sandbox),
                     })
                     .collect()
             })
@@ -279,6 +288,8 @@ impl AgentStats {
                 count: self.reload.count.load(Ordering::Relaxed),
                 last_error: lock_str(&self.reload.last_error),
                 last_ms: self.reload.last_ms.load(Ordering::Relaxed),
+                watching: lock_str(&self.reload.off).is_none(),
+                off: lock_str(&self.reload.off),
             },
             store: StoreSnapshot {
                 commits: self.store.commits.load(Ordering::Relaxed),
@@ -318,6 +329,8 @@ pub struct PackSnapshot {
     pub last_error: Option<String>,
     pub manifest_hash: Option<String>,
     pub loaded_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -360,6 +373,10 @@ pub struct ReloadSnapshot {
     pub count: u64,
     pub last_error: Option<String>,
     pub last_ms: i64,
+    /// Whether manifest edits are watched.
+    pub watching: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

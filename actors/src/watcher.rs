@@ -6,35 +6,69 @@
 //! first save. Events are debounced (`DEBOUNCE`), so one save (truncate + write, or write +
 //! rename) and a burst of saves become one reload. A rescan or an error from the OS watcher
 //! reloads everything, since events may have been lost.
+//!
+//! When the OS refuses a watch (no inotify instance left, `max_user_watches` reached), edits
+//! are still applied: every manifest is read again each [`POLL`] (unchanged content is a
+//! no-op), and `status` says why (`reload.watching: false`, `reload.off`).
 
 use crate::pack_registry::{PackRegistry, ReloadConfig, ReloadPacks};
+use crate::stats::AgentStats;
 use actix::prelude::*;
 use lumenflow_pack_sdk::manifest::MANIFEST_FILES;
 use notify_debouncer_full::notify::RecursiveMode;
 use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
 use std::collections::BTreeSet;
 use std::path::{Component, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Quiet time before a change is acted on.
 pub const DEBOUNCE: Duration = Duration::from_millis(40);
+/// How often manifests are read again when the OS cannot watch them.
+pub const POLL: Duration = Duration::from_secs(2);
 
 pub struct Watcher {
     packs_root: PathBuf,
     config_dir: PathBuf,
     registry: Addr<PackRegistry>,
+    stats: Arc<AgentStats>,
     debouncer:
         Option<Debouncer<notify_debouncer_full::notify::RecommendedWatcher, RecommendedCache>>,
 }
 
 impl Watcher {
-    pub fn new(packs_root: PathBuf, config_dir: PathBuf, registry: Addr<PackRegistry>) -> Self {
+    pub fn new(
+        packs_root: PathBuf,
+        config_dir: PathBuf,
+        registry: Addr<PackRegistry>,
+        stats: Arc<AgentStats>,
+    ) -> Self {
         Watcher {
             packs_root,
             config_dir,
             registry,
+            stats,
             debouncer: None,
         }
+    }
+
+    /// The OS refused a watch: say so, and read every manifest again each [`POLL`].
+    fn poll_instead(&mut self, why: String, ctx: &mut Context<Self>) {
+        let why = format!(
+            "{why}; manifests are read again every {} s instead",
+            POLL.as_secs()
+        );
+        tracing::error!("cannot watch for manifest changes: {why}");
+        if let Ok(mut off) = self.stats.reload.off.lock() {
+            *off = Some(why);
+        }
+        ctx.run_interval(POLL, |act, _| {
+            act.registry.do_send(ReloadConfig);
+            act.registry.do_send(ReloadPacks {
+                folders: None,
+                code: BTreeSet::new(),
+            });
+        });
     }
 }
 
@@ -141,23 +175,27 @@ impl Actor for Watcher {
         let mut debouncer = match debouncer {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch for manifest changes; hot reload is off");
+                self.poll_instead(e.to_string(), ctx);
                 return;
             }
         };
         if let Err(e) = std::fs::create_dir_all(&self.packs_root) {
             tracing::warn!(error = %e, root = %self.packs_root.display(), "cannot create the packs root");
         }
+        let mut refused = None;
         for (dir, mode) in [
             (&self.packs_root, RecursiveMode::Recursive),
             (&self.config_dir, RecursiveMode::NonRecursive),
         ] {
             if let Err(e) = debouncer.watch(dir, mode) {
-                tracing::error!(error = %e, dir = %dir.display(), "cannot watch; hot reload is off for it");
+                refused = Some(format!("{}: {e}", dir.display()));
             }
         }
         tracing::debug!(root = %self.packs_root.display(), "watching for manifest changes");
         self.debouncer = Some(debouncer);
+        if let Some(why) = refused {
+            self.poll_instead(why, ctx);
+        }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {

@@ -585,6 +585,112 @@ fn with_conductor(bin: &Path) -> (tempfile::TempDir, DevConductor, Agent) {
 const FULL: &str = "fsync per group commit, ack after commit";
 const NORMAL: &str = "WAL, no fsync; ack after commit";
 
+/// Issue 20's soak: 1,000 idle unauthenticated connections (re-opened as the agent closes
+/// them) plus a steady authorized load for `secs`; the authorized requests' latency, and the
+/// agent's RSS before, at its peak and after.
+fn flood_soak(bin: &Path, secs: u64, rows: &mut Vec<Row>) {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let ws = workspace(json!({}));
+    let agent = Agent::start(bin, ws.path(), "bench");
+    let addr = agent.url.trim_start_matches("http://").to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_kb = agent.rss_kb();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let reopened = std::sync::Arc::new(AtomicU64::new(0));
+    let peak = std::sync::Arc::new(AtomicU64::new(idle_kb));
+    let flood = {
+        let (stop, reopened, addr) = (stop.clone(), reopened.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let open = |i: usize| {
+                let mut s = TcpStream::connect(&addr).ok()?;
+                if i % 10 == 0 {
+                    // Every tenth sends half a request head, then nothing.
+                    let _ = std::io::Write::write_all(
+                        &mut s,
+                        b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                    );
+                }
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let mut conns: Vec<Option<TcpStream>> = (0..1000).map(open).collect();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    let closed = match c {
+                        None => true,
+                        Some(s) => {
+                            !matches!(s.read(&mut buf), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        }
+                    };
+                    if closed {
+                        *c = open(i);
+                        reopened.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let http = Agent::http();
+    let mut lat: Vec<f64> = Vec::new();
+    let began = Instant::now();
+    let mut i = 0usize;
+    while began.elapsed() < Duration::from_secs(secs) {
+        // Normal load: 50 requests a second, four of five a batch of 10 events, one a status.
+        let t = Instant::now();
+        if i % 5 == 4 {
+            agent.status(&http);
+        } else {
+            let (code, _) = agent.post(&http, "/api/v1/events", body("bench:ping", i * 10, 10));
+            assert_eq!(code, 200);
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        peak.fetch_max(agent.rss_kb(), Ordering::Relaxed);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20).saturating_sub(t.elapsed()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.join();
+    // The agent closes what is left within its header timeout (10 s) and trims every 10 s.
+    std::thread::sleep(Duration::from_secs(25));
+    let after_kb = agent.rss_kb();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let (p50, p99, max) = (pct(0.5), pct(0.99), lat[lat.len() - 1]);
+    let peak_kb = peak.load(Ordering::Relaxed);
+    eprintln!(
+        "flood {secs} s: {} authorized requests, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms; {} idle connections re-opened; RSS idle {} KiB, peak {peak_kb} KiB, after {after_kb} KiB",
+        lat.len(),
+        reopened.load(Ordering::Relaxed),
+        idle_kb
+    );
+    rows.push(Row {
+        scenario: format!("authorized request p99 under 1,000 idle connections, {secs} s ({} requests, p50 {p50:.2} ms, max {max:.1} ms)", lat.len()),
+        durability: "",
+        value: p99,
+        unit: "ms",
+        baseline: None,
+        target: "<= 50 ms",
+    });
+    rows.push(Row {
+        scenario: format!(
+            "RSS after the flood / idle before it (idle {:.1} MiB, peak {:.1} MiB, after {:.1} MiB)",
+            idle_kb as f64 / 1024.0,
+            peak_kb as f64 / 1024.0,
+            after_kb as f64 / 1024.0
+        ),
+        durability: "",
+        value: after_kb as f64 / idle_kb.max(1) as f64,
+        unit: "x",
+        baseline: None,
+        target: "<= 1.2x",
+    });
+    agent.stop();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -595,7 +701,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 1 } else { 3 });
     // `--only queue,native`: run just those scenarios (names: baselines peers nats queue conductor ephemeral
-    // latency native exec crash reload idle rss).
+    // latency native exec crash reload idle rss). `--only flood [--flood-s N]` runs issue 20's
+    // soak (600 s, 30 with `--quick`); it is not part of the full run.
     let only: Option<String> = args
         .iter()
         .position(|a| a == "--only")
@@ -1149,6 +1256,19 @@ fn main() {
             target: "<= 10 ms",
         });
         agent.stop();
+    }
+
+    if only
+        .as_deref()
+        .is_some_and(|o| o.split(',').any(|x| x == "flood"))
+    {
+        let secs: u64 = args
+            .iter()
+            .position(|a| a == "--flood-s")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 30 } else { 600 });
+        flood_soak(&bin, secs, &mut rows);
     }
 
     if want("rss") {

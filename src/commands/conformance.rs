@@ -205,7 +205,7 @@ async fn harness(
             .unwrap_or(10_000),
     );
     let services: Arc<dyn PackServices> = Arc::new(HarnessServices(recorder.clone()));
-    let worker = ExecWorker::spawn(manifest, dir, Arc::new(move |_| services.clone()))
+    let worker = ExecWorker::spawn(manifest, dir, dir, Arc::new(move |_| services.clone()))
         .map_err(|e| format!("handshake: {e}"))?;
     let handles = worker
         .initialize(manifest, dir, "conformance", timeout)

@@ -5,6 +5,7 @@ use super::exit;
 use crate::config::AgentConfig;
 use crate::packs::{scan_packs, PackScan};
 use crate::workspace::Workspace;
+use lumenflow_actors::sandbox;
 use lumenflow_pack_sdk::manifest::{load_pack_dir, Diagnostic, PackLoad, Severity};
 use lumenflow_pack_sdk::platform::{check_pin, loader_warnings, PackPin};
 use std::io::Write;
@@ -99,10 +100,10 @@ fn platform_checks(mut load: PackLoad, pins: &[PackPin]) -> PackLoad {
             "the platform reads only manifest.yaml; it does not see this pack (rename the file, in YAML)".into(),
         ));
     }
-    let raw = std::fs::read_to_string(&load.file)
-        .ok()
-        .and_then(|t| serde_yaml_ng::from_str::<serde_json::Value>(&t).ok());
-    if let Some(raw) = raw {
+    // The manifest as written, from the one parse that passed the limits (never a second
+    // read: the file may have changed, or be a link the load refused).
+    if let Some(m) = &load.manifest {
+        let raw = serde_json::Value::Object(m.raw.clone());
         warnings.extend(loader_warnings(&raw).into_iter().map(warn));
     }
     load.diagnostics.extend(warnings);
@@ -132,6 +133,20 @@ fn runtime_checks(load: &mut PackLoad) {
         return;
     };
     let mut errors = Vec::new();
+    let workspace = load
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(&load.dir);
+    if let Some(scopes) = load
+        .manifest
+        .as_ref()
+        .and_then(|m| sandbox::scopes_of(m, workspace))
+    {
+        if let Err(e) = sandbox::check_enforceable(&scopes) {
+            errors.push(("tools[].required_scopes".to_string(), e.to_string()));
+        }
+    }
     if let Some(program) = command.first() {
         if !program_resolves(program, &load.dir) {
             errors.push((
@@ -181,6 +196,19 @@ fn print_load(out: &mut impl Write, load: &PackLoad) -> std::io::Result<()> {
     }
     if let Some(m) = &load.manifest {
         writeln!(out, "ok: {} {} ({})", m.id, m.version, load.display)?;
+        let workspace = load
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&load.dir);
+        if let (Some(scopes), Some(_)) = (sandbox::scopes_of(m, workspace), &m.runtime) {
+            writeln!(
+                out,
+                "    confined: {} (this kernel: {})",
+                sandbox::describe(Some(&scopes)),
+                sandbox::kernel_support()
+            )?;
+        }
     }
     Ok(())
 }

@@ -502,3 +502,17 @@ pub fn shop_pack(ws: &Workspace) {
     )
     .unwrap();
 }
+
+/// A pack folder `packs/ID` with a manifest (subscribing to `conductor:recovery_requested`,
+/// running `node worker.mjs`; `extra` overrides or adds keys) and the worker script.
+pub fn raw_pack(ws: &Workspace, id: &str, script: &str, extra: Value) {
+    let dir = ws.path().join("packs").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut m = json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": ["conductor:recovery_requested"],
+        "runtime": {"command": ["node", "worker.mjs"]}});
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    std::fs::write(dir.join("worker.mjs"), script).unwrap();
+}

@@ -23,8 +23,16 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Longest wait a `Retry-After` can impose (the backoff's cap).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
 /// Ephemeral events held in memory while the upstream is busy.
 const RING_MAX: usize = 100_000;
+/// ... and their bytes: 100,000 events of 8 MB would otherwise be allowed.
+pub const RING_MAX_BYTES: usize = 64 << 20;
+/// Most event bytes in one round (a single larger event still goes, alone): rounds were bounded
+/// by count only, and 60 events of 8 MB took the agent to 1.29 GB.
+pub const ROUND_MAX_BYTES: usize = 8 << 20;
 
 /// Ephemeral events waiting in memory for the upstream (SPEC §6: memory only, fail-silent).
 /// Bounded: what does not fit, or arrives while the upstream refuses it, is dropped and
@@ -32,13 +40,16 @@ const RING_MAX: usize = 100_000;
 #[derive(Default)]
 pub struct EphemeralRing {
     events: VecDeque<Accepted>,
+    bytes: usize,
 }
 
 impl EphemeralRing {
     /// Keeps `events` if `accepting` and there is room; drops and counts the rest.
     pub fn offer(&mut self, events: Vec<Accepted>, accepting: bool, stats: &AgentStats) {
         for e in events {
-            if accepting && self.events.len() < RING_MAX {
+            let fits = self.events.len() < RING_MAX && self.bytes + e.body.len() <= RING_MAX_BYTES;
+            if accepting && fits {
+                self.bytes += e.body.len();
                 self.events.push_back(e);
             } else {
                 stats
@@ -49,9 +60,18 @@ impl EphemeralRing {
         }
     }
 
-    /// Takes up to `max` of the oldest events.
+    /// Takes up to `max` of the oldest events, and at most [`ROUND_MAX_BYTES`] of them (at
+    /// least one).
     pub fn take(&mut self, max: usize) -> Vec<Accepted> {
-        let n = self.events.len().min(max);
+        let (mut n, mut bytes) = (0, 0);
+        for e in self.events.iter().take(max) {
+            if n > 0 && bytes + e.body.len() > ROUND_MAX_BYTES {
+                break;
+            }
+            bytes += e.body.len();
+            n += 1;
+        }
+        self.bytes -= bytes;
         self.events.drain(..n).collect()
     }
 
@@ -64,6 +84,7 @@ impl EphemeralRing {
     pub fn drop_all(&mut self, stats: &AgentStats) {
         let n = self.events.len();
         self.events.clear();
+        self.bytes = 0;
         stats
             .queue
             .ephemeral_dropped
@@ -264,13 +285,17 @@ impl DrainLoop {
                 }
                 self.attempt += 1;
                 self.dirty = true;
-                let wait = retry_after.map(Duration::from_secs).unwrap_or_else(|| {
-                    full_jitter(
-                        Duration::from_millis(200),
-                        Duration::from_secs(30),
-                        self.attempt,
-                    )
-                });
+                // Retry-After is honoured up to the backoff's own cap: `Retry-After: 86400`
+                // must not stall forwarding for a day while heartbeats go through.
+                let wait = retry_after
+                    .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
+                    .unwrap_or_else(|| {
+                        full_jitter(
+                            Duration::from_millis(200),
+                            Duration::from_secs(30),
+                            self.attempt,
+                        )
+                    });
                 Next::Backoff { wait, error }
             }
             End::Unauthorized {
@@ -295,6 +320,38 @@ impl DrainLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn big_event(bytes: usize) -> Accepted {
+        use lumenflow_pack_sdk::EventDraft;
+        let mut p = serde_json::Map::new();
+        p.insert("blob".into(), "x".repeat(bytes).into());
+        let e = EventDraft::new("demo:big", p).build("ws", std::time::SystemTime::now());
+        Accepted {
+            body: e.to_json().into(),
+            envelope: std::sync::Arc::new(e),
+            pack: "demo".into(),
+            class: lumenflow_pack_sdk::DeliveryClass::Ephemeral,
+            local: false,
+        }
+    }
+
+    #[test]
+    fn the_ring_and_its_rounds_are_bounded_in_bytes() {
+        let stats = AgentStats::default();
+        let mut ring = EphemeralRing::default();
+        // 20 events of 5 MB: 64 MiB of them fit, the rest is dropped and counted.
+        ring.offer((0..20).map(|_| big_event(5 << 20)).collect(), true, &stats);
+        let dropped = stats.queue.ephemeral_dropped.load(Ordering::Relaxed);
+        assert_eq!(dropped, 20 - (RING_MAX_BYTES / (5 << 20)) as u64);
+        // A round takes at most ROUND_MAX_BYTES (one 5 MB event at a time here).
+        assert_eq!(ring.take(100).len(), 1);
+        // A single event over the round limit still goes, alone.
+        let mut one = EphemeralRing::default();
+        one.offer(vec![big_event(9 << 20), big_event(10)], true, &stats);
+        assert_eq!(one.take(100).len(), 1);
+        assert_eq!(one.take(100).len(), 1);
+        assert!(one.is_empty());
+    }
 
     fn settled(end: End, sent: usize, removed: usize) -> Option<Settled> {
         Some(Settled {
@@ -348,6 +405,24 @@ mod tests {
             &stats,
         );
         assert_eq!(d.attempt(), 1);
+        // A day of Retry-After is capped at the backoff's cap.
+        assert!(d.begin());
+        let next = d.finish(
+            Ok(settled(
+                End::Retry {
+                    error: "429".into(),
+                    retry_after: Some(86_400),
+                    dropped_ephemeral: 0,
+                },
+                0,
+                0,
+            )),
+            &stats,
+        );
+        assert!(
+            matches!(next, Next::Backoff { wait, .. } if wait == MAX_RETRY_AFTER),
+            "{next:?}"
+        );
         assert!(d.begin());
         assert_eq!(d.finish(Ok(None), &stats), Next::Idle);
         assert!(d.quiet());

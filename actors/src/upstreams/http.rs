@@ -353,6 +353,8 @@ pub struct HttpUpstream {
     link: Link,
     heartbeat_every: Duration,
     pull_cursor: Option<String>,
+    /// Empty pull answers in a row that came back without waiting (see `pull_pause`).
+    empty_pulls: u32,
     push_agent: ureq::Agent,
     /// Built once, like `push_agent`: its connection (and TLS session) is kept between polls.
     pull_agent: ureq::Agent,
@@ -386,6 +388,7 @@ impl HttpUpstream {
             link: Link::Connected,
             heartbeat_every,
             pull_cursor,
+            empty_pulls: 0,
             push_agent,
             pull_agent,
             session_id: uuid::Uuid::now_v7().to_string(),
@@ -432,7 +435,12 @@ impl HttpUpstream {
         );
         let fut = async move {
             let mut items = if limit > 0 {
-                store.run(ReadOutbox { limit }).await?
+                store
+                    .run(ReadOutbox {
+                        limit,
+                        max_bytes: crate::upstreams::drain::ROUND_MAX_BYTES,
+                    })
+                    .await?
             } else {
                 Vec::new()
             };
@@ -713,15 +721,23 @@ impl HttpUpstream {
                 Reply::Network(e) => Err(format!("pull: network: {e}")),
             }
         };
+        let began = std::time::Instant::now();
         ctx.spawn(fut.into_actor(self).map(
-            |res: Result<(Option<String>, usize), String>, act, ctx| match res {
+            move |res: Result<(Option<String>, usize), String>, act, ctx| match res {
                 Ok((next, n)) => {
                     act.pull_cursor = next;
                     act.stats
                         .upstream
                         .pulled
                         .fetch_add(n as u64, Ordering::Relaxed);
-                    act.pull(ctx);
+                    // An endpoint that answers "nothing" at once (it ignores wait_ms) would be
+                    // polled as fast as it answers: wait longer after each such answer.
+                    match pull_pause(n, began.elapsed(), &mut act.empty_pulls) {
+                        None => act.pull(ctx),
+                        Some(wait) => {
+                            ctx.run_later(wait, |act, ctx| act.pull(ctx));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound pull failed; retrying in 2 s");
@@ -730,6 +746,17 @@ impl HttpUpstream {
             },
         ));
     }
+}
+
+/// How long to wait before the next pull: none after events or a pull that waited; after
+/// quick empty answers, 250 ms doubling up to 5 s.
+fn pull_pause(events: usize, took: Duration, quick_empty: &mut u32) -> Option<Duration> {
+    if events > 0 || took >= Duration::from_secs(1) {
+        *quick_empty = 0;
+        return None;
+    }
+    *quick_empty = (*quick_empty + 1).min(16);
+    Some((Duration::from_millis(250) * 2u32.pow(*quick_empty - 1)).min(Duration::from_secs(5)))
 }
 
 impl Actor for HttpUpstream {
@@ -772,6 +799,25 @@ impl Handler<IsIdle> for HttpUpstream {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_empty_pulls_back_off_and_events_reset_it() {
+        let mut k = 0;
+        let quick = Duration::from_millis(3);
+        let waits: Vec<_> = (0..7).map(|_| pull_pause(0, quick, &mut k)).collect();
+        assert_eq!(waits[0], Some(Duration::from_millis(250)));
+        assert_eq!(waits[1], Some(Duration::from_millis(500)));
+        assert_eq!(waits[6], Some(Duration::from_secs(5)));
+        assert_eq!(pull_pause(3, quick, &mut k), None);
+        assert_eq!(
+            pull_pause(0, quick, &mut k),
+            Some(Duration::from_millis(250))
+        );
+        // A pull that waited (long poll) is followed at once.
+        assert_eq!(pull_pause(0, Duration::from_secs(20), &mut k), None);
+    }
+
     use super::accepted_count;
 
     #[test]

@@ -107,6 +107,8 @@ pub struct Upstream {
     /// The shared delivery loop (its transport here: one transaction into `mem_inbox`).
     drain: DrainLoop,
     stats: Arc<AgentStats>,
+    /// The last transfer failed (status shows `backoff` and the error until one succeeds).
+    failing: bool,
 }
 
 impl Upstream {
@@ -122,6 +124,7 @@ impl Upstream {
             batch_max,
             drain: DrainLoop::new(batch_max),
             stats,
+            failing: false,
         }
     }
 
@@ -158,14 +161,18 @@ impl Upstream {
                         .queue
                         .ephemeral_dropped
                         .fetch_add(n_ephemeral as u64, Ordering::Relaxed);
+                    act.failing = true;
                     act.stats.set_upstream(None, "backoff", Some(e.clone()));
                     tracing::warn!(error = %e, "mem:inbox transfer failed; retrying in 1 s");
-                    ctx.run_later(Duration::from_secs(1), |act, ctx| {
-                        act.stats.set_upstream(None, "connected", None);
-                        act.pump(ctx)
-                    });
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.pump(ctx));
                 }
-                _ => act.pump(ctx),
+                _ => {
+                    if act.failing {
+                        act.failing = false;
+                        act.stats.set_upstream(None, "connected", None);
+                    }
+                    act.pump(ctx)
+                }
             }
         }));
     }

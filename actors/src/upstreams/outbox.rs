@@ -18,9 +18,11 @@ pub struct Item {
     pub body: Arc<str>,
 }
 
-/// The oldest `limit` outbox rows, in order.
+/// The oldest outbox rows, in order: at most `limit` of them and at most `max_bytes` of bodies
+/// (the first row always, whatever its size).
 pub struct ReadOutbox {
     pub limit: usize,
+    pub max_bytes: usize,
 }
 impl StoreOp for ReadOutbox {
     type Output = Vec<Item>;
@@ -28,18 +30,24 @@ impl StoreOp for ReadOutbox {
         let mut stmt = conn.prepare_cached(
             "SELECT seq, event_id, kind, pack, body FROM outbox ORDER BY seq LIMIT ?1",
         )?;
-        let rows = stmt
-            .query_map([self.limit as i64], |r| {
-                Ok(Item {
-                    seq: Some(r.get(0)?),
-                    event_id: r.get(1)?,
-                    kind: r.get(2)?,
-                    pack: r.get(3)?,
-                    body: r.get::<_, String>(4)?.into(),
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let mut rows = stmt.query([self.limit as i64])?;
+        let (mut items, mut bytes) = (Vec::new(), 0usize);
+        while let Some(r) = rows.next()? {
+            // The size is known before the body is copied out of SQLite.
+            let len = r.get_ref(4)?.as_bytes().map(<[u8]>::len).unwrap_or(0);
+            if !items.is_empty() && bytes + len > self.max_bytes {
+                break;
+            }
+            bytes += len;
+            items.push(Item {
+                seq: Some(r.get(0)?),
+                event_id: r.get(1)?,
+                kind: r.get(2)?,
+                pack: r.get(3)?,
+                body: r.get::<_, String>(4)?.into(),
+            });
+        }
+        Ok(items)
     }
 }
 
@@ -85,5 +93,39 @@ impl Item {
             pack: a.pack.clone(),
             body: a.body.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_is_bounded_in_bytes_but_always_takes_the_first_row() {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
+        for (i, size) in [(1, 3_000_000), (2, 3_000_000), (3, 3_000_000), (4, 10)] {
+            c.execute(
+                "INSERT INTO outbox(seq, event_id, kind, pack, created_ms, body) VALUES (?1, ?2, 'd:k', 'd', 0, ?3)",
+                params![i, format!("e{i}"), "x".repeat(size)],
+            )
+            .unwrap();
+        }
+        let read = |limit, max_bytes| {
+            ReadOutbox { limit, max_bytes }
+                .run(&c)
+                .unwrap()
+                .iter()
+                .map(|i| i.seq.unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read(100, 8_000_000), vec![1, 2]);
+        assert_eq!(
+            read(100, 1_000),
+            vec![1],
+            "one row over the limit goes alone"
+        );
+        assert_eq!(read(1, 100_000_000), vec![1]);
+        assert_eq!(read(100, 100_000_000), vec![1, 2, 3, 4]);
     }
 }

@@ -43,6 +43,69 @@ pub const MANIFEST_FILES: &[&str] = &["manifest.json", "manifest.yaml", "manifes
 
 /// Upper bound on a manifest file; anything larger is not a manifest.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Deepest nesting a manifest may have (flow brackets and block indentation together).
+/// YAML parses deep flow nesting in quadratic time (40k levels: 2.4 s); real manifests
+/// nest 5 or 6 levels.
+pub const MAX_MANIFEST_DEPTH: usize = 64;
+/// Most kinds one manifest may list in `emitted_event_kinds` or `subscribed_event_kinds`.
+pub const MAX_KINDS: usize = 1024;
+
+/// An upper bound of the nesting depth of YAML or JSON `text`, found without parsing it:
+/// brackets outside quotes and comments, plus the levels of block indentation (and `- `
+/// markers) they sit in. Cheap and linear, so a hostile file is refused before the parser
+/// sees it.
+pub fn nesting_depth(text: &str) -> usize {
+    let (mut max, mut flow) = (0usize, 0usize);
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|b| **b == b' ').count();
+        let content = &bytes[indent..];
+        let blank_or_comment = content.is_empty() || content[0] == b'#';
+        if flow == 0 && !blank_or_comment {
+            // A sequence may sit at its key's indentation (`a:` then `- x`): a marker line
+            // ranks just deeper than a key line of the same indentation.
+            let dash = |c: &[u8]| c.len() >= 2 && c[0] == b'-' && c[1] == b' ';
+            let rank = 2 * indent + usize::from(dash(content));
+            while indents.last().is_some_and(|i| *i >= rank) {
+                indents.pop();
+            }
+            indents.push(rank);
+            // Each `- ` marker opens an item (whose content is one level deeper again).
+            let mut rest = content;
+            while dash(rest) {
+                indents.push(rank);
+                rest = &rest[2..];
+                while rest.first() == Some(&b' ') {
+                    rest = &rest[1..];
+                }
+            }
+            max = max.max(indents.len());
+        }
+        let (mut quote, mut prev) = (None::<u8>, b' ');
+        for &b in content {
+            match quote {
+                Some(q) => {
+                    if b == q && !(q == b'"' && prev == b'\\') {
+                        quote = None;
+                    }
+                }
+                None => match b {
+                    b'"' | b'\'' => quote = Some(b),
+                    b'#' if prev == b' ' || prev == b'\t' => break,
+                    b'[' | b'{' => {
+                        flow += 1;
+                        max = max.max(indents.len() + flow);
+                    }
+                    b']' | b'}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = if prev == b'\\' && b == b'\\' { b' ' } else { b };
+        }
+    }
+    max
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -532,6 +595,20 @@ pub fn validate(value: Value, ctx: &ValidateCtx) -> (Option<Manifest>, Vec<Diagn
             }
         }
     }
+    for (field, list) in [
+        ("emitted_event_kinds", &emitted),
+        ("subscribed_event_kinds", &subscribed),
+    ] {
+        if list.len() > MAX_KINDS {
+            c.error(
+                field,
+                format!(
+                    "Too many kinds: {} listed, more than the limit of {MAX_KINDS}",
+                    list.len()
+                ),
+            );
+        }
+    }
     for (i, kind) in subscribed.iter().enumerate() {
         if let Err(e) = parse_kind(kind) {
             c.error(format!("subscribed_event_kinds[{i}]"), e.to_string());
@@ -914,6 +991,32 @@ impl PackLoad {
     }
 }
 
+/// Why a pack folder or its manifest must not be read: it resolves (through a symbolic link)
+/// outside the packs root, the folder `dir` is in. A `manifest.yaml` linked to `/etc/shadow`
+/// would otherwise be read and its lines echoed back as unknown keys.
+fn outside_the_packs_root(dir: &Path, file: &Path) -> Option<String> {
+    let root = dir.parent()?.canonicalize().ok()?;
+    let real_dir = match dir.canonicalize() {
+        Ok(d) => d,
+        Err(e) => return Some(format!("Cannot read the pack folder: {e}")),
+    };
+    if !real_dir.starts_with(&root) {
+        return Some(format!(
+            "Refused: the pack folder is a link to {}, outside the packs root {}",
+            real_dir.display(),
+            root.display()
+        ));
+    }
+    match file.canonicalize() {
+        Ok(real) if real.starts_with(&real_dir) => None,
+        Ok(real) => Some(format!(
+            "Refused: the manifest is a link to {}, outside its pack folder",
+            real.display()
+        )),
+        Err(e) => Some(format!("Cannot read manifest: {e}")),
+    }
+}
+
 /// Finds the manifest file of a pack folder, if any.
 pub fn manifest_file(dir: &Path) -> Option<PathBuf> {
     MANIFEST_FILES
@@ -946,12 +1049,19 @@ pub fn load_pack_dir(
         manifest: None,
         diagnostics: Vec::new(),
     };
-    let text = match std::fs::metadata(&file) {
+    let text = match outside_the_packs_root(dir, &file) {
+        Some(why) => Err(why),
+        None => Ok(()),
+    };
+    let text = match text
+        .and(std::fs::metadata(&file).map_err(|e| format!("Cannot read manifest: {e}")))
+    {
+        Err(why) => Err(why),
         Ok(meta) if meta.len() > MAX_MANIFEST_BYTES => Err(format!(
             "Invalid manifest: {} bytes is larger than the limit of {MAX_MANIFEST_BYTES}",
             meta.len()
         )),
-        _ => std::fs::read(&file)
+        Ok(_) => std::fs::read(&file)
             .map_err(|e| format!("Cannot read manifest: {e}"))
             .and_then(|b| {
                 String::from_utf8(b)
@@ -970,6 +1080,16 @@ pub fn load_pack_dir(
             return Some(load);
         }
     };
+    let depth = nesting_depth(&text);
+    if depth > MAX_MANIFEST_DEPTH {
+        load.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: display,
+            field: None,
+            message: format!("Invalid manifest: nested {depth} levels deep, more than the limit of {MAX_MANIFEST_DEPTH}"),
+        });
+        return Some(load);
+    }
     let value = match parse_text(&text, Format::of_path(&file), &display) {
         Ok(v) => v,
         Err(d) => {

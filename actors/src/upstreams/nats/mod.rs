@@ -255,6 +255,7 @@ impl NatsUpstream {
             let items: Vec<Item> = store
                 .run(ReadOutbox {
                     limit: cfg.batch_max,
+                    max_bytes: crate::upstreams::drain::ROUND_MAX_BYTES,
                 })
                 .await?;
             if items.is_empty() && sent == 0 {

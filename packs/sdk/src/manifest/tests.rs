@@ -367,3 +367,116 @@ fn load_pack_dir_checks_symlinks_and_folder_name() {
     assert!(load_pack_dir(&tmp.join("packs"), &tmp, None).is_none());
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn a_manifest_linked_out_of_its_folder_is_not_read() {
+    let tmp = std::env::temp_dir().join(format!("lf-sdk-link-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let packs = tmp.join("packs");
+    let secret = tmp.join("secret");
+    std::fs::create_dir_all(packs.join("linked-file")).unwrap();
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("manifest.yaml"), "root:*:19000:0:99999:7:::\n").unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(
+            secret.join("manifest.yaml"),
+            packs.join("linked-file/manifest.yaml"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&secret, packs.join("linked-dir")).unwrap();
+        for folder in ["linked-file", "linked-dir"] {
+            let load = load_pack_dir(&packs.join(folder), &tmp, None).unwrap();
+            let text = format!("{:?}", load.diagnostics);
+            assert!(text.contains("Refused"), "{folder}: {text}");
+            assert!(
+                !text.contains("root:*"),
+                "{folder}: the file's content was echoed: {text}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let tmp = std::env::temp_dir().join(format!("lf-sdk-deep-{}", std::process::id()));
+    let dir = tmp.join("packs").join("deep");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = 400_000;
+    let text = format!(
+        "id: deep\nversion: 1.0.0\nx: {}{}\n",
+        "[".repeat(d),
+        "]".repeat(d)
+    );
+    std::fs::write(dir.join("manifest.yaml"), text).unwrap();
+    let t = std::time::Instant::now();
+    let load = load_pack_dir(&dir, &tmp, None).unwrap();
+    let took = t.elapsed();
+    assert!(
+        load.errors().any(|e| e.message.contains("levels deep")),
+        "{:?}",
+        load.diagnostics
+    );
+    // Parsing it would take minutes; the scan is linear (a generous bound for debug builds).
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    let block: String = (0..200)
+        .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+        .collect();
+    assert!(nesting_depth(&block) >= 200);
+    assert!(nesting_depth("a: \"[[[[[[[[\"\nb: '{{{{{{{{{{'\n# [[[[[[[[[[\n") <= 1);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn too_many_kinds_are_refused() {
+    let kinds: Vec<String> = (0..MAX_KINDS + 1)
+        .map(|i| format!("conductor:k{i}"))
+        .collect();
+    let v = with(good(), "subscribed_event_kinds", json!(kinds));
+    let (m, diags) = validate(v, &ctx());
+    assert!(m.is_none());
+    assert!(
+        diags.iter().any(|d| d.message.contains("Too many kinds")),
+        "{diags:?}"
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// The scan is an upper bound of the real depth, for any document in YAML or JSON: a
+    /// manifest within the limit is never refused for its depth.
+    #[test]
+    fn the_depth_scan_never_underestimates(v in nested_value()) {
+        let real = json_depth(&v);
+        for text in [serde_yaml_ng::to_string(&v).unwrap(), serde_json::to_string_pretty(&v).unwrap(), v.to_string()] {
+            let scanned = nesting_depth(&text);
+            proptest::prop_assert!(scanned >= real, "scanned {} < real {} for\n{}", scanned, real, text);
+        }
+    }
+}
+
+fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn nested_value() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i32>().prop_map(|n| json!(n)),
+        "[a-z \\[\\]{}#'\"-]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(12, 64, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
