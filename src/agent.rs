@@ -543,14 +543,13 @@ impl Agent {
     async fn start_api(&self, core: &Core, stats: &Arc<AgentStats>) -> anyhow::Result<Api> {
         let cfg = &self.cfg;
         let token = random_token();
-        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} (agent.json api.listen)",
-                    cfg.api_listen
-                )
-            })?;
+        let listener = std::net::TcpListener::bind(cfg.api_listen).with_context(|| {
+            format!(
+                "cannot listen on {} (agent.json api.listen)",
+                cfg.api_listen
+            )
+        })?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let extra_token = match &cfg.api_token_env {
             Some(var) => Some(std::env::var(var).map_err(|_| anyhow::anyhow!(
@@ -582,7 +581,21 @@ impl Agent {
         tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
         let open_files = crate::limits::raise_open_files();
         let limits = crate::api_server::Limits::for_fd_limit(open_files.limit);
-        let server = actix::spawn(api::serve(listener, state, limits));
+        // The API has a runtime of its own (two threads): a storm of connections opening and
+        // timing out is handled beside the actors, not between their messages, and one
+        // thread busy with it leaves the other for authorized requests.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lumenflow-api")
+            .enable_all()
+            .build()
+            .context("cannot start the local API's threads")?;
+        let server = runtime.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => api::serve(listener, state, limits).await,
+                Err(e) => tracing::error!(error = %e, "local API cannot listen"),
+            }
+        });
         // Freed memory (a flood of connections, a large batch) goes back to the OS.
         actix::spawn(async {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -595,6 +608,7 @@ impl Agent {
             shutdown,
             file,
             server,
+            runtime: Some(runtime),
         })
     }
 
@@ -682,6 +696,17 @@ struct Api {
     shutdown: Arc<std::sync::atomic::AtomicBool>,
     file: std::path::PathBuf,
     server: tokio::task::JoinHandle<()>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        // Dropped inside the actor system's async context, where a blocking runtime drop
+        // would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Why the agent stops.

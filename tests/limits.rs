@@ -476,36 +476,12 @@ fn a_deeply_nested_manifest_is_refused_without_freezing_the_agent() {
 
 #[test]
 fn the_open_files_limit_is_raised_and_shown() {
-    use std::os::unix::process::CommandExt;
-    let ws = Workspace::new(json!({}), "");
-    let mut cmd = ws.cmd();
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut l = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-            l.rlim_cur = 256.min(l.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .arg("start")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let api = ws.api_file();
-    wait_for("api.json", T, || api.exists().then_some(()));
+    let mut ws = Workspace::new(json!({}), "");
+    start_with_soft_nofile(&mut ws, 256);
     let files = ws.status()["limits"]["open_files"].clone();
     assert_eq!(files["started_with"], 256, "{files}");
     assert_eq!(files["limit"], files["hard"], "{files}");
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let _ = child.wait();
+    assert_eq!(ws.terminate(), Some(0));
 }
 
 /// Starts the test agent with a soft open-files limit of `soft` (the hard one unchanged).

@@ -273,6 +273,29 @@ fn print_live(s: &Value) {
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default()
     );
+    if let Some(off) = s["reload"]["off"].as_str() {
+        println!("hot reload: not watching: {}", super::one_line(off));
+    }
+    // What one local process or pack can take of the agent, and what confines the packs.
+    let files = &s["limits"]["open_files"];
+    let a = &s["api"];
+    println!(
+        "limits: open files {}{}; API connections {} of {} ({} refused); confinement here: {}",
+        files["limit"],
+        match (files["started_with"].as_u64(), files["limit"].as_u64()) {
+            (Some(from), Some(to)) if from < to => format!(" (raised from {from})"),
+            _ => String::new(),
+        },
+        a["connections"],
+        a["max_connections"],
+        a["refused"],
+        s["limits"]["sandbox_support"].as_str().unwrap_or("-"),
+    );
+    for p in s["packs"].as_array().into_iter().flatten() {
+        if let Some(sb) = p["sandbox"].as_str().filter(|sb| !sb.starts_with("none")) {
+            println!("  {} confined: {sb}", dash(&p["id"]));
+        }
+    }
 }
 
 #[cfg(test)]
