@@ -581,29 +581,8 @@ impl Agent {
         tracing::info!(api = %format!("http://{addr}"), workspace = %self.ws.root.display(), identity = %cfg.identity, upstream = %cfg.upstream, "agent started");
         let open_files = crate::limits::raise_open_files();
         let limits = crate::api_server::Limits::for_fd_limit(open_files.limit);
-        // The API has a runtime of its own (two threads): a storm of connections opening and
-        // timing out is handled beside the actors, not between their messages, and one
-        // thread busy with it leaves the other for authorized requests.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("lumenflow-api")
-            .enable_all()
-            .build()
-            .context("cannot start the local API's threads")?;
-        let server = runtime.spawn(async move {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => api::serve(listener, state, limits).await,
-                Err(e) => tracing::error!(error = %e, "local API cannot listen"),
-            }
-        });
-        // Freed memory (a flood of connections, a large batch) goes back to the OS.
-        actix::spawn(async {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tick.tick().await;
-                crate::api_server::trim_memory();
-            }
-        });
+        let (runtime, server) =
+            api::start(listener, state, limits).context("cannot start the local API's threads")?;
         Ok(Api {
             shutdown,
             file,

@@ -18,8 +18,9 @@
 //! names: the one the platform's SDK sends (its `auth.token_env`).
 //!
 //! Errors are `{"error": {"message": …}}` with 400 (malformed JSON), 401 (token), 403 (Host),
-//! 413 (body or batch too large), 422 (an invalid event, named by index), 429 + Retry-After
-//! (durable queue full), 503 (shutting down or storage unavailable).
+//! 408 (body too slow), 413 (body or batch too large), 422 (an invalid event, named by index),
+//! 429 + Retry-After (durable queue full), 503 (shutting down or storage unavailable).
+//! Connections, timeouts and their limits: `api_server`.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -192,6 +193,37 @@ where
     Fut: std::future::Future<Output = Response> + Send + 'static,
 {
     post(move |State(s): State<ApiState>, req: Request| handler(s, req.into_body()))
+}
+
+/// Starts serving the API on `listener` within `limits`, on a runtime of its own (two
+/// threads): a storm of connections opening and timing out is handled beside the actors, not
+/// between their messages, and one thread busy with it leaves the other for authorized
+/// requests. The runtime also hands freed memory back to the OS every 10 s. Shut the runtime
+/// down with `shutdown_background` (it lives inside the actor system's async context).
+pub fn start(
+    listener: std::net::TcpListener,
+    state: ApiState,
+    limits: crate::api_server::Limits,
+) -> std::io::Result<(tokio::runtime::Runtime, tokio::task::JoinHandle<()>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lumenflow-api")
+        .enable_all()
+        .build()?;
+    let server = runtime.spawn(async move {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => serve(listener, state, limits).await,
+            Err(e) => tracing::error!(error = %e, "local API cannot listen"),
+        }
+    });
+    runtime.spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            crate::api_server::trim_memory();
+        }
+    });
+    Ok((runtime, server))
 }
 
 /// Serves the API on `listener` within `limits` (see `api_server`).
