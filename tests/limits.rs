@@ -676,3 +676,45 @@ fn a_day_of_retry_after_does_not_stall_forwarding() {
     assert!(refused_at.elapsed() < Duration::from_secs(40));
     assert_eq!(ws.terminate(), Some(0));
 }
+
+#[test]
+fn validate_says_what_confines_a_pack_and_refuses_what_cannot_be_enforced() {
+    let ws = Workspace::new(json!({}), "");
+    let scopes = |network: Value| {
+        json!({"tools": [{"name": "t", "entry": "worker.mjs", "required_scopes": [
+            {"type": "path", "pattern": "docs/**", "access": "read"}, network]}]})
+    };
+    raw_pack(
+        &ws,
+        "offline",
+        "",
+        scopes(json!({"type": "network", "posture": "off"})),
+    );
+    let out = ws.run(&["validate"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if lumenflow_agent::actors::sandbox::landlock_abi() < 1 {
+        assert!(text.contains("no Landlock"), "{text}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("confined: files: read 1 + system") && text.contains("network off"),
+        "{text}"
+    );
+    raw_pack(
+        &ws,
+        "listed",
+        "",
+        scopes(
+            json!({"type": "network", "posture": "allowlist", "allowlist_entries": ["x.example:443"]}),
+        ),
+    );
+    let out = ws.run(&["validate"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("packs/listed/manifest.json: tools[].required_scopes: the manifest's required_scopes cannot be enforced here: network posture allowlist (x.example:443)"),
+        "{text}"
+    );
+    assert!(!text.contains("worker was not started"), "{text}");
+}

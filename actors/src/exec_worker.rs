@@ -542,7 +542,9 @@ impl ExecWorker {
                 .and_then(|(_, v)| v.to_str());
             let confinement =
                 crate::sandbox::Confinement::prepare(&scopes, pack_dir, &program, path_var, &tmp)
-                    .map_err(|e| WorkerError::Unenforceable(e.to_string()))?;
+                    .map_err(|e| {
+                    WorkerError::Unenforceable(format!("{e}; the worker was not started"))
+                })?;
             // Runs in the child between fork and exec: raw system calls on memory prepared here.
             unsafe {
                 cmd.pre_exec(move || confinement.apply_in_child());

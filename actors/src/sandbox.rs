@@ -88,7 +88,7 @@ pub struct Scopes {
 
 /// Why a declared confinement cannot be enforced (the worker is not started).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the manifest's required_scopes cannot be enforced here: {0} (the worker was not started; the agent does not run a pack with less confinement than it declares)")]
+#[error("the manifest's required_scopes cannot be enforced here: {0} (the agent does not run a pack with less confinement than it declares)")]
 pub struct CannotEnforce(pub String);
 
 /// The static prefix of a scope pattern: its segments before the first glob segment.
