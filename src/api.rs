@@ -102,7 +102,7 @@ impl ApiState {
             sync: Arc::new(sync),
             shutdown: Arc::new(AtomicBool::new(false)),
             connections: Default::default(),
-            body_timeout: std::time::Duration::from_secs(15),
+            body_timeout: crate::api_server::BODY_TIMEOUT,
         }
     }
 
@@ -268,11 +268,9 @@ fn is_loopback_authority(host: &str) -> bool {
     };
     let port_ok = match rest.strip_prefix(':') {
         None => rest.is_empty(),
+        // Digits only (`u16::from_str` would take a `+`), at most 5, at most 65535.
         Some(p) => {
-            !p.is_empty()
-                && p.len() <= 5
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && p.parse::<u32>().is_ok_and(|n| n <= 65535)
+            p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
         }
     };
     port_ok && (name == "::1" || name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost"))
@@ -307,8 +305,8 @@ async fn read_body_in_time(state: &ApiState, req: Request) -> Result<Request, Re
         return Ok(req);
     }
     let (parts, body) = req.into_parts();
-    let limit = MAX_BODY_BYTES + (1 << 10);
-    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    match tokio::time::timeout(state.body_timeout, read).await {
         Err(_) => {
             let mut r = error(
                 StatusCode::REQUEST_TIMEOUT,

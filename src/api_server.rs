@@ -22,6 +22,8 @@ use std::time::Duration;
 
 /// Largest buffered request head (hyper's read buffer) per connection.
 pub const MAX_BUF: usize = 64 << 10;
+/// How long an authorized request's body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -37,7 +39,7 @@ impl Limits {
     pub fn for_fd_limit(nofile: u64) -> Limits {
         Limits {
             header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(15),
+            body_timeout: BODY_TIMEOUT,
             write_timeout: Duration::from_secs(15),
             max_connections: ((nofile / 2) as usize).clamp(16, 4096),
         }

@@ -2,7 +2,7 @@
 //!
 //! The soft open-files limit is raised to the hard one: with the common soft 1024, 300 exec
 //! packs (three pipes each) used to leave 49 of them `crashed` with EMFILE. What was done is
-//! kept for `status` (`agent.open_files`).
+//! kept for `status` (`limits.open_files`).
 
 use std::sync::OnceLock;
 

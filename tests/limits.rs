@@ -28,17 +28,7 @@ fn peak_rss_mb(pid: u32) -> u64 {
         / 1024
 }
 
-/// Whether `pid` is gone (or a zombie nobody reaped yet: it runs no more code).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-fn read_pid(file: &Path) -> u32 {
+fn read_pid(file: &Path) -> i32 {
     wait_for("a pid file", T, || {
         std::fs::read_to_string(file)
             .ok()
@@ -157,17 +147,17 @@ function onHandle(msg) {{
         began.elapsed()
     );
     wait_for("the first worker's child killed with it", T, || {
-        gone(first).then_some(())
+        process_gone(first).then_some(())
     });
     // The restarted worker handles the redelivery; its child dies with the agent's clean exit.
     wait_for("the redelivery handled", T, || {
         (ws.pack_status("forker")["handled"] == 1).then_some(())
     });
     let second = read_pid(&pids.join("2"));
-    assert!(!gone(second));
+    assert!(!process_gone(second));
     assert_eq!(ws.terminate(), Some(0));
     wait_for("the child killed at the agent's exit", T, || {
-        gone(second).then_some(())
+        process_gone(second).then_some(())
     });
 }
 

@@ -56,17 +56,6 @@ fn signal(ws: &Workspace, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
 }
 
-/// Is the process gone (or a zombie nobody reaped yet)?
-fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
-}
-
 fn inbox_kinds(ws: &Workspace, kind: &str) -> Vec<Value> {
     ws.inbox()
         .into_iter()

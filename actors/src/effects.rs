@@ -225,17 +225,9 @@ mod tests {
     use super::*;
 
     fn event(bytes: usize) -> Accepted {
-        use lumenflow_pack_sdk::EventDraft;
         let mut p = serde_json::Map::new();
         p.insert("blob".into(), "x".repeat(bytes).into());
-        let e = EventDraft::new("demo:done", p).build("ws", std::time::SystemTime::now());
-        Accepted {
-            body: e.to_json().into(),
-            envelope: std::sync::Arc::new(e),
-            pack: "demo".into(),
-            class: DeliveryClass::Queue,
-            local: false,
-        }
+        crate::queue::test_event("demo:done", p, DeliveryClass::Queue)
     }
 
     #[test]

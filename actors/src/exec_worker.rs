@@ -98,6 +98,13 @@ pub const INHERITED_ENV: &[&str] = &[
     "PYTHONPATH",
 ];
 
+/// Where `program` (a bare name) is found on `path` (a `PATH` value), as `execvp` would look.
+pub fn find_on_path(program: &Path, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    std::env::split_paths(path?)
+        .map(|d| d.join(program))
+        .find(|c| c.is_file())
+}
+
 /// The names a manifest's tools list in `required_env`.
 fn required_env(manifest: &Manifest) -> Vec<String> {
     manifest
@@ -539,7 +546,7 @@ impl ExecWorker {
             let path_var = env
                 .iter()
                 .find(|(k, _)| k == "PATH")
-                .and_then(|(_, v)| v.to_str());
+                .map(|(_, v)| v.as_os_str());
             let confinement =
                 crate::sandbox::Confinement::prepare(&scopes, pack_dir, &program, path_var, &tmp)
                     .map_err(|e| {

@@ -455,24 +455,34 @@ impl Handler<RetryDeadLetters> for DurableQueue {
     }
 }
 
+/// An accepted event of pack `demo` for unit tests: `kind` with `payload`, in `class`.
+#[cfg(test)]
+pub(crate) fn test_event(
+    kind: &str,
+    payload: serde_json::Map<String, serde_json::Value>,
+    class: DeliveryClass,
+) -> Accepted {
+    let e = lumenflow_pack_sdk::EventDraft::new(kind, payload)
+        .build("ws", std::time::SystemTime::now());
+    Accepted {
+        body: e.to_json().into(),
+        envelope: Arc::new(e),
+        pack: "demo".into(),
+        class,
+        local: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lumenflow_pack_sdk::EventDraft;
 
     fn accepted(n: usize) -> Vec<Accepted> {
         (0..n)
             .map(|i| {
                 let mut p = serde_json::Map::new();
                 p.insert("i".into(), i.into());
-                let e = EventDraft::new("demo:done", p).build("ws", std::time::SystemTime::now());
-                Accepted {
-                    body: e.to_json().into(),
-                    envelope: Arc::new(e),
-                    pack: "demo".into(),
-                    class: DeliveryClass::Queue,
-                    local: false,
-                }
+                test_event("demo:done", p, DeliveryClass::Queue)
             })
             .collect()
     }

@@ -269,15 +269,11 @@ pub struct Confinement {
 
 /// The folders a program needs to be executed from: its own and its parent, by the path it
 /// is found at and by the path it resolves to (`/usr/local/bin/node` -> `/opt/node/bin`).
-fn program_dirs(program: &Path, path_var: Option<&str>) -> Vec<PathBuf> {
+fn program_dirs(program: &Path, path_var: Option<&std::ffi::OsStr>) -> Vec<PathBuf> {
     let found = if program.components().count() > 1 {
         Some(program.to_path_buf())
     } else {
-        path_var.and_then(|p| {
-            std::env::split_paths(p)
-                .map(|d| d.join(program))
-                .find(|c| c.is_file())
-        })
+        crate::exec_worker::find_on_path(program, path_var)
     };
     let mut dirs = Vec::new();
     for p in found
@@ -302,7 +298,7 @@ impl Confinement {
         scopes: &Scopes,
         pack_dir: &Path,
         program: &Path,
-        path_var: Option<&str>,
+        path_var: Option<&std::ffi::OsStr>,
         tmpdir: &Path,
     ) -> Result<Confinement, CannotEnforce> {
         use landlock::{
@@ -355,7 +351,7 @@ impl Confinement {
         _: &Scopes,
         _: &Path,
         _: &Path,
-        _: Option<&str>,
+        _: Option<&std::ffi::OsStr>,
         _: &Path,
     ) -> Result<Confinement, CannotEnforce> {
         Err(CannotEnforce("confinement needs Linux".into()))

@@ -133,16 +133,7 @@ fn runtime_checks(load: &mut PackLoad) {
         return;
     };
     let mut errors = Vec::new();
-    let workspace = load
-        .dir
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(&load.dir);
-    if let Some(scopes) = load
-        .manifest
-        .as_ref()
-        .and_then(|m| sandbox::scopes_of(m, workspace))
-    {
+    if let Some(scopes) = confinement(load) {
         if let Err(e) = sandbox::check_enforceable(&scopes) {
             errors.push(("tools[].required_scopes".to_string(), e.to_string()));
         }
@@ -182,9 +173,20 @@ fn program_resolves(program: &str, pack_dir: &Path) -> bool {
     if program.contains('/') {
         return pack_dir.join(program).is_file();
     }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
+    let path = std::env::var_os("PATH");
+    lumenflow_actors::exec_worker::find_on_path(Path::new(program), path.as_deref()).is_some()
+}
+
+/// What confines an exec pack's worker, if its tools declare scopes (paths resolved against
+/// the workspace its packs root sits in).
+fn confinement(load: &PackLoad) -> Option<sandbox::Scopes> {
+    let m = load.manifest.as_ref().filter(|m| m.runtime.is_some())?;
+    let workspace = load
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(&load.dir);
+    sandbox::scopes_of(m, workspace)
 }
 
 fn print_load(out: &mut impl Write, load: &PackLoad) -> std::io::Result<()> {
@@ -196,12 +198,7 @@ fn print_load(out: &mut impl Write, load: &PackLoad) -> std::io::Result<()> {
     }
     if let Some(m) = &load.manifest {
         writeln!(out, "ok: {} {} ({})", m.id, m.version, load.display)?;
-        let workspace = load
-            .dir
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(&load.dir);
-        if let (Some(scopes), Some(_)) = (sandbox::scopes_of(m, workspace), &m.runtime) {
+        if let Some(scopes) = confinement(load) {
             writeln!(
                 out,
                 "    confined: {} (this kernel: {})",

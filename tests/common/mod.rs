@@ -516,3 +516,14 @@ pub fn raw_pack(ws: &Workspace, id: &str, script: &str, extra: Value) {
     std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
     std::fs::write(dir.join("worker.mjs"), script).unwrap();
 }
+
+/// Is the process gone (or a zombie nobody reaped yet: it runs no more code)?
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}

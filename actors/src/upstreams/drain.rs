@@ -23,8 +23,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Longest wait a `Retry-After` can impose (the backoff's cap).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// The longest backoff between rounds that failed.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Longest wait a `Retry-After` can impose: the backoff's cap.
+pub const MAX_RETRY_AFTER: Duration = BACKOFF_CAP;
 
 /// Ephemeral events held in memory while the upstream is busy.
 const RING_MAX: usize = 100_000;
@@ -290,11 +292,7 @@ impl DrainLoop {
                 let wait = retry_after
                     .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
                     .unwrap_or_else(|| {
-                        full_jitter(
-                            Duration::from_millis(200),
-                            Duration::from_secs(30),
-                            self.attempt,
-                        )
+                        full_jitter(Duration::from_millis(200), BACKOFF_CAP, self.attempt)
                     });
                 Next::Backoff { wait, error }
             }
@@ -322,17 +320,9 @@ mod tests {
     use super::*;
 
     fn big_event(bytes: usize) -> Accepted {
-        use lumenflow_pack_sdk::EventDraft;
         let mut p = serde_json::Map::new();
         p.insert("blob".into(), "x".repeat(bytes).into());
-        let e = EventDraft::new("demo:big", p).build("ws", std::time::SystemTime::now());
-        Accepted {
-            body: e.to_json().into(),
-            envelope: std::sync::Arc::new(e),
-            pack: "demo".into(),
-            class: lumenflow_pack_sdk::DeliveryClass::Ephemeral,
-            local: false,
-        }
+        crate::queue::test_event("demo:big", p, lumenflow_pack_sdk::DeliveryClass::Ephemeral)
     }
 
     #[test]

@@ -991,30 +991,47 @@ impl PackLoad {
     }
 }
 
-/// Why a pack folder or its manifest must not be read: it resolves (through a symbolic link)
-/// outside the packs root, the folder `dir` is in. A `manifest.yaml` linked to `/etc/shadow`
-/// would otherwise be read and its lines echoed back as unknown keys.
-fn outside_the_packs_root(dir: &Path, file: &Path) -> Option<String> {
-    let root = dir.parent()?.canonicalize().ok()?;
-    let real_dir = match dir.canonicalize() {
-        Ok(d) => d,
-        Err(e) => return Some(format!("Cannot read the pack folder: {e}")),
+/// Refuses a pack folder or manifest that resolves (through a symbolic link) outside the
+/// packs root, the folder `dir` is in. A `manifest.yaml` linked to `/etc/shadow` would
+/// otherwise be read and its lines echoed back as unknown keys.
+fn inside_the_packs_root(dir: &Path, file: &Path) -> Result<(), String> {
+    let Some(root) = dir.parent().and_then(|r| r.canonicalize().ok()) else {
+        return Ok(());
     };
+    let real_dir = dir
+        .canonicalize()
+        .map_err(|e| format!("Cannot read the pack folder: {e}"))?;
     if !real_dir.starts_with(&root) {
-        return Some(format!(
+        return Err(format!(
             "Refused: the pack folder is a link to {}, outside the packs root {}",
             real_dir.display(),
             root.display()
         ));
     }
-    match file.canonicalize() {
-        Ok(real) if real.starts_with(&real_dir) => None,
-        Ok(real) => Some(format!(
+    let real = file
+        .canonicalize()
+        .map_err(|e| format!("Cannot read manifest: {e}"))?;
+    if !real.starts_with(&real_dir) {
+        return Err(format!(
             "Refused: the manifest is a link to {}, outside its pack folder",
             real.display()
-        )),
-        Err(e) => Some(format!("Cannot read manifest: {e}")),
+        ));
     }
+    Ok(())
+}
+
+/// The manifest's text: inside the packs root, at most [`MAX_MANIFEST_BYTES`], UTF-8.
+fn read_manifest_text(dir: &Path, file: &Path) -> Result<String, String> {
+    inside_the_packs_root(dir, file)?;
+    let meta = std::fs::metadata(file).map_err(|e| format!("Cannot read manifest: {e}"))?;
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "Invalid manifest: {} bytes is larger than the limit of {MAX_MANIFEST_BYTES}",
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(file).map_err(|e| format!("Cannot read manifest: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| "Invalid manifest: the file is not UTF-8".to_string())
 }
 
 /// Finds the manifest file of a pack folder, if any.
@@ -1049,25 +1066,7 @@ pub fn load_pack_dir(
         manifest: None,
         diagnostics: Vec::new(),
     };
-    let text = match outside_the_packs_root(dir, &file) {
-        Some(why) => Err(why),
-        None => Ok(()),
-    };
-    let text = match text
-        .and(std::fs::metadata(&file).map_err(|e| format!("Cannot read manifest: {e}")))
-    {
-        Err(why) => Err(why),
-        Ok(meta) if meta.len() > MAX_MANIFEST_BYTES => Err(format!(
-            "Invalid manifest: {} bytes is larger than the limit of {MAX_MANIFEST_BYTES}",
-            meta.len()
-        )),
-        Ok(_) => std::fs::read(&file)
-            .map_err(|e| format!("Cannot read manifest: {e}"))
-            .and_then(|b| {
-                String::from_utf8(b)
-                    .map_err(|_| "Invalid manifest: the file is not UTF-8".to_string())
-            }),
-    };
+    let text = read_manifest_text(dir, &file);
     let text = match text {
         Ok(t) => t,
         Err(message) => {
