@@ -18,6 +18,7 @@ use crate::workspace::Workspace;
 use actix::prelude::*;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use lumenflow_actors::approvals::Approvals;
 use lumenflow_actors::pack_host::HostConfig;
 use lumenflow_actors::pack_registry::{DrainAll, HostDeps, PackRegistry, StartAll};
 use lumenflow_actors::queue::{outbox_depth, DurableQueue};
@@ -447,6 +448,30 @@ impl Agent {
                 (addr.clone().recipient(), addr.recipient())
             }
         };
+        let approval_policy: lumenflow_actors::approvals::SharedPolicy =
+            Arc::new(ArcSwap::from_pointee(cfg.approvals.clone()));
+        let approvals = {
+            let relay = match &self.upstream {
+                UpstreamChoice::Http(h) => Some(lumenflow_actors::approvals::actor::RelayTarget {
+                    endpoint: h.endpoint.trim_end_matches('/').to_string(),
+                    token: h.token.clone(),
+                    workspace_id: h.workspace_id.clone(),
+                    agent: lumenflow_actors::upstreams::http::http_agent(
+                        Duration::from_secs(10),
+                        h.root_certs.as_ref(),
+                    ),
+                }),
+                UpstreamChoice::MemInbox | UpstreamChoice::Nats(_) => None,
+            };
+            let (s, r, u, st, p) = (
+                store.clone(),
+                router.clone(),
+                push.clone(),
+                stats.clone(),
+                approval_policy.clone(),
+            );
+            Supervisor::start(move |_| Approvals::new(s, r, u, st, p, relay.clone()))
+        };
         let queue = {
             let (s, u, r, st, max) = (
                 store.clone(),
@@ -470,8 +495,12 @@ impl Agent {
             identity: cfg.identity.clone().into(),
             queue,
             router: router.clone(),
+            approvals: approval_policy.clone(),
+            stats: stats.clone(),
         };
         Core {
+            approvals,
+            approval_policy,
             store_arbiter,
             store,
             store_probe,
@@ -512,7 +541,7 @@ impl Agent {
         let packs_root = self.ws.root.join(&cfg.packs_dir);
         // Identity and upstream from the enrollment or workspace.yaml are not agent.json's.
         let pinned = self.upstream_source != "agent.json";
-        let config_check = config_checker(&self.ws, cfg, pinned);
+        let config_check = config_checker(&self.ws, cfg, pinned, core.approval_policy.clone());
         let registry = {
             let (root, ws_root, native) = (
                 packs_root.clone(),
@@ -570,6 +599,7 @@ impl Agent {
                 upstream_source: self.upstream_source,
             },
             self.sync_port(core),
+            core.approvals.clone(),
         )
         .also_accepting(extra_token);
         let shutdown = state.shutdown.clone();
@@ -655,6 +685,10 @@ fn durable_stats(conn: &rusqlite::Connection) -> anyhow::Result<Arc<AgentStats>>
         lumenflow_actors::sync_records::waiting(conn)?,
         Ordering::Relaxed,
     );
+    stats.approvals.pending.store(
+        lumenflow_actors::approvals::held::pending_count(conn)?,
+        Ordering::Relaxed,
+    );
     Ok(stats)
 }
 
@@ -668,6 +702,8 @@ struct Core {
     table: lumenflow_actors::router::SharedTable,
     idle: Recipient<IsIdle>,
     emitter: Emitter,
+    approvals: Addr<Approvals>,
+    approval_policy: lumenflow_actors::approvals::SharedPolicy,
 }
 
 /// The running local API.
@@ -732,6 +768,13 @@ fn core_probes(
             }),
         ),
         ("queue", Box::new(move || queue.connected())),
+        (
+            "approvals",
+            Box::new({
+                let a = core.approvals.clone();
+                move || a.connected()
+            }),
+        ),
         ("upstream", Box::new(move || idle.connected())),
         (
             "pack registry",
@@ -787,6 +830,7 @@ fn config_checker(
     ws: &Workspace,
     running: &AgentConfig,
     enrolled: bool,
+    approvals: lumenflow_actors::approvals::SharedPolicy,
 ) -> lumenflow_actors::pack_registry::ConfigCheck {
     use lumenflow_actors::pack_registry::{ConfigChange, LiveSettings};
     const LIVE: &[&str] = &[
@@ -795,6 +839,7 @@ fn config_checker(
         "max_restarts",
         "window_s",
         "handler_timeout_ms",
+        "approvals",
     ];
     let ws = ws.clone();
     let mut current = running.clone();
@@ -829,6 +874,11 @@ fn config_checker(
         current.max_restarts = now.max_restarts;
         current.window_s = now.window_s;
         current.handler_timeout_ms = now.handler_timeout_ms;
+        // New holds take the new deadlines; held events keep the deadline they were given.
+        if current.approvals != now.approvals {
+            approvals.store(Arc::new(now.approvals.clone()));
+            current.approvals = now.approvals.clone();
+        }
         Ok(ConfigChange {
             live: LiveSettings {
                 max_depth: now.queue_max_depth,

@@ -66,6 +66,8 @@ pub struct ApiState {
     pub shutdown: Arc<AtomicBool>,
     pub connections: Arc<crate::api_server::Connections>,
     body_timeout: std::time::Duration,
+    /// Decisions on held events (and on the platform's own requests, on mem:inbox).
+    pub approvals: actix::Addr<lumenflow_actors::approvals::Approvals>,
 }
 
 /// What the API says about where it runs.
@@ -88,6 +90,7 @@ impl ApiState {
         token: String,
         names: ApiNames,
         sync: crate::sync_port::SyncPort,
+        approvals: actix::Addr<lumenflow_actors::approvals::Approvals>,
     ) -> Self {
         ApiState {
             emitter,
@@ -103,6 +106,7 @@ impl ApiState {
             shutdown: Arc::new(AtomicBool::new(false)),
             connections: Default::default(),
             body_timeout: crate::api_server::BODY_TIMEOUT,
+            approvals,
         }
     }
 
@@ -127,7 +131,7 @@ impl ApiState {
 }
 
 /// The endpoints, for the 404 of any other path.
-const ENDPOINTS: &str = "POST /api/v1/events, /api/v1/heartbeat, /api/v1/policies, /api/v1/config, /api/v1/authenticate, /api/v1/telemetry, /api/v1/evidence, /api/v1/approvals/request|resolve|list, /v1/inbound; GET /v1/status, /metrics";
+const ENDPOINTS: &str = "POST /api/v1/events, /api/v1/heartbeat, /api/v1/policies, /api/v1/config, /api/v1/authenticate, /api/v1/telemetry, /api/v1/evidence, /api/v1/approvals/request|resolve|list, /v1/inbound, /v1/approvals/decide; GET /v1/status, /metrics";
 
 /// `{"error": {"message": …}}` with a status: the error shape of every LumenFlow HTTP surface.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -176,6 +180,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/dlq/retry", post(dlq_retry))
         .route("/v1/dlq/purge", post(dlq_purge))
+        .route("/v1/approvals/decide", post(approvals_decide))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -460,7 +465,10 @@ fn emit_error(e: EmitError) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("events[{index}]: {message}"),
         ),
-        EmitError::Queue(QueueError::Backpressure { retry_after_s, .. }) => {
+        EmitError::Queue(
+            QueueError::Backpressure { retry_after_s, .. }
+            | QueueError::HeldFull { retry_after_s, .. },
+        ) => {
             let mut r = error(StatusCode::TOO_MANY_REQUESTS, e.to_string());
             if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
@@ -616,12 +624,61 @@ pub fn status_json(state: &ApiState) -> Value {
         "replay_log": {"entries": s.replay_log_entries},
         "dead_letters": s.dead_letters,
         "reload": s.reload,
+        "approvals": s.approvals,
         "store": s.store,
     })
 }
 
 async fn status(State(state): State<ApiState>) -> Response {
-    axum::Json(status_json(&state)).into_response()
+    let mut doc = status_json(&state);
+    // The oldest pending held events, with their age and deadline, from the database.
+    if let Ok((pending, held)) = state
+        .store
+        .run(lumenflow_actors::approvals::held::PendingHeld { limit: 20 })
+        .await
+    {
+        doc["approvals"]["pending"] = json!(pending);
+        doc["approvals"]["held"] = json!(held);
+    }
+    axum::Json(doc).into_response()
+}
+
+/// The CLI's `approvals approve | deny`: a `ResolveApprovalInput` decided here, in every mode
+/// (in conductor mode the control plane is told afterwards).
+async fn approvals_decide(State(state): State<ApiState>, req: Request) -> Response {
+    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
+        Ok(b) => b,
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
+    };
+    let input = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Malformed request: expected a JSON object",
+            )
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
+    };
+    decide(&state, input).await
+}
+
+/// Runs a decision through the Approvals actor and answers with the record or the refusal.
+pub async fn decide(state: &ApiState, input: serde_json::Map<String, Value>) -> Response {
+    let now = lumenflow_pack_sdk::envelope::format_timestamp(std::time::SystemTime::now());
+    match state
+        .approvals
+        .send(lumenflow_actors::approvals::actor::Decide { input, now })
+        .await
+    {
+        Ok(Ok(Ok(record))) => axum::Json(record).into_response(),
+        Ok(Ok(Err(e))) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::CONFLICT),
+            e.message().to_string(),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -92,6 +92,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Decide on held events (kinds in a pack's required_approvals) and other approvals.
+    Approvals {
+        #[command(subcommand)]
+        action: ApprovalsAction,
+    },
     /// Write .lumenflow/state/conductor/enrollment.json (mode 0600) for conductor mode.
     Enroll {
         #[arg(long)]
@@ -143,6 +148,38 @@ pub enum DlqAction {
     },
     /// Delete all dead letters.
     Purge,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsAction {
+    /// List pending approvals (with --all: every approval and its decision).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve: the held event is delivered (once).
+    Approve {
+        /// Approval id (or a unique prefix of at least 4 characters, or the held event's id).
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who decides (default: your user name).
+        #[arg(long = "as", value_name = "NAME")]
+        reviewer: Option<String>,
+    },
+    /// Deny: the held event is never delivered; it is kept with the decision.
+    Deny {
+        /// Approval id (or a unique prefix of at least 4 characters, or the held event's id).
+        id: String,
+        /// Why (kept with the decision).
+        #[arg(long)]
+        reason: String,
+        /// Who decides (default: your user name).
+        #[arg(long = "as", value_name = "NAME")]
+        reviewer: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

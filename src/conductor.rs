@@ -13,7 +13,8 @@
 //! - Admin (same token): `POST /admin/publish {workspace_id, events: [{kind, payload,
 //!   event_id?}], raw?}` (`raw`: stored as given), `GET /admin/events` (what was received),
 //!   `POST /admin/faults {status?, retry_after?, rate?, latency_ms?, drop?, reject_event_ids?,
-//!   max_batch?, redirect?, html?, accept_at_most?}`, `POST /admin/policy {default_decision}`.
+//!   max_batch?, redirect?, html?, accept_at_most?}` (`status`, `redirect` and `html` apply to
+//!   the approvals endpoints too), `POST /admin/policy {default_decision}`.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -96,6 +97,9 @@ impl Conductor {
              CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY, workspace_id TEXT, body TEXT);
              CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, workspace_id TEXT, path TEXT, body TEXT);",
         )?;
+        // Approvals in the agent's own table shape: the same request / resolve / list code
+        // answers them (`lumenflow_actors::approvals::records`), per workspace.
+        db.execute_batch(lumenflow_actors::approvals::records::STANDALONE_TABLE)?;
         Ok(Conductor {
             inner: Arc::new(Mutex::new(Inner {
                 db,
@@ -128,6 +132,18 @@ impl Conductor {
                 post(|State(c): State<Conductor>, body: Bytes| {
                     records(c, "/api/v1/evidence", "evidence_refs", body)
                 }),
+            )
+            .route(
+                "/api/v1/approvals/request",
+                post(|State(c): State<Conductor>, body: Bytes| approvals(c, "request", body)),
+            )
+            .route(
+                "/api/v1/approvals/resolve",
+                post(|State(c): State<Conductor>, body: Bytes| approvals(c, "resolve", body)),
+            )
+            .route(
+                "/api/v1/approvals/list",
+                post(|State(c): State<Conductor>, body: Bytes| approvals(c, "list", body)),
             )
             .route("/admin/records", get(received_records))
             .route("/admin/publish", post(publish))
@@ -192,21 +208,8 @@ async fn push(State(c): State<Conductor>, body: Bytes) -> Response {
         )
             .into_response();
     }
-    if let Some(status) = faults.redirect {
-        return (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND),
-            [(header::LOCATION, "/login")],
-            "",
-        )
-            .into_response();
-    }
-    if faults.html == Some(true) {
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/html")],
-            "<html><body>Please sign in</body></html>",
-        )
-            .into_response();
+    if let Some(r) = lie(&faults) {
+        return r;
     }
     if let Some(status) = faults.status {
         let mut r = error(
@@ -335,6 +338,115 @@ async fn records(c: Conductor, path: &'static str, key: &'static str, body: Byte
         return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
     axum::Json(json!({"accepted": n})).into_response()
+}
+
+/// The answers of something that is not a control plane: a redirect to a login page, or a
+/// captive portal's `200` HTML page.
+fn lie(faults: &Faults) -> Option<Response> {
+    if let Some(status) = faults.redirect {
+        return Some(
+            (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND),
+                [(header::LOCATION, "/login")],
+                "",
+            )
+                .into_response(),
+        );
+    }
+    if faults.html == Some(true) {
+        return Some(
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html><body>Please sign in</body></html>",
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
+/// `approvals/request | resolve | list` of the sync port, as a control plane answers them: one
+/// list per workspace (`workspace_id` required).
+async fn approvals(c: Conductor, action: &'static str, body: Bytes) -> Response {
+    use lumenflow_actors::approvals::{ListApprovals, RequestApproval, ResolveApproval};
+    use lumenflow_actors::store::StoreOp;
+    let input = match parse(&body) {
+        Ok(Value::Object(m))
+            if m.get("workspace_id")
+                .and_then(Value::as_str)
+                .is_some_and(|w| !w.is_empty()) =>
+        {
+            m
+        }
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "missing workspace_id (a non-empty string)",
+            )
+        }
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let faults = c.lock().faults.clone();
+    if let Some(r) = lie(&faults) {
+        return r;
+    }
+    if let Some(status) = faults.status {
+        return error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            format!("injected fault: HTTP {status}"),
+        );
+    }
+    let now = now_iso();
+    let inner = c.lock();
+    let result = match action {
+        "request" => RequestApproval { input, now }.run(&inner.db),
+        "resolve" => {
+            // Only this workspace's approvals can be decided by it.
+            let field = |k: &str| {
+                input
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (ws, id) = (field("workspace_id"), field("approval_id"));
+            let owner: Option<String> = inner
+                .db
+                .query_row(
+                    "SELECT json_extract(record, '$.workspace_id') FROM approvals WHERE approval_id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .ok()
+                .flatten();
+            if owner.is_some_and(|o| o != ws) {
+                return error(StatusCode::NOT_FOUND, format!("no approval \"{id}\""));
+            }
+            ResolveApproval {
+                input,
+                now,
+                forbid_self: false,
+                origin: lumenflow_actors::approvals::held::Origin::Local,
+            }
+            .run(&inner.db)
+            .map(|r| r.map(|d| d.record))
+        }
+        _ => ListApprovals {
+            input,
+            now,
+            by_workspace: true,
+        }
+        .run(&inner.db),
+    };
+    match result {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::CONFLICT),
+            e.message().to_string(),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 async fn received_records(State(c): State<Conductor>) -> Response {

@@ -4,6 +4,7 @@
 //! User-wide defaults may live in the platform config folder
 //! (`~/.config/lumenflow-agent/config.json` on Linux); the workspace's file wins, key by key.
 
+use lumenflow_actors::approvals::held::{ApprovalPolicy, KindPolicy, OnExpiry};
 use serde_json::{Map, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub struct AgentConfig {
     pub policies: Value,
     /// The NATS JetStream upstream's settings (`nats` in agent.json).
     pub nats: NatsSettings,
+    /// Deadlines and expiry rules of held events (`approvals` in agent.json).
+    pub approvals: ApprovalPolicy,
 }
 
 /// `nats` in agent.json: how the agent authenticates to NATS, which stream it uses, and where
@@ -91,6 +94,7 @@ impl AgentConfig {
             api_token_env: None,
             policies: serde_json::json!({"default_decision": "allow", "rules": []}),
             nats: NatsSettings::default(),
+            approvals: ApprovalPolicy::default(),
         }
     }
 
@@ -313,6 +317,7 @@ impl AgentConfig {
                     }
                 }
                 "nats" => self.nats = parse_nats(v, &err)?,
+                "approvals" => self.approvals = parse_approvals(v, &err)?,
                 "policies" => {
                     check_policy_set(v).map_err(|m| err(key, m))?;
                     self.policies = v.clone();
@@ -347,7 +352,115 @@ const TOP_KEYS: &[&str] = &[
     "tls",
     "policies",
     "nats",
+    "approvals",
 ];
+
+/// Most seconds a held event may wait for a decision: a year.
+const APPROVAL_TIMEOUT_MAX: u64 = 366 * 86_400;
+
+fn parse_on_expiry(
+    v: &Value,
+    key: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<OnExpiry, ConfigError> {
+    match v.as_str() {
+        Some("deny") => Ok(OnExpiry::Deny),
+        Some("allow") => Ok(OnExpiry::Allow),
+        _ => Err(err(
+            key,
+            format!("expected \"deny\" or \"allow\", found {v}"),
+        )),
+    }
+}
+
+fn parse_timeout(
+    v: &Value,
+    key: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<u64, ConfigError> {
+    int_in(v, 1, APPROVAL_TIMEOUT_MAX).ok_or_else(|| {
+        err(
+            key,
+            format!(
+                "expected a whole number of seconds from 1 to {APPROVAL_TIMEOUT_MAX}, found {v}"
+            ),
+        )
+    })
+}
+
+/// `approvals`: `{timeout_s, on_expiry, forbid_self_approval, kinds: {KIND: {timeout_s,
+/// on_expiry}}}`.
+fn parse_approvals(
+    v: &Value,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ApprovalPolicy, ConfigError> {
+    let m = obj_of(v, "approvals", err)?;
+    check_keys(
+        m,
+        "approvals.",
+        &[
+            "timeout_s",
+            "on_expiry",
+            "forbid_self_approval",
+            "max_pending",
+            "kinds",
+        ],
+        err,
+    )?;
+    let mut p = ApprovalPolicy::default();
+    if let Some(x) = m.get("timeout_s") {
+        p.timeout_s = parse_timeout(x, "approvals.timeout_s", err)?;
+    }
+    if let Some(x) = m.get("on_expiry") {
+        p.on_expiry = parse_on_expiry(x, "approvals.on_expiry", err)?;
+    }
+    if let Some(x) = m.get("forbid_self_approval") {
+        p.forbid_self_approval = x.as_bool().ok_or_else(|| {
+            err(
+                "approvals.forbid_self_approval",
+                format!("expected true or false, found {x}"),
+            )
+        })?;
+    }
+    if let Some(x) = m.get("max_pending") {
+        p.max_pending = int_in(x, 1, 10_000_000).ok_or_else(|| {
+            err(
+                "approvals.max_pending",
+                format!("expected a whole number from 1 to 10000000, found {x}"),
+            )
+        })?;
+    }
+    if let Some(x) = m.get("kinds") {
+        let kinds = obj_of(x, "approvals.kinds", err)?;
+        for (kind, k) in kinds {
+            let at = format!("approvals.kinds.{kind}");
+            if lumenflow_pack_sdk::kind::parse_kind(kind).is_err() {
+                return Err(err(
+                    &at,
+                    "expected an event kind like \"acme-phone:send_requested\" as the key".into(),
+                ));
+            }
+            let km = obj_of(k, &at, err)?;
+            check_keys(km, &format!("{at}."), &["timeout_s", "on_expiry"], err)?;
+            let timeout_s = km
+                .get("timeout_s")
+                .map(|t| parse_timeout(t, &format!("{at}.timeout_s"), err))
+                .transpose()?;
+            let on_expiry = km
+                .get("on_expiry")
+                .map(|o| parse_on_expiry(o, &format!("{at}.on_expiry"), err))
+                .transpose()?;
+            p.kinds.insert(
+                kind.clone(),
+                KindPolicy {
+                    timeout_s,
+                    on_expiry,
+                },
+            );
+        }
+    }
+    Ok(p)
+}
 
 fn parse_nats(
     v: &Value,

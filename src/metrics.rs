@@ -119,6 +119,25 @@ impl Collector for StatsCollector {
             "Dead letters kept",
             s.dead_letters,
         )?;
+        gauge(
+            &mut enc,
+            "lumenflow_agent_approvals_pending",
+            "Held events waiting for a decision",
+            s.approvals.pending,
+        )?;
+        counter(
+            &mut enc,
+            "lumenflow_agent_approvals_released",
+            "Held events released by a decision (approved, or expired with on_expiry allow)",
+            s.approvals.released,
+        )?;
+        counter(
+            &mut enc,
+            "lumenflow_agent_approvals_withheld",
+            "Held events denied or expired, never delivered",
+            (s.approvals.rejected + s.approvals.expired)
+                .saturating_sub(s.approvals.released.saturating_sub(s.approvals.approved)),
+        )?;
         counter(
             &mut enc,
             "lumenflow_agent_store_commits",

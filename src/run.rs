@@ -58,6 +58,7 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
         Command::Inbox { json, limit } => commands::inbox::run(ws, *json, *limit),
         Command::Conformance { pack_dir } => commands::conformance::run(pack_dir),
         Command::Dlq { action } => commands::dlq::run(ws, action),
+        Command::Approvals { action } => commands::approvals::run(ws, action),
         Command::Conductor { action } => commands::conductor::run(action),
         Command::Enroll {
             endpoint,

@@ -19,7 +19,7 @@ use crate::api::{error, ApiState};
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use lumenflow_actors::approvals::{ApprovalError, ListApprovals, RequestApproval, ResolveApproval};
+use lumenflow_actors::approvals::{ListApprovals, RequestApproval};
 use lumenflow_actors::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use lumenflow_actors::sync_records::StoreRecords;
 use lumenflow_actors::upstreams::http::{post, Reply};
@@ -427,12 +427,30 @@ pub async fn approvals(state: ApiState, action: &'static str, body: Body) -> Res
         Err(r) => return r,
     };
     if let Some(relay) = &state.sync.relay {
+        let mut req = req;
+        // The control plane files approvals by workspace: this one's, when the caller named none.
+        req.entry("workspace_id")
+            .or_insert_with(|| json!(state.identity()));
         let reply = state.sync.relay(relay, path, &Value::Object(req)).await;
+        if action == "resolve" {
+            // A decision the control plane took on our request: applied here at once (the
+            // next pull would find it too).
+            if let Reply::Status(200..=299, text, _, _) = &reply {
+                if let Ok(record @ Value::Object(_)) = serde_json::from_str::<Value>(text) {
+                    state
+                        .approvals
+                        .do_send(lumenflow_actors::approvals::actor::RemoteDecided(record));
+                }
+            }
+        }
         return passthrough(reply, path);
     }
     let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
     let mut req = req;
     req.insert("workspace_id".into(), json!(state.identity()));
+    if action == "resolve" {
+        return crate::api::decide(&state, req).await;
+    }
     let result = match action {
         "request" => {
             state
@@ -441,28 +459,24 @@ pub async fn approvals(state: ApiState, action: &'static str, body: Body) -> Res
                 .run(RequestApproval { input: req, now })
                 .await
         }
-        "resolve" => {
-            state
-                .sync
-                .store
-                .run(ResolveApproval { input: req, now })
-                .await
-        }
         _ => {
             state
                 .sync
                 .store
-                .run(ListApprovals { input: req, now })
+                .run(ListApprovals {
+                    input: req,
+                    now,
+                    by_workspace: false,
+                })
                 .await
         }
     };
     match result {
         Ok(Ok(v)) => json_reply(v),
-        Ok(Err(ApprovalError::Invalid(m))) => {
-            error(StatusCode::UNPROCESSABLE_ENTITY, format!("{path}: {m}"))
-        }
-        Ok(Err(ApprovalError::NotFound(m))) => error(StatusCode::NOT_FOUND, format!("{path}: {m}")),
-        Ok(Err(ApprovalError::Decided(m))) => error(StatusCode::CONFLICT, format!("{path}: {m}")),
+        Ok(Err(e)) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::CONFLICT),
+            format!("{path}: {}", e.message()),
+        ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -282,3 +282,50 @@ fn node_helper_passes_the_event_id_vectors() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("# pass 4"), "{text}");
 }
+
+/// A pack author adds `required_approvals` to the scaffold: `conformance` shows the event is
+/// held until approved, and a running agent holds it from the real (node) worker until
+/// `approvals approve`.
+#[test]
+fn a_required_approvals_kind_is_held_in_conformance_and_at_run_time() {
+    let mut ws = Workspace::new(json!({"identity": "ws-held"}), "");
+    ws.bin = AGENT;
+    let (code, out) = agent_in(ws.path(), &["new", "pack", "hello"]);
+    assert_eq!(code, 0, "{out}");
+    let manifest = ws.path().join("packs/hello/manifest.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let text = text.replace(
+        "emitted_event_kinds: [\"hello:job_completed\"]",
+        "emitted_event_kinds: [\"hello:job_completed\"]\nrequired_approvals: [\"hello:job_completed\"]",
+    );
+    assert!(text.contains("required_approvals"), "{text}");
+    std::fs::write(&manifest, text).unwrap();
+    let (code, out) = agent_in(ws.path(), &["conformance", "packs/hello"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "PASS  approvals: hello:job_completed is held until approved (the handler's event"
+        ),
+        "{out}"
+    );
+    ws.start();
+    ws.inbound("conductor:recovery_requested", r#"{"wu_id":"hello-job-1"}"#);
+    let id = wait_for("the held event listed", Duration::from_secs(20), || {
+        let (_, out) = agent_in(ws.path(), &["approvals", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v[0]["approval_id"].as_str().map(str::to_string)
+    });
+    assert!(ws.inbox().is_empty(), "held until approved");
+    let (code, out) = agent_in(ws.path(), &["approvals", "approve", &id, "--as", "author"]);
+    assert_eq!(code, 0, "{out}");
+    let inbox = wait_for(
+        "hello:job_completed in the inbox",
+        Duration::from_secs(20),
+        || {
+            let i = ws.inbox();
+            (!i.is_empty()).then_some(i)
+        },
+    );
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0]["event"]["kind"], "hello:job_completed");
+}

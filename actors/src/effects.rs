@@ -16,7 +16,6 @@
 
 use crate::queue::Accepted;
 use lumenflow_pack_sdk::native::ServiceError;
-use lumenflow_pack_sdk::DeliveryClass;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
@@ -117,7 +116,7 @@ impl EffectStage {
         s.bytes += bytes;
         s.per_delivery.insert(tag.seq, count);
         for e in events {
-            if e.class == DeliveryClass::Queue {
+            if e.to_outbox() {
                 s.queued += 1;
             }
             s.emits.push((tag.seq, e));
@@ -157,7 +156,7 @@ impl EffectStage {
         let dropped_queued = s
             .emits
             .iter()
-            .filter(|(q, e)| *q == seq && e.class == DeliveryClass::Queue)
+            .filter(|(q, e)| *q == seq && e.to_outbox())
             .count() as i64;
         s.queued -= dropped_queued;
         let dropped_bytes: usize = s
@@ -223,6 +222,7 @@ impl EffectStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lumenflow_pack_sdk::DeliveryClass;
 
     fn event(bytes: usize) -> Accepted {
         let mut p = serde_json::Map::new();

@@ -593,10 +593,10 @@ impl HostServices {
 fn emit_error(e: crate::router::EmitError) -> ServiceError {
     match e {
         crate::router::EmitError::Rejected { message, .. } => ServiceError::Rejected(message),
-        crate::router::EmitError::Queue(crate::queue::QueueError::Backpressure {
-            retry_after_s,
-            ..
-        }) => ServiceError::Backpressure {
+        crate::router::EmitError::Queue(
+            crate::queue::QueueError::Backpressure { retry_after_s, .. }
+            | crate::queue::QueueError::HeldFull { retry_after_s, .. },
+        ) => ServiceError::Backpressure {
             retry_after_ms: retry_after_s * 1000,
         },
         e => ServiceError::Unavailable(e.to_string()),
@@ -672,10 +672,7 @@ impl HostServices {
                     self.shared.stage.refuse(tag, m);
                 }
             })?;
-        let queued = events
-            .iter()
-            .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
-            .count() as i64;
+        let queued = events.iter().filter(|e| e.to_outbox()).count() as i64;
         let waiting = self
             .shared
             .agent
@@ -1008,10 +1005,7 @@ impl ChunkRun {
         let mut records = done.records;
         records.extend(staged.puts.iter().map(|k| handler_key(k)));
         let emits = staged.emits;
-        let queued = emits
-            .iter()
-            .filter(|e| e.class == lumenflow_pack_sdk::DeliveryClass::Queue)
-            .count() as i64;
+        let queued = emits.iter().filter(|e| e.to_outbox()).count() as i64;
         // Counted before the commit: the upstream may deliver (and count off) these rows
         // as soon as they are committed.
         self.agent

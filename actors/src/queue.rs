@@ -16,6 +16,7 @@
 //!   outbox is written straight into mem:inbox by the accepting transaction (one row instead of
 //!   an outbox row, its move and its delete); otherwise it waits behind the others.
 
+use crate::approvals::held::{insert_held, Hold};
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
@@ -35,9 +36,22 @@ pub struct Accepted {
     pub class: DeliveryClass,
     /// True when at least one local pack subscribes to the kind.
     pub local: bool,
+    /// Its kind is in its pack's `required_approvals`: held until a decision
+    /// (`approvals::held`), neither in the outbox nor at local subscribers before.
+    pub hold: Option<Arc<Hold>>,
 }
 
 impl Accepted {
+    /// Goes to the outbox now (a `queue` kind, not held).
+    pub fn to_outbox(&self) -> bool {
+        self.class == DeliveryClass::Queue && self.hold.is_none()
+    }
+
+    /// Goes to the upstream's memory ring now (an `ephemeral` kind, not held).
+    pub fn to_ring(&self) -> bool {
+        self.class == DeliveryClass::Ephemeral && self.hold.is_none()
+    }
+
     /// The envelope's JSON as local packs get it. It is `body` except for a v1 kernel event,
     /// whose `body` is the event as posted (what goes upstream, unchanged) and which packs
     /// get wrapped in its `kernel:<kind>` envelope.
@@ -58,6 +72,12 @@ pub enum QueueError {
         max: u64,
         retry_after_s: u64,
     },
+    #[error("Backpressure: {pending} held events wait for a decision (approvals.max_pending = {max}); decide some (`lumenflow-agent approvals list`) or retry after {retry_after_s} s")]
+    HeldFull {
+        pending: i64,
+        max: u64,
+        retry_after_s: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -73,7 +93,7 @@ pub fn insert_accepted(
     let mut out_stmt = conn.prepare_cached(
         "INSERT INTO outbox(event_id, kind, pack, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    for e in events.iter().filter(|e| e.class == DeliveryClass::Queue) {
+    for e in events.iter().filter(|e| e.to_outbox()) {
         out_stmt.execute(params![
             e.envelope.event_id,
             e.envelope.kind,
@@ -85,7 +105,8 @@ pub fn insert_accepted(
     insert_local(conn, events)
 }
 
-/// Inserts the inbound rows of the events local packs subscribe to; their seqs, in order.
+/// Inserts the inbound rows of the events local packs subscribe to, and holds the held ones
+/// (their row is their `agent:approval_requested`); the seqs, in order (None: no row).
 fn insert_local(conn: &Connection, events: &[Accepted]) -> Result<Vec<Option<i64>>, StoreError> {
     let now = now_ms();
     let mut in_stmt = conn.prepare_cached(
@@ -93,7 +114,9 @@ fn insert_local(conn: &Connection, events: &[Accepted]) -> Result<Vec<Option<i64
     )?;
     let mut seqs = Vec::with_capacity(events.len());
     for e in events {
-        if e.local {
+        if let Some(hold) = &e.hold {
+            seqs.push(insert_held(conn, e, hold)?);
+        } else if e.local {
             in_stmt.execute(params![
                 e.envelope.event_id,
                 e.envelope.kind,
@@ -115,20 +138,25 @@ pub fn dispatch_when_committed(
     router: Addr<Router>,
     events: &[Accepted],
 ) -> impl FnOnce(&[Option<i64>]) + Send + 'static {
-    let local: Vec<Arc<Envelope>> = events
+    // Aligned with the events: what each one's inbound row carries (a held event's row is its
+    // `agent:approval_requested`).
+    let local: Vec<Option<Arc<Envelope>>> = events
         .iter()
-        .filter(|e| e.local)
-        .map(|e| e.envelope.clone())
+        .map(|e| match &e.hold {
+            Some(h) => Some(h.requested.clone()),
+            None => e.local.then(|| e.envelope.clone()),
+        })
         .collect();
     move |seqs: &[Option<i64>]| {
         let rows: Vec<InboundRow> = seqs
             .iter()
-            .flatten()
             .zip(local)
-            .map(|(seq, envelope)| InboundRow {
-                seq: *seq,
-                envelope,
-                target: None,
+            .filter_map(|(seq, envelope)| {
+                Some(InboundRow {
+                    seq: (*seq)?,
+                    envelope: envelope?,
+                    target: None,
+                })
             })
             .collect();
         if !rows.is_empty() {
@@ -174,11 +202,7 @@ impl StoreOp for AcceptOp {
             "INSERT OR IGNORE INTO mem_inbox(event_id, kind, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
         )?;
         let mut direct = 0;
-        for e in self
-            .events
-            .iter()
-            .filter(|e| e.class == DeliveryClass::Queue)
-        {
+        for e in self.events.iter().filter(|e| e.to_outbox()) {
             inbox.execute(params![e.envelope.event_id, e.envelope.kind, now, &*e.body])?;
             direct += 1;
         }
@@ -259,11 +283,7 @@ impl Handler<Accept> for DurableQueue {
 
     fn handle(&mut self, msg: Accept, _: &mut Context<Self>) -> Self::Result {
         let stats = self.stats.clone();
-        let n_queue = msg
-            .events
-            .iter()
-            .filter(|e| e.class == DeliveryClass::Queue)
-            .count() as i64;
+        let n_queue = msg.events.iter().filter(|e| e.to_outbox()).count() as i64;
         // Reserve the depth now, release on failure.
         if let Err(e) = reserve_depth(&stats, n_queue) {
             return Box::pin(async move { Err(e) });
@@ -276,7 +296,7 @@ impl Handler<Accept> for DurableQueue {
             let events = msg.events;
             let needs_store = events
                 .iter()
-                .any(|e| e.class == DeliveryClass::Queue || e.local);
+                .any(|e| e.class == DeliveryClass::Queue || e.local || e.hold.is_some());
             let (events, waiting) = if needs_store {
                 let hook = dispatch_when_committed(router, &events);
                 let on_commit: OnCommit<AcceptedBatch> = Box::new(move |b| hook(&b.seqs));
@@ -317,7 +337,12 @@ impl Handler<Accept> for DurableQueue {
 
 /// Counts committed events and wakes the upstream (it reads durable events from the outbox
 /// itself; ephemeral ones ride along).
-fn announce(stats: &AgentStats, upstream: &Recipient<Push>, events: Vec<Accepted>, n_queue: i64) {
+pub(crate) fn announce(
+    stats: &AgentStats,
+    upstream: &Recipient<Push>,
+    events: Vec<Accepted>,
+    n_queue: i64,
+) {
     if n_queue > 0 {
         let _ = stats.queue.oldest_ms.compare_exchange(
             0,
@@ -330,10 +355,12 @@ fn announce(stats: &AgentStats, upstream: &Recipient<Push>, events: Vec<Accepted
             .accepted_queue
             .fetch_add(n_queue as u64, Ordering::Relaxed);
     }
-    let ephemeral: Vec<Accepted> = events
-        .into_iter()
-        .filter(|e| e.class == DeliveryClass::Ephemeral)
-        .collect();
+    let held = events.iter().filter(|e| e.hold.is_some()).count() as i64;
+    if held > 0 {
+        // Counted now; the Approvals actor recounts from the table every second.
+        stats.approvals.pending.fetch_add(held, Ordering::AcqRel);
+    }
+    let ephemeral: Vec<Accepted> = events.into_iter().filter(|e| e.to_ring()).collect();
     stats
         .queue
         .accepted_ephemeral
@@ -356,11 +383,7 @@ impl Message for Committed {
 impl Handler<Committed> for DurableQueue {
     type Result = ();
     fn handle(&mut self, m: Committed, _: &mut Context<Self>) {
-        let n_queue = m
-            .events
-            .iter()
-            .filter(|e| e.class == DeliveryClass::Queue)
-            .count() as i64;
+        let n_queue = m.events.iter().filter(|e| e.to_outbox()).count() as i64;
         announce(&self.stats, &self.upstream, m.events, n_queue);
     }
 }
@@ -470,6 +493,7 @@ pub(crate) fn test_event(
         pack: "demo".into(),
         class,
         local: false,
+        hold: None,
     }
 }
 

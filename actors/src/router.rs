@@ -309,6 +309,10 @@ pub struct Emitter {
     pub identity: Arc<str>,
     pub queue: Addr<DurableQueue>,
     pub router: Addr<Router>,
+    /// Deadlines and expiry rules of held events (`approvals` in agent.json).
+    pub approvals: crate::approvals::SharedPolicy,
+    /// Held events waiting (`approvals.max_pending` bounds them).
+    pub stats: Arc<AgentStats>,
 }
 
 /// What the local API is posted: a pack's event (a v2 envelope or a draft) or one of the
@@ -352,6 +356,22 @@ impl Emitter {
             };
             out.push(accepted.map_err(|message| EmitError::Rejected { index, message })?);
         }
+        let held = out.iter().filter(|e| e.hold.is_some()).count() as i64;
+        if held > 0 {
+            let max = self.approvals.load().max_pending;
+            let pending = self.stats.approvals.pending.load(Ordering::Acquire);
+            if pending + held > max as i64 {
+                self.stats
+                    .queue
+                    .backpressure_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(EmitError::Queue(QueueError::HeldFull {
+                    pending,
+                    max,
+                    retry_after_s: 10,
+                }));
+            }
+        }
         Ok(out)
     }
 
@@ -386,12 +406,22 @@ impl Emitter {
         let class = manifest.check_emit(&kind).map_err(|e| e.to_string())?;
         let envelope = item.complete(&self.identity, now);
         let body: Arc<str> = envelope.to_json().into();
+        let hold = manifest.required_approvals.contains(&kind).then(|| {
+            Arc::new(crate::approvals::Hold::new(
+                &envelope,
+                &manifest.id,
+                &self.approvals.load(),
+                &self.identity,
+                now,
+            ))
+        });
         Ok(Accepted {
             local: !table.subscribers_of(&envelope.kind).is_empty(),
             envelope: Arc::new(envelope),
             body,
             pack: manifest.id.clone(),
             class,
+            hold,
         })
     }
 
@@ -404,6 +434,7 @@ impl Emitter {
             envelope: Arc::new(envelope),
             pack: PLATFORM_PRODUCER.to_string(),
             class: DeliveryClass::Queue,
+            hold: None,
         }
     }
 

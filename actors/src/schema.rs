@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 /// Schema version this binary writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migration `i` brings the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -163,6 +163,28 @@ const MIGRATIONS: &[&str] = &[
         status      TEXT NOT NULL,
         record      TEXT NOT NULL
     );
+    ",
+    // 3 -> 4
+    "
+    -- Held events (`approvals::held`): an approval row that holds an event of a
+    -- `required_approvals` kind. `body`: the event as it goes upstream; `local_body`: as local
+    -- packs get it, when different; `released_ms`: when a decision sent it on (NULL: held, or
+    -- withheld for good); `remote`: in conductor mode, what the control plane still has to
+    -- hear (`request`, `resolve`), `sent` (it has the request) or `done`.
+    ALTER TABLE approvals ADD COLUMN event_id TEXT;
+    ALTER TABLE approvals ADD COLUMN payload_hash TEXT;
+    ALTER TABLE approvals ADD COLUMN pack TEXT;
+    ALTER TABLE approvals ADD COLUMN body TEXT;
+    ALTER TABLE approvals ADD COLUMN local_body TEXT;
+    ALTER TABLE approvals ADD COLUMN created_ms INTEGER;
+    ALTER TABLE approvals ADD COLUMN deadline_ms INTEGER;
+    ALTER TABLE approvals ADD COLUMN on_expiry TEXT;
+    ALTER TABLE approvals ADD COLUMN released_ms INTEGER;
+    ALTER TABLE approvals ADD COLUMN remote TEXT;
+    ALTER TABLE approvals ADD COLUMN remote_id TEXT;
+    CREATE UNIQUE INDEX IF NOT EXISTS approvals_held_event ON approvals(event_id, payload_hash) WHERE event_id IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS approvals_pending_deadline ON approvals(deadline_ms) WHERE status = 'pending' AND deadline_ms IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS approvals_remote ON approvals(remote) WHERE remote IN ('request', 'resolve', 'sent');
     ",
 ];
 

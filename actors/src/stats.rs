@@ -140,6 +140,26 @@ pub struct ReloadStats {
     pub off: Mutex<Option<String>>,
 }
 
+/// Held events (`approvals`): what waits, what was decided since start.
+#[derive(Debug, Default)]
+pub struct ApprovalStats {
+    /// Held events waiting for a decision (refreshed every second).
+    pub pending: AtomicI64,
+    pub approved: AtomicU64,
+    pub rejected: AtomicU64,
+    pub expired: AtomicU64,
+    /// Decided events sent on (approved, or expired with `on_expiry: allow`).
+    pub released: AtomicU64,
+    /// Conductor mode: why the last exchange with the control plane failed (`None`: it did not).
+    relay_error: Mutex<Option<String>>,
+}
+
+impl ApprovalStats {
+    pub fn set_relay_error(&self, e: Option<String>) {
+        set_str(&self.relay_error, e);
+    }
+}
+
 /// Everything `status` shows, live.
 #[derive(Debug)]
 pub struct AgentStats {
@@ -149,6 +169,7 @@ pub struct AgentStats {
     pub queue: QueueStats,
     pub upstream: UpstreamStats,
     pub reload: ReloadStats,
+    pub approvals: ApprovalStats,
     pub dead_letters: AtomicI64,
     pub replay_entries: AtomicI64,
     pub inbound_accepted: AtomicU64,
@@ -167,6 +188,7 @@ impl Default for AgentStats {
             queue: QueueStats::default(),
             upstream: UpstreamStats::default(),
             reload: ReloadStats::default(),
+            approvals: ApprovalStats::default(),
             dead_letters: AtomicI64::new(0),
             replay_entries: AtomicI64::new(0),
             inbound_accepted: AtomicU64::new(0),
@@ -291,6 +313,15 @@ impl AgentStats {
                 watching: lock_str(&self.reload.off).is_none(),
                 off: lock_str(&self.reload.off),
             },
+            approvals: ApprovalSnapshot {
+                pending: self.approvals.pending.load(Ordering::Relaxed).max(0),
+                approved: self.approvals.approved.load(Ordering::Relaxed),
+                rejected: self.approvals.rejected.load(Ordering::Relaxed),
+                expired: self.approvals.expired.load(Ordering::Relaxed),
+                released: self.approvals.released.load(Ordering::Relaxed),
+                relay_error: lock_str(&self.approvals.relay_error),
+                held: Vec::new(),
+            },
             store: StoreSnapshot {
                 commits: self.store.commits.load(Ordering::Relaxed),
                 ops: self.store.ops.load(Ordering::Relaxed),
@@ -310,7 +341,21 @@ pub struct StatusSnapshot {
     pub replay_log_entries: i64,
     pub dead_letters: i64,
     pub reload: ReloadSnapshot,
+    pub approvals: ApprovalSnapshot,
     pub store: StoreSnapshot,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalSnapshot {
+    pub pending: i64,
+    pub approved: u64,
+    pub rejected: u64,
+    pub expired: u64,
+    pub released: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_error: Option<String>,
+    /// The oldest pending held events (filled in by the API from the database).
+    pub held: Vec<crate::approvals::held::HeldSummary>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,6 +7,10 @@
 //!    delivery must return `replayed` and repeat no effect (no emit), else
 //!    `Handler called twice: …`.
 //! 4. Every emit the handler makes is declared, namespaced and well-formed.
+//! 5. Each kind in `required_approvals` is held by the agent's own code (an in-memory copy of
+//!    its database): the handler's event of that kind (or a generated one) is neither in the
+//!    outbox nor at local subscribers until approved; the approval releases it once; a second
+//!    approval is refused.
 //!
 //! Prints a PASS/FAIL line per check; exit 1 on any failure.
 
@@ -162,8 +166,13 @@ pub fn run(pack_dir: &Path) -> anyhow::Result<u8> {
     report.pass(format!("manifest: {} is valid", load.display));
     if manifest.runtime.is_none() {
         report.pass("handshake: no runtime (an emit-only pack has no handlers to test)");
+        check_holds(&manifest, &[], &mut report);
         println!("{} checks passed", report.passed);
-        return Ok(exit::OK);
+        return Ok(if report.failed == 0 {
+            exit::OK
+        } else {
+            exit::INVALID
+        });
     }
 
     let recorder = Arc::new(Recorder {
@@ -178,8 +187,9 @@ pub fn run(pack_dir: &Path) -> anyhow::Result<u8> {
         recorder,
         &mut report,
     ));
-    if let Err(e) = result {
-        report.fail(e);
+    match result {
+        Ok(emitted) => check_holds(&manifest, &emitted, &mut report),
+        Err(e) => report.fail(e),
     }
     if report.failed == 0 {
         println!("{} checks passed", report.passed);
@@ -196,7 +206,7 @@ async fn harness(
     display: &str,
     recorder: Arc<Recorder>,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<Vec<Envelope>, String> {
     let timeout = Duration::from_millis(
         manifest
             .runtime
@@ -252,7 +262,7 @@ async fn harness(
                         String::new()
                     }
                 ));
-                return Ok(());
+                return Ok(Vec::new());
             }
         };
         let after_first = effects(&recorder);
@@ -319,6 +329,101 @@ async fn harness(
         }
     }
     worker.shutdown(Duration::from_secs(2)).await;
-    let _ = json!(null);
+    Ok(emits.into_iter().filter_map(Result::ok).collect())
+}
+
+/// Check 5: every `required_approvals` kind is held until approved, released once.
+fn check_holds(manifest: &Manifest, emitted: &[Envelope], report: &mut Report) {
+    for kind in &manifest.required_approvals {
+        let (event, source) = match emitted.iter().find(|e| &e.kind == kind) {
+            Some(e) => (e.clone(), "the handler's event"),
+            None => (
+                EventDraft::new(kind.as_str(), Map::new()).build("conformance", SystemTime::now()),
+                "a generated event (no delivery emitted one)",
+            ),
+        };
+        match hold_and_approve(manifest, event) {
+            Ok(()) => report.pass(format!(
+                "approvals: {kind} is held until approved ({source}: not upstream, not at local subscribers; approve released it once; a second approve was refused)"
+            )),
+            Err(e) => report.fail(format!("approvals: {kind}: {e}")),
+        }
+    }
+}
+
+/// Holds `event` with the agent's own code on an in-memory database, then approves it twice.
+fn hold_and_approve(manifest: &Manifest, event: Envelope) -> Result<(), String> {
+    use lumenflow_actors::approvals::held::{ApprovalPolicy, Hold, Origin};
+    use lumenflow_actors::approvals::ResolveApproval;
+    use lumenflow_actors::store::StoreOp;
+    let mut conn = rusqlite::Connection::open_in_memory().map_err(|e| e.to_string())?;
+    lumenflow_actors::schema::migrate(&mut conn).map_err(|e| e.to_string())?;
+    let count = |sql: &str| -> Result<i64, String> {
+        conn.query_row(sql, [&event.kind], |r| r.get(0))
+            .map_err(|e| e.to_string())
+    };
+    let hold = Hold::new(
+        &event,
+        &manifest.id,
+        &ApprovalPolicy::default(),
+        "conformance",
+        SystemTime::now(),
+    );
+    let approval_id = hold.approval_id.clone();
+    let class = manifest
+        .check_emit(&event.kind)
+        .map_err(|e| e.to_string())?;
+    let accepted = lumenflow_actors::queue::Accepted {
+        body: event.to_json().into(),
+        envelope: Arc::new(event.clone()),
+        pack: manifest.id.clone(),
+        class,
+        local: true,
+        hold: Some(Arc::new(hold)),
+    };
+    lumenflow_actors::queue::insert_accepted(&conn, &[accepted.clone(), accepted])
+        .map_err(|e| e.to_string())?;
+    let (out, local) = (
+        count("SELECT count(*) FROM outbox WHERE kind = ?1")?,
+        count("SELECT count(*) FROM inbound WHERE kind = ?1")?,
+    );
+    if out + local > 0 {
+        return Err(format!(
+            "not held: {out} outbox row(s), {local} inbound row(s) before any decision"
+        ));
+    }
+    let pending = count("SELECT count(*) FROM approvals WHERE status = 'pending' AND type = ?1")?;
+    if pending != 1 {
+        return Err(format!(
+            "{pending} pending approval(s) for one event emitted twice (expected 1)"
+        ));
+    }
+    let approve = || {
+        let mut input = Map::new();
+        input.insert("approval_id".into(), json!(approval_id));
+        input.insert("decision".into(), json!("approved"));
+        input.insert("reviewer_id".into(), json!("conformance"));
+        ResolveApproval {
+            input,
+            now: lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now()),
+            forbid_self: false,
+            origin: Origin::Local,
+        }
+        .run(&conn)
+        .map_err(|e| e.to_string())
+    };
+    approve()?.map_err(|e| format!("approve: {}", e.message()))?;
+    let (out, local) = (
+        count("SELECT count(*) FROM outbox WHERE kind = ?1")?,
+        count("SELECT count(*) FROM inbound WHERE kind = ?1")?,
+    );
+    if (out, local) != (1, 1) {
+        return Err(format!(
+            "after approval: {out} outbox row(s) and {local} inbound row(s) (expected 1 and 1)"
+        ));
+    }
+    if approve()?.is_ok() {
+        return Err("a second approval was taken".into());
+    }
     Ok(())
 }

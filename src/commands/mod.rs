@@ -1,6 +1,7 @@
 //! One module per CLI command. Each returns the process exit code, or an error that the CLI
 //! edge prints (exit 2: usage or environment).
 
+pub mod approvals;
 pub mod conductor;
 pub mod conformance;
 pub mod dlq;

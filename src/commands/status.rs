@@ -70,10 +70,63 @@ pub fn durable_state(ws: &Workspace) -> Value {
             "replay_log": {"entries": one("SELECT count(*) FROM replay_log")?},
             "dead_letters": one("SELECT count(*) FROM dead_letters")?,
             "mem_inbox": one("SELECT count(*) FROM mem_inbox")?,
+            "approvals": lumenflow_actors::approvals::held::pending(&c, 20)
+                .map(|(pending, held)| json!({"pending": pending, "held": held}))
+                .unwrap_or(Value::Null),
             "packs": packs,
         }))
     };
     read().unwrap_or_else(|e| json!({"database": ws.display(&path), "error": e.to_string()}))
+}
+
+/// Held events waiting for a decision: each with its age and the time left to its deadline.
+fn print_approvals(a: &Value) {
+    let pending = a["pending"].as_i64().unwrap_or(0);
+    let decided = ["approved", "rejected", "expired"]
+        .iter()
+        .map(|k| format!("{} {k}", a[k].as_u64().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if pending == 0
+        && a["approved"].as_u64().unwrap_or(0)
+            + a["rejected"].as_u64().unwrap_or(0)
+            + a["expired"].as_u64().unwrap_or(0)
+            == 0
+    {
+        return;
+    }
+    println!(
+        "approvals: {pending} held event(s) waiting; since start {decided}{}",
+        a["relay_error"]
+            .as_str()
+            .map(|e| format!("; control plane: {}", super::one_line(e)))
+            .unwrap_or_default()
+    );
+    for h in a["held"].as_array().into_iter().flatten() {
+        let left = h["deadline_in_s"].as_f64().unwrap_or(0.0);
+        println!(
+            "  {} {} from {} (event {}): waiting {}, {} ({}) then {}",
+            dash(&h["approval_id"]),
+            dash(&h["kind"]),
+            dash(&h["pack"]),
+            dash(&h["event_id"]),
+            age(h["age_s"].as_f64().unwrap_or(0.0) as i64),
+            if left > 0.0 {
+                format!("deadline in {}", age(left as i64))
+            } else {
+                "deadline passed".to_string()
+            },
+            dash(&h["deadline"]),
+            if h["on_expiry"] == "allow" {
+                "delivered"
+            } else {
+                "expired"
+            },
+        );
+    }
+    if pending > 0 {
+        println!("  decide with `lumenflow-agent approvals approve ID` or `approvals deny ID --reason ...`");
+    }
 }
 
 fn print_durable(d: &Value) {
@@ -98,6 +151,9 @@ fn print_durable(d: &Value) {
         "  dead letters: {}   replay log: {} entries   mem:inbox: {} events",
         d["dead_letters"], d["replay_log"]["entries"], d["mem_inbox"]
     );
+    if d["approvals"]["pending"].as_i64().unwrap_or(0) > 0 {
+        print_approvals(&d["approvals"]);
+    }
     for p in d["packs"].as_array().into_iter().flatten() {
         println!(
             "  pack {}: {} inbound events after its cursor",
@@ -276,6 +332,7 @@ fn print_live(s: &Value) {
     if let Some(off) = s["reload"]["off"].as_str() {
         println!("hot reload: not watching: {}", super::one_line(off));
     }
+    print_approvals(&s["approvals"]);
     // What one local process or pack can take of the agent, and what confines the packs.
     let files = &s["limits"]["open_files"];
     let a = &s["api"];

@@ -20,6 +20,12 @@
 //!   attempts below n.
 //! - `sink` subscribes to `bench:ping` and does nothing (for throughput benchmarks).
 //! - `bench` emits `bench:ping` (queue) and `bench:pulse` (ephemeral).
+//! - `phone` subscribes to `conductor:phone_requested` and emits `phone:send_requested` (queue,
+//!   in `required_approvals`: held until approved) with `{"to": payload.to, "source":
+//!   event_id}`, and `phone:sms_sent` (ephemeral, not held) with the same payload.
+//! - `handset` subscribes to `phone:send_requested`, `phone:sms_sent`,
+//!   `agent:approval_requested` and `agent:approval_resolved` and appends `<kind> <event_id>
+//!   <payload>` to `$LUMENFLOW_TEST_EFFECTS.handset`.
 
 use lumenflow_agent::sdk::Envelope;
 use lumenflow_agent::sdk::{HandlerCtx, HandlerOutcome, NativePack};
@@ -37,6 +43,13 @@ const LEDGER: &str = r#"{"id":"ledger","version":"0.1.0",
   "subscribed_event_kinds":["emitter:job_completed"],
   "emitted_event_kinds":["ledger:entry_recorded"],
   "backpressure_policy":{"ledger:entry_recorded":"queue"}}"#;
+const PHONE: &str = r#"{"id":"phone","version":"0.1.0",
+  "subscribed_event_kinds":["conductor:phone_requested"],
+  "emitted_event_kinds":["phone:send_requested","phone:sms_sent"],
+  "required_approvals":["phone:send_requested"],
+  "backpressure_policy":{"phone:send_requested":"queue","phone:sms_sent":"ephemeral"}}"#;
+const HANDSET: &str = r#"{"id":"handset","version":"0.1.0",
+  "subscribed_event_kinds":["phone:send_requested","phone:sms_sent","agent:approval_requested","agent:approval_resolved"]}"#;
 const SINK: &str = r#"{"id":"sink","version":"0.1.0","subscribed_event_kinds":["bench:ping"]}"#;
 const BENCH: &str = r#"{"id":"bench","version":"0.1.0",
   "emitted_event_kinds":["bench:ping","bench:pulse"],
@@ -120,6 +133,43 @@ async fn ledger(e: Arc<Envelope>, ctx: HandlerCtx) -> HandlerOutcome {
     }
 }
 
+/// The phone pack: asks to send (held) and says it sent (not held).
+async fn phone(e: Arc<Envelope>, ctx: HandlerCtx) -> HandlerOutcome {
+    let mut payload = serde_json::Map::new();
+    payload.insert(
+        "to".into(),
+        e.payload.get("to").cloned().unwrap_or_default(),
+    );
+    payload.insert("source".into(), e.event_id.clone().into());
+    for kind in ["phone:send_requested", "phone:sms_sent"] {
+        if let Err(err) = ctx.emit(kind, payload.clone(), None).await {
+            return HandlerOutcome::retry(err.to_string());
+        }
+    }
+    HandlerOutcome::handled("asked")
+}
+
+/// The handset pack: appends `<kind> <event_id> <payload>` to `$LUMENFLOW_TEST_EFFECTS.handset`.
+async fn handset(e: Arc<Envelope>, _ctx: HandlerCtx) -> HandlerOutcome {
+    let path = std::env::var("LUMENFLOW_TEST_EFFECTS").unwrap_or_else(|_| "effects.log".into())
+        + ".handset";
+    let line = format!(
+        "{} {} {}\n",
+        e.kind,
+        e.event_id,
+        serde_json::Value::Object(e.payload.clone())
+    );
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+    {
+        Ok(()) => HandlerOutcome::handled("rang"),
+        Err(err) => HandlerOutcome::retry(err.to_string()),
+    }
+}
+
 /// The observer pack: appends `<kind> <payload>` to `$LUMENFLOW_TEST_EFFECTS.agent`.
 async fn observe(e: Arc<Envelope>, _ctx: HandlerCtx) -> HandlerOutcome {
     let path =
@@ -162,6 +212,15 @@ fn packs() -> Vec<NativePack> {
                 })
                 .build(),
             "bench" => NativePack::builder(BENCH).build(),
+            "phone" => NativePack::builder(PHONE)
+                .on("conductor:phone_requested", phone)
+                .build(),
+            "handset" => NativePack::builder(HANDSET)
+                .on("phone:send_requested", handset)
+                .on("phone:sms_sent", handset)
+                .on("agent:approval_requested", handset)
+                .on("agent:approval_resolved", handset)
+                .build(),
             other => {
                 eprintln!("unknown test pack {other}");
                 std::process::exit(2);

@@ -1,14 +1,15 @@
-//! Approvals kept by the embedded upstream (mem:inbox): the platform's sync-port
-//! `approvals/request | resolve | list` answered locally, with its exact shapes
-//! (`ApprovalRecord`, `ListApprovalsResult` in `control-plane-sdk/src/sync-port.ts`).
-//! In conductor mode the local API relays these calls to the control plane instead.
+//! The platform's sync-port `approvals/request | resolve | list` answered from the local
+//! `approvals` table, with its exact shapes (`ApprovalRecord`, `ListApprovalsResult` in
+//! `control-plane-sdk/src/sync-port.ts`): on mem:inbox, and for the CLI. The table holds the
+//! platform's own requests and the agent's held events (`held`) alike.
 //!
 //! Guarantees: a request is committed before it is answered; a decision is taken once (a
 //! second `resolve` of a decided approval is refused, naming its status); a pending approval
 //! past its `expires_at` reads as `expired`; `list` pages by an opaque cursor in request order.
 
+use super::held::{decide, Decided, Decision, Origin};
 use crate::store::{StoreError, StoreOp};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde_json::{json, Map, Value};
 
 /// Most approvals one `list` returns.
@@ -23,6 +24,29 @@ pub enum ApprovalError {
     NotFound(String),
     /// 409: already decided.
     Decided(String),
+    /// 403: the requester may not approve its own request (`approvals.forbid_self_approval`).
+    SelfApproval(String),
+}
+
+impl ApprovalError {
+    /// The HTTP status the local API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApprovalError::Invalid(_) => 422,
+            ApprovalError::NotFound(_) => 404,
+            ApprovalError::Decided(_) => 409,
+            ApprovalError::SelfApproval(_) => 403,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            ApprovalError::Invalid(m)
+            | ApprovalError::NotFound(m)
+            | ApprovalError::Decided(m)
+            | ApprovalError::SelfApproval(m) => m,
+        }
+    }
 }
 
 pub struct RequestApproval {
@@ -30,15 +54,46 @@ pub struct RequestApproval {
     pub now: String,
 }
 
+/// A decision through the sync-port shape (`ResolveApprovalInput`); for a held event it
+/// releases or withholds the event in the same transaction (`held::decide`).
 pub struct ResolveApproval {
     pub input: Map<String, Value>,
     pub now: String,
+    /// `approvals.forbid_self_approval`.
+    pub forbid_self: bool,
+    /// Who decided: here, or at the control plane.
+    pub origin: Origin,
 }
 
 pub struct ListApprovals {
     pub input: Map<String, Value>,
     pub now: String,
+    /// Only the approvals of the input's `workspace_id` (a control plane serving many); the
+    /// agent's own table is one workspace's.
+    pub by_workspace: bool,
 }
+
+/// The `approvals` table for a database that is not the agent's (the development
+/// conductor's): the columns `held::decide` reads, none of them used there.
+pub const STANDALONE_TABLE: &str = "
+    CREATE TABLE IF NOT EXISTS approvals (
+        seq          INTEGER PRIMARY KEY,
+        approval_id  TEXT NOT NULL UNIQUE,
+        type         TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        record       TEXT NOT NULL,
+        event_id     TEXT,
+        payload_hash TEXT,
+        pack         TEXT,
+        body         TEXT,
+        local_body   TEXT,
+        created_ms   INTEGER,
+        deadline_ms  INTEGER,
+        on_expiry    TEXT,
+        released_ms  INTEGER,
+        remote       TEXT,
+        remote_id    TEXT
+    );";
 
 fn text<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApprovalError> {
     match m.get(k) {
@@ -73,7 +128,7 @@ fn object(m: &Map<String, Value>, k: &str, required: bool) -> Result<(), Approva
 }
 
 /// The record as it reads now: a pending approval past `expires_at` is `expired`.
-fn as_of(mut record: Value, now: &str) -> Value {
+pub(super) fn as_of(mut record: Value, now: &str) -> Value {
     let expired =
         record["status"] == "pending" && record["expires_at"].as_str().is_some_and(|t| t <= now);
     if expired {
@@ -126,10 +181,10 @@ impl StoreOp for RequestApproval {
 }
 
 impl StoreOp for ResolveApproval {
-    type Output = Result<Value, ApprovalError>;
+    type Output = Result<Decided, ApprovalError>;
     fn run(self, conn: &Connection) -> Result<Self::Output, StoreError> {
         let m = &self.input;
-        let check = || -> Result<(String, String), ApprovalError> {
+        let check = || -> Result<(String, Decision), ApprovalError> {
             let id = text(m, "approval_id")?
                 .ok_or_else(|| ApprovalError::Invalid("missing field \"approval_id\"".into()))?;
             let decision = text(m, "decision")?
@@ -139,48 +194,26 @@ impl StoreOp for ResolveApproval {
                     "field \"decision\" must be approved, rejected or expired, found \"{decision}\""
                 )));
             }
-            text(m, "reason")?;
-            text(m, "reviewer_id")?;
+            let reason = text(m, "reason")?.map(str::to_string);
+            let reviewer_id = text(m, "reviewer_id")?.map(str::to_string);
             actor_type(m, "reviewer_type")?;
-            Ok((id.to_string(), decision.to_string()))
+            let reviewer_type = text(m, "reviewer_type")?.map(str::to_string);
+            Ok((
+                id.to_string(),
+                Decision {
+                    status: decision.to_string(),
+                    reason,
+                    reviewer_id,
+                    reviewer_type,
+                    origin: self.origin,
+                },
+            ))
         };
         let (id, decision) = match check() {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
-        let stored: Option<String> = conn
-            .prepare_cached("SELECT record FROM approvals WHERE approval_id = ?1")?
-            .query_row([&id], |r| r.get(0))
-            .optional()?;
-        let Some(stored) = stored else {
-            return Ok(Err(ApprovalError::NotFound(format!(
-                "no approval \"{id}\""
-            ))));
-        };
-        let record: Value = serde_json::from_str(&stored).unwrap_or(Value::Null);
-        let current = as_of(record.clone(), &self.now);
-        if current["status"] != "pending" {
-            return Ok(Err(ApprovalError::Decided(format!(
-                "approval \"{id}\" is already {}",
-                current["status"].as_str().unwrap_or("decided")
-            ))));
-        }
-        let mut record = record;
-        record["status"] = json!(decision);
-        record["decided_at"] = json!(self.now);
-        if let Some(r) = m.get("reason").filter(|v| !v.is_null()) {
-            record["decision_reason"] = r.clone();
-        }
-        for k in ["reviewer_id", "reviewer_type"] {
-            if let Some(v) = m.get(k).filter(|v| !v.is_null()) {
-                record[k] = v.clone();
-            }
-        }
-        conn.prepare_cached(
-            "UPDATE approvals SET status = ?1, record = ?2 WHERE approval_id = ?3",
-        )?
-        .execute(params![decision, record.to_string(), id])?;
-        Ok(Ok(as_of(record, &self.now)))
+        decide(conn, &id, &decision, &self.now, true, self.forbid_self)
     }
 }
 
@@ -223,10 +256,15 @@ impl StoreOp for ListApprovals {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
+        let ws = self
+            .by_workspace
+            .then(|| m.get("workspace_id").and_then(Value::as_str))
+            .flatten();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, record FROM approvals WHERE seq > ?1 AND (?2 IS NULL OR type = ?2) ORDER BY seq",
+            "SELECT seq, record FROM approvals WHERE seq > ?1 AND (?2 IS NULL OR type = ?2)
+             AND (?3 IS NULL OR json_extract(record, '$.workspace_id') = ?3) ORDER BY seq",
         )?;
-        let mut rows = stmt.query(params![after, ty])?;
+        let mut rows = stmt.query(params![after, ty, ws])?;
         let mut approvals = Vec::new();
         let mut next = None;
         while let Some(row) = rows.next()? {
@@ -296,16 +334,21 @@ mod tests {
         let done = ResolveApproval {
             input: obj(json!({"workspace_id": "w", "approval_id": id, "decision": "approved", "reason": "ok", "reviewer_type": "user"})),
             now: T0.into(),
+            forbid_self: false,
+            origin: Origin::Local,
         }
         .run(&c)
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(done["status"], "approved");
         assert_eq!(done["decision_reason"], "ok");
         assert_eq!(done["decided_at"], T0);
         let again = ResolveApproval {
             input: obj(json!({"approval_id": id, "decision": "rejected"})),
             now: T0.into(),
+            forbid_self: false,
+            origin: Origin::Local,
         }
         .run(&c)
         .unwrap();
@@ -313,6 +356,7 @@ mod tests {
         let page = ListApprovals {
             input: obj(json!({"workspace_id": "w", "status": "pending", "limit": 2})),
             now: T0.into(),
+            by_workspace: false,
         }
         .run(&c)
         .unwrap()
@@ -322,6 +366,7 @@ mod tests {
         let rest = ListApprovals {
             input: obj(json!({"status": "pending", "cursor": cursor})),
             now: T0.into(),
+            by_workspace: false,
         }
         .run(&c)
         .unwrap()
@@ -346,6 +391,8 @@ mod tests {
         let res = ResolveApproval {
             input: obj(json!({"approval_id": r["approval_id"], "decision": "approved"})),
             now: later.into(),
+            forbid_self: false,
+            origin: Origin::Local,
         }
         .run(&c)
         .unwrap();
