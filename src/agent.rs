@@ -398,11 +398,12 @@ impl Agent {
         // Store on its own arbiter: SQLite's fsyncs never block routing.
         let store_arbiter = Arbiter::new();
         let store_stats = stats.store.clone();
+        let db_path_for_readers = db_path.clone();
         let store_addr = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
             Store::new(db_path, durability, store_stats)
         });
         let store_probe = store_addr.clone();
-        let store = StoreHandle::new(store_addr);
+        let store = StoreHandle::new(store_addr).with_readers(db_path_for_readers);
 
         let retention = Duration::from_secs(u64::from(cfg.replay_retention_days) * 86_400);
         let replay = {

@@ -574,6 +574,9 @@ struct ChunkResult {
 /// (e.g. a worker's `onStart`) they are committed at once.
 struct HostShared {
     pack: String,
+    /// `replayLog.has` reads here directly (a reader beside the writer: no hop through the
+    /// ReplayLog actor and the Store's thread, no wait behind its group commits).
+    store: StoreHandle,
     replay: Addr<ReplayLog>,
     emitter: Emitter,
     agent: Arc<AgentStats>,
@@ -614,7 +617,7 @@ fn unavailable<E: std::fmt::Display>(e: E) -> ServiceError {
 
 impl PackServices for HostServices {
     fn replay_has(&self, key: String) -> BoxFuture<Result<bool, ServiceError>> {
-        let replay = self.shared.replay.clone();
+        let store = self.shared.store.clone();
         let pack = self.shared.pack.clone();
         let staged = match self.tag {
             Some(tag) => self.shared.stage.has(tag, &key),
@@ -624,10 +627,15 @@ impl PackServices for HostServices {
             if staged? {
                 return Ok(true);
             }
-            replay
-                .send(crate::replay_log::HasKey { pack, key })
+            // Committed keys: this pack's earlier chunks committed before this one started.
+            let op = crate::replay_log::SeenOp {
+                pack,
+                keys: vec![crate::replay_log::handler_key(&key)],
+            };
+            store
+                .read(op)
                 .await
-                .map_err(unavailable)?
+                .map(|v| v.first().copied().unwrap_or(false))
                 .map_err(unavailable)
         })
     }
@@ -1219,6 +1227,7 @@ impl PackHost {
         HostServices {
             shared: Arc::new(HostShared {
                 pack: self.id.clone(),
+                store: self.store.clone(),
                 replay: self.replay.clone(),
                 emitter: self.emitter.clone(),
                 agent: self.agent.clone(),

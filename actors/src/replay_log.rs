@@ -69,7 +69,10 @@ pub fn seen<K: AsRef<str>>(
     Ok(out)
 }
 
-/// Which of `keys` the pack has recorded.
+/// Which of `keys` the pack has recorded. Read-only: it may run on a reader
+/// ([`StoreHandle::read`]). `replay_recent` is read before `replay_log`: a merge moving a key
+/// from one to the other between the two statements is then seen in one of them.
+#[derive(Clone)]
 pub struct SeenOp {
     pub pack: String,
     pub keys: Vec<String>,
@@ -267,30 +270,6 @@ impl Handler<Seen> for ReplayLog {
                     keys: m.keys,
                 })
                 .await
-        })
-    }
-}
-
-/// `ctx.replayLog.has(key)`.
-pub struct HasKey {
-    pub pack: String,
-    pub key: String,
-}
-impl Message for HasKey {
-    type Result = Result<bool, StoreError>;
-}
-impl Handler<HasKey> for ReplayLog {
-    type Result = ResponseFuture<Result<bool, StoreError>>;
-    fn handle(&mut self, m: HasKey, _: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        Box::pin(async move {
-            store
-                .run(SeenOp {
-                    pack: m.pack,
-                    keys: vec![handler_key(&m.key)],
-                })
-                .await
-                .map(|v| v.first().copied().unwrap_or(false))
         })
     }
 }
