@@ -154,8 +154,11 @@ pub enum DlqAction {
 pub enum ApprovalsAction {
     /// List pending approvals (with --all: every approval and its decision).
     List {
+        /// Every approval, decided ones too, with who decided, when and why (the audit trail).
         #[arg(long)]
         all: bool,
+        /// Print JSON: ApprovalRecords; a held event's has `held_event` {event_id, kind, pack,
+        /// state: held | released | withheld | expiring, deadline, on_expiry}.
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +166,7 @@ pub enum ApprovalsAction {
     Approve {
         /// Approval id (or a unique prefix of at least 4 characters, or the held event's id).
         id: String,
+        /// Why (kept with the decision).
         #[arg(long)]
         reason: Option<String>,
         /// Who decides (default: your user name).
