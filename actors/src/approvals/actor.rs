@@ -462,7 +462,12 @@ async fn relay(
     Ok(())
 }
 
-fn call(t: &RelayTarget, path: &str, body: Value) -> impl std::future::Future<Output = Reply> {
+/// POSTs `body` to the control plane, without its null fields: the SDK's inputs have optional
+/// fields, not nullable ones.
+fn call(t: &RelayTarget, path: &str, mut body: Value) -> impl std::future::Future<Output = Reply> {
+    if let Some(m) = body.as_object_mut() {
+        m.retain(|_, v| !v.is_null());
+    }
     post(
         t.agent.clone(),
         format!("{}{path}", t.endpoint),
