@@ -104,3 +104,22 @@ impl ApiClient {
         self.finish(r, &ws.root.display().to_string())
     }
 }
+
+/// POSTs to the agent running in `ws`: `Ok(None)` when none runs (the caller then works on
+/// the database itself), its reply whatever the status otherwise.
+pub fn post_if_running(
+    ws: &Workspace,
+    path: &str,
+    body: &Value,
+) -> Result<Option<Reply>, ClientError> {
+    let client = match ApiClient::connect(ws) {
+        Ok(c) => c,
+        Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match client.post(path, body, ws) {
+        Ok(r) => Ok(Some(r)),
+        Err(ClientError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -445,12 +445,12 @@ pub async fn approvals(state: ApiState, action: &'static str, body: Body) -> Res
         }
         return passthrough(reply, path);
     }
-    let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
     let mut req = req;
     req.insert("workspace_id".into(), json!(state.identity()));
     if action == "resolve" {
         return crate::api::decide(&state, req).await;
     }
+    let now = lumenflow_pack_sdk::envelope::format_timestamp(SystemTime::now());
     let result = match action {
         "request" => {
             state

@@ -1423,9 +1423,9 @@ impl PackHost {
             return;
         }
         self.busy.store(true, Ordering::Release);
-        let one_at_a_time =
-            self.keyed || self.queue.front().is_some_and(|p| p.seq <= self.careful_to);
-        let size = if one_at_a_time {
+        // Events an interrupted agent had leased together go one per commit (`careful_to`).
+        let careful = self.queue.front().is_some_and(|p| p.seq <= self.careful_to);
+        let size = if self.keyed || careful {
             ONE_AT_A_TIME_AHEAD
         } else {
             CHUNK
@@ -1456,7 +1456,7 @@ impl PackHost {
                 w.notify("resume");
             }
         }
-        let fut = self.run_chunk(chunk, ahead, (!known.is_empty()).then_some(known));
+        let fut = self.run_chunk(chunk, ahead, (!known.is_empty()).then_some(known), careful);
         ctx.spawn(
             fut.into_actor(self)
                 .map(|res, act, ctx| act.after_chunk(res, ctx)),
@@ -1465,14 +1465,15 @@ impl PackHost {
 
     /// Handles `chunk` and commits its progress. `ahead`: the events queued after it, whose
     /// replay-log lookups ride on the commit; `known`: this chunk's lookups when the previous
-    /// commit already made them. The steps are [`ChunkRun`]'s.
+    /// commit already made them; `careful`: one event per commit. The steps are
+    /// [`ChunkRun`]'s.
     fn run_chunk(
         &self,
         chunk: Vec<Pending>,
         ahead: Vec<(i64, String)>,
         known: Option<Vec<bool>>,
+        careful: bool,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
-        let careful = chunk.first().is_some_and(|p| p.seq <= self.careful_to);
         let run = ChunkRun {
             pack: self.id.clone(),
             store: self.store.clone(),

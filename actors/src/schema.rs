@@ -167,15 +167,14 @@ const MIGRATIONS: &[&str] = &[
     // 3 -> 4
     "
     -- Held events (`approvals::held`): an approval row that holds an event of a
-    -- `required_approvals` kind. `body`: the event as it goes upstream; `local_body`: as local
-    -- packs get it, when different; `released_ms`: when a decision sent it on (NULL: held, or
+    -- `required_approvals` kind. `body`: the event (as it goes upstream and to local packs);
+    -- `released_ms`: when a decision sent it on (NULL: held, or
     -- withheld for good); `remote`: in conductor mode, what the control plane still has to
     -- hear (`request`, `resolve`), `sent` (it has the request) or `done`.
     ALTER TABLE approvals ADD COLUMN event_id TEXT;
     ALTER TABLE approvals ADD COLUMN payload_hash TEXT;
     ALTER TABLE approvals ADD COLUMN pack TEXT;
     ALTER TABLE approvals ADD COLUMN body TEXT;
-    ALTER TABLE approvals ADD COLUMN local_body TEXT;
     ALTER TABLE approvals ADD COLUMN created_ms INTEGER;
     ALTER TABLE approvals ADD COLUMN deadline_ms INTEGER;
     ALTER TABLE approvals ADD COLUMN on_expiry TEXT;

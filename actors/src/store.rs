@@ -497,6 +497,7 @@ mod tests {
             Ok(self.0)
         }
     }
+    #[derive(Clone)]
     struct Count;
     impl StoreOp for Count {
         type Output = i64;
@@ -523,15 +524,6 @@ mod tests {
         (StoreHandle::new(addr), stats)
     }
 
-    #[derive(Clone)]
-    struct CountRead;
-    impl StoreOp for CountRead {
-        type Output = i64;
-        fn run(self, conn: &Connection) -> Result<i64, StoreError> {
-            Count.run(conn)
-        }
-    }
-
     /// A read on a reader sees every write answered before it (a handler's `replayLog.has`
     /// after its pack's last commit), and falls back to the Store without readers.
     #[actix_rt::test]
@@ -541,11 +533,11 @@ mod tests {
         let with_readers = store.clone().with_readers(dir.path().join("agent.db"));
         for i in 1..=50 {
             store.run(Insert(i)).await.unwrap();
-            assert_eq!(with_readers.read(CountRead).await.unwrap(), i);
+            assert_eq!(with_readers.read(Count).await.unwrap(), i);
         }
         let ops = stats.ops.load(Ordering::Relaxed);
         assert_eq!(ops, 50, "the reads did not go through the Store");
-        assert_eq!(store.read(CountRead).await.unwrap(), 50);
+        assert_eq!(store.read(Count).await.unwrap(), 50);
         assert_eq!(
             stats.ops.load(Ordering::Relaxed),
             51,

@@ -8,7 +8,7 @@
 
 use super::exit;
 use crate::cli::ApprovalsAction;
-use crate::client::{ApiClient, ClientError};
+use crate::client::post_if_running;
 use crate::workspace::Workspace;
 use lumenflow_actors::approvals::held::{self, Origin};
 use lumenflow_actors::approvals::{ApprovalError, ResolveApproval};
@@ -166,20 +166,13 @@ fn decide(
     if let Some(r) = reason {
         input.insert("reason".into(), json!(r));
     }
-    let record = match ApiClient::connect(ws) {
-        Ok(client) => {
-            match client.post("/v1/approvals/decide", &Value::Object(input.clone()), ws) {
-                Ok(r) if r.status == 200 => Some(r.body),
-                Ok(r) => {
-                    eprintln!("error: {}", r.message());
-                    return Ok(exit::INVALID);
-                }
-                Err(ClientError::NotRunning(_)) => None,
-                Err(e) => return Err(e.into()),
-            }
+    let record = match post_if_running(ws, "/v1/approvals/decide", &Value::Object(input.clone()))? {
+        Some(r) if r.status == 200 => Some(r.body),
+        Some(r) => {
+            eprintln!("error: {}", r.message());
+            return Ok(exit::INVALID);
         }
-        Err(ClientError::NotRunning(_)) => None,
-        Err(e) => return Err(e.into()),
+        None => None,
     };
     let (record, live) = match record {
         Some(r) => (r, true),

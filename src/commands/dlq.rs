@@ -6,7 +6,7 @@
 
 use super::exit;
 use crate::cli::DlqAction;
-use crate::client::{ApiClient, ClientError};
+use crate::client::post_if_running;
 use crate::workspace::Workspace;
 use lumenflow_actors::dead_letters;
 use lumenflow_actors::store::{open_connection, open_reader, Durability};
@@ -91,15 +91,9 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
 
 /// `Some(reply)` from the running agent, `None` when none runs.
 fn via_agent(ws: &Workspace, path: &str, body: &Value) -> anyhow::Result<Option<Value>> {
-    let client = match ApiClient::connect(ws) {
-        Ok(c) => c,
-        Err(ClientError::NotRunning(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    match client.post(path, body, ws) {
-        Ok(r) if r.status == 200 => Ok(Some(r.body)),
-        Ok(r) => anyhow::bail!("{}", r.message()),
-        Err(ClientError::NotRunning(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+    match post_if_running(ws, path, body)? {
+        Some(r) if r.status == 200 => Ok(Some(r.body)),
+        Some(r) => anyhow::bail!("{}", r.message()),
+        None => Ok(None),
     }
 }

@@ -23,7 +23,7 @@ use crate::router::{Dispatch, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
 use crate::upstreams::drain::Push;
-use crate::upstreams::http::{post, Reply};
+use crate::upstreams::http::{excerpt, post, Reply};
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value};
@@ -48,10 +48,7 @@ pub struct RelayTarget {
 }
 
 pub struct Approvals {
-    store: StoreHandle,
-    router: Addr<Router>,
-    upstream: Recipient<Push>,
-    stats: Arc<AgentStats>,
+    io: Io,
     policy: SharedPolicy,
     relay: Option<RelayTarget>,
     relay_busy: bool,
@@ -70,10 +67,12 @@ impl Approvals {
         relay: Option<RelayTarget>,
     ) -> Self {
         Approvals {
-            store,
-            router,
-            upstream,
-            stats,
+            io: Io {
+                store,
+                router,
+                upstream,
+                stats,
+            },
             policy,
             relay,
             relay_busy: false,
@@ -86,32 +85,18 @@ impl Approvals {
         self.ticks += 1;
         // Nothing held: an idle agent does not query every second. A hold counts itself in
         // at once (`queue::announce`); the count is read again every 10 s regardless.
-        if self.stats.approvals.pending.load(Ordering::Acquire) <= 0 && self.ticks % 10 != 1 {
+        if self.io.stats.approvals.pending.load(Ordering::Acquire) <= 0 && self.ticks % 10 != 1 {
             ctx.run_later(EXPIRY_EVERY, |act, ctx| act.expire(ctx));
             return;
         }
-        let (store, router, upstream, stats) = (
-            self.store.clone(),
-            self.router.clone(),
-            self.upstream.clone(),
-            self.stats.clone(),
-        );
+        let io = self.io.clone();
         let fut = async move {
-            let hook = dispatch_hook(router, stats.clone());
-            let on_commit: OnCommit<Vec<Decided>> = Box::new(move |all| {
-                for d in all {
-                    hook(d);
-                }
-            });
-            let decided = store
-                .run_then(ExpireDue { now_ms: now_ms() }, Some(on_commit))
-                .await?;
+            let decided = io.decide(ExpireDue { now_ms: now_ms() }).await?;
             for d in &decided {
                 tracing::info!(approval_id = %d.record["approval_id"].as_str().unwrap_or(""), kind = %d.record["type"].as_str().unwrap_or(""), released = d.released, "held event expired");
-                after_decision(&stats, &upstream, d);
             }
-            let pending = store.run(CountPending).await?;
-            stats.approvals.pending.store(pending, Ordering::Relaxed);
+            let pending = io.store.run(CountPending).await?;
+            io.stats.approvals.pending.store(pending, Ordering::Relaxed);
             Ok::<_, StoreError>(())
         };
         ctx.spawn(fut.into_actor(self).map(|res, _, ctx| {
@@ -130,19 +115,13 @@ impl Approvals {
             return;
         }
         self.relay_busy = true;
-        let (store, router, upstream, stats) = (
-            self.store.clone(),
-            self.router.clone(),
-            self.upstream.clone(),
-            self.stats.clone(),
-        );
-        let fut = relay(target, store, router, upstream, stats);
+        let fut = relay(target, self.io.clone());
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.relay_busy = false;
             let wait = match res {
                 Ok(()) => {
                     act.relay_failures = 0;
-                    act.stats.approvals.set_relay_error(None);
+                    act.io.stats.approvals.set_relay_error(None);
                     RELAY_EVERY
                 }
                 Err(e) => {
@@ -154,7 +133,7 @@ impl Approvals {
                     )
                     .max(RELAY_EVERY);
                     tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "approvals: the control plane did not take a request or decision; retrying");
-                    act.stats.approvals.set_relay_error(Some(e));
+                    act.io.stats.approvals.set_relay_error(Some(e));
                     wait
                 }
             };
@@ -163,18 +142,60 @@ impl Approvals {
     }
 }
 
-/// Sends a decision's rows to the packs: runs in the Store's commit hook.
-fn dispatch_hook(router: Addr<Router>, stats: Arc<AgentStats>) -> impl Fn(&Decided) + Send {
-    move |d: &Decided| {
-        if d.released {
-            // Counted before the upstream can read (and count off) the outbox row.
-            stats.queue.durable_depth.fetch_add(1, Ordering::AcqRel);
+/// What a decision touches besides its transaction: the packs, the upstream, the counters.
+#[derive(Clone)]
+struct Io {
+    store: StoreHandle,
+    router: Addr<Router>,
+    upstream: Recipient<Push>,
+    stats: Arc<AgentStats>,
+}
+
+/// The decisions a store operation took (none, one, or several).
+trait Decisions {
+    fn each(&self) -> impl Iterator<Item = &Decided>;
+}
+
+impl Decisions for Vec<Decided> {
+    fn each(&self) -> impl Iterator<Item = &Decided> {
+        self.iter()
+    }
+}
+
+impl Decisions for Result<Decided, ApprovalError> {
+    fn each(&self) -> impl Iterator<Item = &Decided> {
+        self.as_ref().ok().into_iter()
+    }
+}
+
+impl Io {
+    /// Runs `op` (decisions in one transaction); from its commit hook, counts each released
+    /// event into the durable depth (before the upstream can read and count off its outbox
+    /// row) and hands the rows to the packs (in commit order); then counts each decision and
+    /// wakes the upstream.
+    async fn decide<O>(&self, op: O) -> Result<O::Output, StoreError>
+    where
+        O: StoreOp,
+        O::Output: Decisions,
+    {
+        let (router, stats) = (self.router.clone(), self.stats.clone());
+        let on_commit: OnCommit<O::Output> = Box::new(move |out| {
+            for d in out.each() {
+                if d.released {
+                    stats.queue.durable_depth.fetch_add(1, Ordering::AcqRel);
+                }
+                if !d.dispatch.is_empty() {
+                    router.do_send(Dispatch {
+                        rows: d.dispatch.clone(),
+                    });
+                }
+            }
+        });
+        let out = self.store.run_then(op, Some(on_commit)).await?;
+        for d in out.each() {
+            after_decision(&self.stats, &self.upstream, d);
         }
-        if !d.dispatch.is_empty() {
-            router.do_send(Dispatch {
-                rows: d.dispatch.clone(),
-            });
-        }
+        Ok(out)
     }
 }
 
@@ -227,31 +248,16 @@ impl Message for Decide {
 impl Handler<Decide> for Approvals {
     type Result = ResponseFuture<Result<Result<Value, ApprovalError>, StoreError>>;
     fn handle(&mut self, m: Decide, _: &mut Context<Self>) -> Self::Result {
-        let (store, router, upstream, stats) = (
-            self.store.clone(),
-            self.router.clone(),
-            self.upstream.clone(),
-            self.stats.clone(),
-        );
+        let io = self.io.clone();
         let forbid_self = self.policy.load().forbid_self_approval;
         Box::pin(async move {
-            let hook = dispatch_hook(router, stats.clone());
-            let on_commit: OnCommit<Result<Decided, ApprovalError>> = Box::new(move |r| {
-                if let Ok(d) = r {
-                    hook(d);
-                }
-            });
             let op = ResolveApproval {
                 input: m.input,
                 now: m.now,
                 forbid_self,
                 origin: Origin::Local,
             };
-            let decided = store.run_then(op, Some(on_commit)).await?;
-            Ok(decided.map(|d| {
-                after_decision(&stats, &upstream, &d);
-                d.record
-            }))
+            Ok(io.decide(op).await?.map(|d| d.record))
         })
     }
 }
@@ -267,16 +273,10 @@ impl Message for RemoteDecided {
 impl Handler<RemoteDecided> for Approvals {
     type Result = ();
     fn handle(&mut self, m: RemoteDecided, ctx: &mut Context<Self>) {
-        let (store, router, upstream, stats) = (
-            self.store.clone(),
-            self.router.clone(),
-            self.upstream.clone(),
-            self.stats.clone(),
-        );
+        let io = self.io.clone();
         ctx.spawn(
             async move {
-                if let Err(e) = apply_remote(&store, &router, &upstream, &stats, vec![m.0]).await
-                {
+                if let Err(e) = apply_remote(&io, vec![m.0]).await {
                     tracing::warn!(error = %e, "approvals: cannot record the control plane's decision; the next pull does");
                 }
             }
@@ -388,51 +388,22 @@ impl StoreOp for ApplyRemote {
     }
 }
 
-async fn apply_remote(
-    store: &StoreHandle,
-    router: &Addr<Router>,
-    upstream: &Recipient<Push>,
-    stats: &Arc<AgentStats>,
-    records: Vec<Value>,
-) -> Result<usize, StoreError> {
-    let hook = dispatch_hook(router.clone(), stats.clone());
-    let on_commit: OnCommit<Vec<Decided>> = Box::new(move |all| {
-        for d in all {
-            hook(d);
-        }
-    });
-    let decided = store
-        .run_then(ApplyRemote { records }, Some(on_commit))
-        .await?;
+async fn apply_remote(io: &Io, records: Vec<Value>) -> Result<usize, StoreError> {
+    let decided = io.decide(ApplyRemote { records }).await?;
     for d in &decided {
         tracing::info!(approval_id = %d.record["approval_id"].as_str().unwrap_or(""), status = %d.record["status"].as_str().unwrap_or(""), reviewer = %d.record["reviewer_id"].as_str().unwrap_or(""), "the control plane decided a held event");
-        after_decision(stats, upstream, d);
     }
     Ok(decided.len())
 }
 
-fn excerpt(text: &str) -> String {
-    text.chars().take(200).collect()
-}
-
-/// Why a call to the control plane did not succeed, for the retry's log line and `status`.
-fn failure(path: &str, reply: &Reply) -> String {
-    match reply {
-        Reply::Status(s, text, _, _) => format!("{path}: HTTP {s}: {}", excerpt(text)),
-        Reply::Network(e) => format!("{path}: network: {e}"),
-    }
-}
-
 /// One round with the control plane: waiting requests, then decisions taken here, then the
 /// control plane's decisions on what it has.
-async fn relay(
-    t: RelayTarget,
-    store: StoreHandle,
-    router: Addr<Router>,
-    upstream: Recipient<Push>,
-    stats: Arc<AgentStats>,
-) -> Result<(), String> {
-    let work = store.run(ReadRemoteWork).await.map_err(|e| e.to_string())?;
+async fn relay(t: RelayTarget, io: Io) -> Result<(), String> {
+    let work = io
+        .store
+        .run(ReadRemoteWork)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut sent_kinds = std::collections::BTreeSet::new();
     for w in &work {
         let kind = w.record["type"].as_str().unwrap_or_default().to_string();
@@ -447,7 +418,7 @@ async fn relay(
         if remote.0 == "sent" {
             sent_kinds.insert(kind);
         }
-        store
+        io.store
             .run(SetRemote {
                 approval_id: w.approval_id.clone(),
                 remote: remote.0,
@@ -457,7 +428,7 @@ async fn relay(
             .map_err(|e| e.to_string())?;
     }
     for kind in sent_kinds {
-        pull_decisions(&t, &kind, &store, &router, &upstream, &stats).await?;
+        pull_decisions(&t, &kind, &io).await?;
     }
     Ok(())
 }
@@ -512,7 +483,7 @@ async fn send_request(
             tracing::error!(approval_id = %w.approval_id, status = s, reply = %excerpt(&text), "the control plane refused an approval request; it can be decided here only (`lumenflow-agent approvals`)");
             Ok(("refused", None))
         }
-        other => Err(failure(PATH, &other)),
+        other => Err(other.failure(PATH)),
     }
 }
 
@@ -537,20 +508,13 @@ async fn send_decision(
             tracing::warn!(approval_id = %w.approval_id, status = s, reply = %excerpt(&text), "the control plane did not take a decision made here (it keeps its own record)");
             Ok(("done", None))
         }
-        other => Err(failure(PATH, &other)),
+        other => Err(other.failure(PATH)),
     }
 }
 
 /// `listApprovals` of `kind`, every page (up to [`LIST_PAGES_MAX`]): the decided ones are
 /// matched to what waits here and applied.
-async fn pull_decisions(
-    t: &RelayTarget,
-    kind: &str,
-    store: &StoreHandle,
-    router: &Addr<Router>,
-    upstream: &Recipient<Push>,
-    stats: &Arc<AgentStats>,
-) -> Result<(), String> {
+async fn pull_decisions(t: &RelayTarget, kind: &str, io: &Io) -> Result<(), String> {
     const PATH: &str = "/api/v1/approvals/list";
     let mut cursor: Option<String> = None;
     for _ in 0..LIST_PAGES_MAX {
@@ -568,7 +532,7 @@ async fn pull_decisions(
                         excerpt(&text)
                     )
                 })?,
-            other => return Err(failure(PATH, &other)),
+            other => return Err(other.failure(PATH)),
         };
         let decided: Vec<Value> = page["approvals"]
             .as_array()
@@ -578,9 +542,7 @@ async fn pull_decisions(
             .cloned()
             .collect();
         if !decided.is_empty() {
-            apply_remote(store, router, upstream, stats, decided)
-                .await
-                .map_err(|e| e.to_string())?;
+            apply_remote(io, decided).await.map_err(|e| e.to_string())?;
         }
         match page["next_cursor"].as_str() {
             Some(c) if Some(c) != cursor.as_deref() => cursor = Some(c.to_string()),

@@ -119,6 +119,8 @@ pub struct Hold {
     pub deadline_ms: i64,
     pub timeout_s: u64,
     pub on_expiry: OnExpiry,
+    /// What the reviewer sees (`subject_of`), in the ApprovalRecord and the request event.
+    pub subject: Value,
     /// The `agent:approval_requested` event for local subscribers, written with the hold.
     pub requested: Arc<Envelope>,
 }
@@ -187,8 +189,9 @@ impl Hold {
         let payload_hash = payload_hash(&envelope.payload);
         let approval_id = uuid::Uuid::now_v7().to_string();
         let deadline_ms = ms_of(now).saturating_add((timeout_s as i64).saturating_mul(1000));
-        let mut payload = match subject_of(envelope, pack, &payload_hash) {
-            Value::Object(m) => m,
+        let subject = subject_of(envelope, pack, &payload_hash);
+        let mut payload = match &subject {
+            Value::Object(m) => m.clone(),
             _ => Map::new(),
         };
         payload.insert("approval_id".into(), json!(approval_id));
@@ -201,6 +204,7 @@ impl Hold {
             deadline_ms,
             timeout_s,
             on_expiry,
+            subject,
             requested,
         }
     }
@@ -220,19 +224,17 @@ pub fn insert_held(
         "workspace_id": e.envelope.from,
         "type": e.envelope.kind,
         "status": "pending",
-        "subject": subject_of(&e.envelope, &e.pack, &hold.payload_hash),
+        "subject": hold.subject,
         "context": {"held_by": AGENT_REVIEWER, "timeout_s": hold.timeout_s, "on_expiry": hold.on_expiry.name()},
         "requester_id": e.pack,
         "requester_type": "agent",
         "requested_at": iso_of_ms(now),
         "expires_at": iso_of_ms(hold.deadline_ms),
     });
-    let local = e.local_body();
-    let local_body = (*local != *e.body).then(|| local.to_string());
     let inserted = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO approvals(approval_id, type, status, record, event_id, payload_hash, pack, body, local_body, created_ms, deadline_ms, on_expiry, remote)
-             VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'request')",
+            "INSERT OR IGNORE INTO approvals(approval_id, type, status, record, event_id, payload_hash, pack, body, created_ms, deadline_ms, on_expiry, remote)
+             VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'request')",
         )?
         .execute(params![
             hold.approval_id,
@@ -242,7 +244,6 @@ pub fn insert_held(
             hold.payload_hash,
             e.pack,
             &*e.body,
-            local_body,
             now,
             hold.deadline_ms,
             hold.on_expiry.name(),
@@ -250,22 +251,15 @@ pub fn insert_held(
     if inserted == 0 {
         return Ok(None);
     }
-    Ok(Some(insert_inbound(conn, &hold.requested, None)?))
+    Ok(Some(insert_inbound(conn, &hold.requested)?))
 }
 
-fn insert_inbound(conn: &Connection, e: &Envelope, body: Option<&str>) -> Result<i64, StoreError> {
-    let owned;
-    let body = match body {
-        Some(b) => b,
-        None => {
-            owned = e.to_json();
-            &owned
-        }
-    };
+/// The inbound row of one of the agent's own events (`agent:approval_*`).
+fn insert_inbound(conn: &Connection, e: &Envelope) -> Result<i64, StoreError> {
     conn.prepare_cached(
         "INSERT INTO inbound(event_id, kind, event_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![e.event_id, e.kind, e.timestamp_ms(), now_ms(), body])?;
+    .execute(params![e.event_id, e.kind, e.timestamp_ms(), now_ms(), e.to_json()])?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -308,7 +302,6 @@ struct Row {
     event_id: Option<String>,
     pack: Option<String>,
     body: Option<String>,
-    local_body: Option<String>,
     on_expiry: Option<String>,
     remote: Option<String>,
 }
@@ -316,7 +309,7 @@ struct Row {
 fn load(conn: &Connection, id: &str) -> Result<Option<Row>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT record, status, event_id, pack, body, local_body, on_expiry, remote FROM approvals WHERE approval_id = ?1",
+            "SELECT record, status, event_id, pack, body, on_expiry, remote FROM approvals WHERE approval_id = ?1",
         )?
         .query_row([id], |r| {
             Ok(Row {
@@ -325,9 +318,8 @@ fn load(conn: &Connection, id: &str) -> Result<Option<Row>, StoreError> {
                 event_id: r.get(2)?,
                 pack: r.get(3)?,
                 body: r.get(4)?,
-                local_body: r.get(5)?,
-                on_expiry: r.get(6)?,
-                remote: r.get(7)?,
+                on_expiry: r.get(5)?,
+                remote: r.get(6)?,
             })
         })
         .optional()?)
@@ -419,21 +411,27 @@ pub fn decide(
             )));
         };
         if release {
-            let kind = record["type"].as_str().unwrap_or_default();
-            conn.prepare_cached(
-                "INSERT INTO outbox(event_id, kind, pack, created_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![event_id, kind, pack, now_ms(), body])?;
-            let local = row.local_body.as_deref().unwrap_or(body);
-            let envelope = Envelope::parse(local.as_bytes()).map_err(|e| {
+            // Accepted now, as a durable event with a local row: what the queue writes for
+            // any accepted event.
+            let envelope = Envelope::parse(body.as_bytes()).map_err(|e| {
                 StoreError::Invalid(format!("the event held by approval \"{id}\": {e}"))
             })?;
-            let seq = insert_inbound(conn, &envelope, Some(local))?;
-            dispatch.push(InboundRow {
-                seq,
+            let released = Accepted {
                 envelope: Arc::new(envelope),
-                target: None,
-            });
+                body: body.as_str().into(),
+                pack: pack.clone(),
+                class: lumenflow_pack_sdk::DeliveryClass::Queue,
+                local: true,
+                hold: None,
+            };
+            let seqs = crate::queue::insert_accepted(conn, std::slice::from_ref(&released))?;
+            if let Some(seq) = seqs.first().copied().flatten() {
+                dispatch.push(InboundRow {
+                    seq,
+                    envelope: released.envelope,
+                    target: None,
+                });
+            }
         }
         let mut payload = Map::new();
         for k in [
@@ -454,7 +452,7 @@ pub fn decide(
         payload.insert("released".into(), json!(release));
         let identity = record["workspace_id"].as_str().unwrap_or(AGENT_REVIEWER);
         let resolved = EventDraft::new(RESOLVED_KIND, payload).build(identity, SystemTime::now());
-        let seq = insert_inbound(conn, &resolved, None)?;
+        let seq = insert_inbound(conn, &resolved)?;
         dispatch.push(InboundRow {
             seq,
             envelope: Arc::new(resolved),

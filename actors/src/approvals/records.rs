@@ -86,7 +86,6 @@ pub const STANDALONE_TABLE: &str = "
         payload_hash TEXT,
         pack         TEXT,
         body         TEXT,
-        local_body   TEXT,
         created_ms   INTEGER,
         deadline_ms  INTEGER,
         on_expiry    TEXT,

@@ -86,6 +86,22 @@ pub enum Reply {
     Network(String),
 }
 
+/// The first 200 characters of a reply, for a log line or an error.
+pub fn excerpt(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+impl Reply {
+    /// Why a call to `what` did not succeed (`{what}: HTTP 503: …`, `{what}: network: …`), for
+    /// a retry's log line and `status`.
+    pub fn failure(&self, what: &str) -> String {
+        match self {
+            Reply::Status(s, text, _, _) => format!("{what}: HTTP {s}: {}", excerpt(text)),
+            Reply::Network(e) => format!("{what}: network: {e}"),
+        }
+    }
+}
+
 /// How many events of a batch of `sent` a 2xx reply acknowledges: the leading `accepted` of
 /// them, as the platform reads `{"accepted": n}` (`accepted: 0` is "none accepted", not
 /// success). A 2xx that does not say so (an HTML page, `{}`, a proxy's empty 204) is no ack:
@@ -597,19 +613,10 @@ impl HttpUpstream {
                     Err(e) => return Ok(RecordRound::Retry(format!("{}: {e}", record.path))),
                 },
                 Reply::Status(s @ (400 | 404 | 422), text, _, _) => {
-                    tracing::error!(path = %record.path, status = s, reply = %text.chars().take(200).collect::<String>(), "the control plane refused sync-port records; dropped (not retried)");
+                    tracing::error!(path = %record.path, status = s, reply = %excerpt(&text), "the control plane refused sync-port records; dropped (not retried)");
                     RecordOutcome::Refused
                 }
-                Reply::Status(s, text, _, _) => {
-                    return Ok(RecordRound::Retry(format!(
-                        "{}: HTTP {s}: {}",
-                        record.path,
-                        text.chars().take(200).collect::<String>()
-                    )))
-                }
-                Reply::Network(e) => {
-                    return Ok(RecordRound::Retry(format!("{}: network: {e}", record.path)))
-                }
+                other => return Ok(RecordRound::Retry(other.failure(&record.path))),
             };
             let refused = matches!(outcome, RecordOutcome::Refused);
             let forwarded = match outcome {
@@ -714,11 +721,7 @@ impl HttpUpstream {
                     }
                     Ok((next, n))
                 }
-                Reply::Status(s, text, _, _) => Err(format!(
-                    "pull: HTTP {s}: {}",
-                    text.chars().take(200).collect::<String>()
-                )),
-                Reply::Network(e) => Err(format!("pull: network: {e}")),
+                other => Err(other.failure("pull")),
             }
         };
         let began = std::time::Instant::now();
