@@ -273,22 +273,27 @@ fn after_a_kill_during_a_chunk_events_come_one_at_a_time_and_the_next_kill_count
     );
     let runs = || lines(&dir.join("runs.txt"));
     ws.start();
+    // The first chunk after a start takes one event (the pack counts as keyed until it shows
+    // otherwise): event 0 lets it show that, so 1 to 3 go in one chunk.
+    ws.inbound("conductor:job_poked", r#"{"n":0}"#);
+    wait_for("event 0", T, || (runs().len() == 1).then_some(()));
     let events: Vec<Value> = (1..=3)
         .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
         .collect();
     let r = ws.api().post("/v1/inbound", &json!({"events": events}));
     assert_eq!(r.status, 200, "{}", r.body);
-    for (kill, lines_then) in [(1, 2), (2, 4)] {
+    for (kill, lines_then) in [(1, 3), (2, 5)] {
         wait_for(&format!("event 2 in flight before kill {kill}"), T, || {
             (runs().len() == lines_then).then_some(())
         });
         ws.kill9();
         ws.start();
     }
-    wait_for("all handled", T, || (runs().len() == 6).then_some(()));
+    wait_for("all handled", T, || (runs().len() == 7).then_some(()));
     assert_eq!(
         runs(),
         vec![
+            "0 attempt=1 redelivered=false",
             "1 attempt=1 redelivered=false",
             "2 attempt=1 redelivered=false",
             "1 attempt=1 redelivered=true",
@@ -567,4 +572,146 @@ fn deleting_the_state_directory_under_a_running_agent_stops_it_and_acks_nothing_
         "{}",
         ws.log()
     );
+}
+
+/// `runtime.concurrency`: handlers run at once, so a call cannot be told apart by "the oldest
+/// event in flight" any more; each names its own delivery. Here event 1 is slow and event 2
+/// emits, then crashes: its emit must go with its crashed attempt (dropped), not with event 1,
+/// which was still in flight and is committed (before, the emit was in the inbox once from
+/// the crashed attempt and once from the next).
+#[test]
+fn with_runtime_concurrency_a_call_belongs_to_the_event_that_made_it() {
+    let mut ws = workspace(json!({"identity": "ws-test"}));
+    node_pack(
+        &ws,
+        "calls",
+        json!({"subscribed_event_kinds": ["conductor:job_poked"],
+               "emitted_event_kinds": ["calls:noted"],
+               "backpressure_policy": {"calls:noted": "queue"},
+               "runtime": {"command": ["node", "handler.mjs"], "concurrency": 4}}),
+        r#"runPack({ handlers: { 'conductor:job_poked': async (event, ctx) => {
+  if (event.payload.n === 1) { await sleep(500); return { status: 'handled' }; }
+  await ctx.emit('calls:noted', { n: event.payload.n, attempt: ctx.attempt });
+  if (ctx.attempt === 1) throw new Error('crash after the emit');
+  return { status: 'handled' };
+} } });"#,
+    );
+    ws.start();
+    let events: Vec<Value> = (1..=2)
+        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+        .collect();
+    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("both handled", T, || {
+        (ws.pack_status("calls")["handled"] == 2).then_some(())
+    });
+    let noted: Vec<Value> = inbox_kinds(&ws, "calls:noted")
+        .into_iter()
+        .map(|e| e["event"]["payload"].clone())
+        .collect();
+    assert_eq!(noted, vec![json!({"n": 2, "attempt": 2})]);
+}
+
+/// A keyed handler (the quickstart's has, effect, put) with `runtime.concurrency` N: a kill
+/// re-runs the effects of at most N events, including a kill during the first chunk after a
+/// start (before, that chunk took a whole window of 32 events before its first commit).
+#[test]
+fn a_kill_re_runs_at_most_runtime_concurrency_keyed_effects() {
+    for concurrency in [1, 4] {
+        let mut ws = workspace(json!({"identity": "ws-test"}));
+        let dir = node_pack(
+            &ws,
+            "keyed",
+            json!({"subscribed_event_kinds": ["conductor:job_poked"],
+                   "runtime": {"command": ["node", "handler.mjs"], "concurrency": concurrency}}),
+            r#"runPack({ handlers: { 'conductor:job_poked': async (event, ctx) => {
+  const key = `job:${event.payload.n}`;
+  if (await ctx.replayLog.has(key)) return { status: 'replayed' };
+  appendFileSync('effects.txt', `${event.payload.n}\n`);
+  await sleep(5);
+  await ctx.replayLog.put(key);
+  return { status: 'handled' };
+} } });"#,
+        );
+        let effects = || lines(&dir.join("effects.txt"));
+        ws.start();
+        let events: Vec<Value> = (0..120)
+            .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+            .collect();
+        let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        // Kills mid-stream, the second and third just after a start (in the first chunk).
+        let mut kills = 0;
+        for at in [30, 31, 32] {
+            wait_for(&format!("{at} effects"), T, || {
+                (effects().len() >= at).then_some(())
+            });
+            ws.kill9();
+            kills += 1;
+            ws.start();
+        }
+        wait_for("every event's effect", T, || {
+            let mut seen = effects();
+            seen.sort();
+            seen.dedup();
+            (seen.len() == 120).then_some(())
+        });
+        let all = effects();
+        let reruns = all.len() - 120;
+        assert!(
+            reruns <= concurrency * kills,
+            "concurrency {concurrency}: {reruns} effects re-run after {kills} kills (at most {} allowed)",
+            concurrency * kills
+        );
+        ws.kill9();
+    }
+}
+
+/// `emit` and `replayLog.put` do not wait for the agent's answer (they are staged with the
+/// outcome anyway), so a refusal nobody waited for must still decide the outcome: the 10,001st
+/// emit of one delivery is refused, and the event is dead-lettered with that reason and none
+/// of its emits, instead of being committed as handled with 10,000 of them.
+#[test]
+fn an_emit_refused_without_anyone_waiting_decides_the_outcome() {
+    let mut ws = workspace(json!({"identity": "ws-test"}));
+    node_pack(
+        &ws,
+        "chatty",
+        json!({"subscribed_event_kinds": ["conductor:job_poked"],
+               "emitted_event_kinds": ["chatty:said"],
+               "backpressure_policy": {"chatty:said": "queue"}}),
+        r#"runPack({ handlers: { 'conductor:job_poked': async (event, ctx) => {
+  const n = event.payload.n === 1 ? 10001 : 1;
+  for (let i = 0; i < n; i++) await ctx.emit('chatty:said', { of: event.payload.n, i });
+  return { status: 'handled' };
+} } });"#,
+    );
+    ws.start();
+    let events: Vec<Value> = (1..=2)
+        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+        .collect();
+    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("event 2 handled", T, || {
+        (ws.pack_status("chatty")["handled"] == 1).then_some(())
+    });
+    let dl: Vec<Value> =
+        serde_json::from_slice(&ws.run(&["dlq", "list", "--json"]).stdout).unwrap();
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    let error = dl[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("an emit was refused: Too many emits"),
+        "{error}"
+    );
+    let said: Vec<Value> = inbox_kinds(&ws, "chatty:said")
+        .into_iter()
+        .map(|e| e["event"]["payload"].clone())
+        .collect();
+    assert_eq!(
+        said.len(),
+        1,
+        "emits in the inbox, of event 1 too: {:?}",
+        &said[..2.min(said.len())]
+    );
+    assert_eq!(said[0], json!({"of": 2, "i": 0}));
 }

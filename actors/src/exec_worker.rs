@@ -203,6 +203,9 @@ struct Shared {
     /// `handle` requests not answered yet, with the delivery each one is. The worker handles
     /// them one at a time, in order, so a request it makes belongs to the oldest of them.
     handling: BTreeMap<u64, Tag>,
+    /// Deliveries (`handle` request ids) one of whose calls without reply failed: what their
+    /// reply becomes.
+    failed_calls: HashMap<u64, Reply>,
     dead: Option<WorkerError>,
     /// The worker's last stderr lines, for the reason of its exit (a missing module, a syntax
     /// error: what the author needs, instead of only `exit status: 1`).
@@ -253,19 +256,46 @@ fn fail_all(shared: &Mutex<Shared>, why: WorkerError) {
     }
     let reason = s.dead.clone().unwrap_or(why);
     s.handling.clear();
+    s.failed_calls.clear();
     for (_, tx) in s.pending.drain() {
         let _ = tx.send(Err(reason.clone()));
     }
 }
 
-/// The delivery a request the worker makes now belongs to: the oldest unanswered `handle`
-/// (`None`: outside any delivery, e.g. `onStart`), or `Err` once the worker was abandoned.
-fn delivery_of_request(shared: &Mutex<Shared>) -> Result<Option<Tag>, ()> {
+/// The delivery a call the worker makes now belongs to, as (`handle` request id, tag): the
+/// one it names (`params.delivery`, the id of the `handle` request: a worker that runs several
+/// handlers at once names it), else the oldest unanswered `handle` (a worker that handles one
+/// at a time); `Ok(None)`: outside any delivery (e.g. `onStart`). `Err` once the worker was
+/// abandoned, or when the named delivery is not open any more (answered, or abandoned).
+fn delivery_of_request(shared: &Mutex<Shared>, params: &Value) -> Result<Option<(u64, Tag)>, ()> {
     let s = lock(shared);
     if s.dead.is_some() {
         return Err(());
     }
-    Ok(s.handling.values().next().copied())
+    match params.get("delivery").and_then(Value::as_u64) {
+        Some(id) => s.handling.get(&id).map(|t| Some((id, *t))).ok_or(()),
+        None => Ok(s.handling.iter().next().map(|(id, t)| (*id, *t))),
+    }
+}
+
+/// Methods a worker may send without an id (no reply) during a delivery, when `initialize`
+/// offered it (`calls_without_reply`): staged at once, in the order they arrive, before the
+/// `handle` reply that follows them. A failure becomes the delivery's outcome (see
+/// [`failed_call_outcome`]), since nobody waits for the answer.
+pub const CALLS_WITHOUT_REPLY: [&str; 2] = ["emit", "replay.put"];
+
+/// What a delivery's reply becomes when one of its calls without reply failed: backpressure
+/// retries the event later; anything else is a crash (an emit the manifest or the stage's
+/// bounds refused was recorded as the delivery's refusal: the pack host then dead-letters the
+/// event without its effects, as it would be refused again).
+fn failed_call_outcome(method: &str, e: ServiceError) -> Reply {
+    match e {
+        ServiceError::Backpressure { retry_after_ms } => Ok(json!({
+            "status": "retry",
+            "action": format!("{method} refused with backpressure (retry after {retry_after_ms} ms)")
+        })),
+        e => Err(WorkerError::Handler(format!("{method} failed: {e}"))),
+    }
 }
 
 /// Reads one line of at most `max` bytes; `Ok(None)` at end of stream.
@@ -314,59 +344,103 @@ fn rpc_error(id: &Value, code: i64, message: String, data: Option<Value>) -> Str
     json!({"jsonrpc": "2.0", "id": id, "error": err}).to_string()
 }
 
-/// Serves one request from the worker (emit, replay.has, replay.put).
-async fn serve_request(
+/// Why a worker's call failed: its parameters, or the service.
+enum CallError {
+    Invalid(i64, String),
+    Service(ServiceError),
+}
+
+/// Runs one call from the worker (emit, replay.has, replay.put).
+async fn call(
     services: Arc<dyn PackServices>,
-    id: Value,
-    method: String,
+    method: &str,
     params: Value,
-) -> String {
+) -> Result<Value, CallError> {
     let key = || {
         params
             .get("key")
             .and_then(|k| k.as_str())
             .map(str::to_string)
     };
-    let result: Result<Value, (i64, String, Option<Value>)> = match method.as_str() {
+    match method {
         "replay.has" => match key() {
-            None => Err((-32602, "replay.has needs {\"key\": string}".into(), None)),
+            None => Err(CallError::Invalid(
+                -32602,
+                "replay.has needs {\"key\": string}".into(),
+            )),
             Some(k) => services
                 .replay_has(k)
                 .await
                 .map(Value::Bool)
-                .map_err(service_error),
+                .map_err(CallError::Service),
         },
         "replay.put" => match key() {
-            None => Err((-32602, "replay.put needs {\"key\": string}".into(), None)),
+            None => Err(CallError::Invalid(
+                -32602,
+                "replay.put needs {\"key\": string}".into(),
+            )),
             Some(k) => services
                 .replay_put(k)
                 .await
                 .map(|()| Value::Bool(true))
-                .map_err(service_error),
+                .map_err(CallError::Service),
         },
         "emit" => {
             let mut obj = match params {
                 Value::Object(o) => o,
                 _ => Map::new(),
             };
+            obj.remove("delivery");
             // `idempotency_key: null` (JS `undefined` keys are dropped, null is not) means none.
             if obj.get("idempotency_key").is_some_and(Value::is_null) {
                 obj.remove("idempotency_key");
             }
+            // A worker that does not wait for the answer chose the id itself.
+            let event_id = match obj.remove("event_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+                    Some(id) => Some(id),
+                    None => {
+                        return Err(CallError::Invalid(
+                            -32602,
+                            format!("invalid emit: event_id must be a UUID, got {v}"),
+                        ))
+                    }
+                },
+            };
             match EventDraft::from_value(Value::Object(obj)) {
-                Err(e) => Err((-32602, format!("invalid emit: {e}"), None)),
-                Ok(draft) => services
-                    .emit(draft)
-                    .await
-                    .map(|id| json!({"event_id": id}))
-                    .map_err(service_error),
+                Err(e) => Err(CallError::Invalid(-32602, format!("invalid emit: {e}"))),
+                Ok(mut draft) => {
+                    draft.event_id = event_id;
+                    services
+                        .emit(draft)
+                        .await
+                        .map(|id| json!({"event_id": id}))
+                        .map_err(CallError::Service)
+                }
             }
         }
-        other => Err((-32601, format!("method not found: {other}"), None)),
-    };
-    match result {
+        other => Err(CallError::Invalid(
+            -32601,
+            format!("method not found: {other}"),
+        )),
+    }
+}
+
+/// Serves one request from the worker: its JSON-RPC reply line.
+async fn serve_request(
+    services: Arc<dyn PackServices>,
+    id: Value,
+    method: String,
+    params: Value,
+) -> String {
+    match call(services, &method, params).await {
         Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}).to_string(),
-        Err((code, message, data)) => rpc_error(&id, code, message, data),
+        Err(CallError::Invalid(code, message)) => rpc_error(&id, code, message, None),
+        Err(CallError::Service(e)) => {
+            let (code, message, data) = service_error(e);
+            rpc_error(&id, code, message, data)
+        }
     }
 }
 
@@ -394,6 +468,7 @@ pub enum WorkerLine {
     },
     Notification {
         method: String,
+        params: Value,
     },
     /// A request from the worker (emit, replay.has, replay.put).
     Request {
@@ -440,6 +515,7 @@ pub fn classify_line(line: &[u8]) -> WorkerLine {
             },
             None => WorkerLine::Notification {
                 method: method.to_string(),
+                params,
             },
             Some(id) => WorkerLine::Request {
                 id: id.clone(),
@@ -569,6 +645,7 @@ impl ExecWorker {
         let shared = Arc::new(Mutex::new(Shared {
             pending: HashMap::new(),
             handling: BTreeMap::new(),
+            failed_calls: HashMap::new(),
             dead: None,
             stderr_tail: Default::default(),
             stderr_closed: false,
@@ -686,7 +763,35 @@ impl ExecWorker {
                         "debug" => tracing::debug!(pack = %r_pack, "{message}"),
                         _ => tracing::info!(pack = %r_pack, "{message}"),
                     },
-                    WorkerLine::Notification { method } => {
+                    WorkerLine::Notification { method, params }
+                        if CALLS_WITHOUT_REPLY.contains(&method.as_str()) =>
+                    {
+                        // Staged now, inline, so it is in the stage before the `handle` reply
+                        // that follows it on this pipe is read.
+                        let Ok(Some((delivery, tag))) = delivery_of_request(&r_shared, &params)
+                        else {
+                            tracing::warn!(pack = %r_pack, method, "ignoring a call without reply outside an open delivery (a handler's late call, or one from onStart: those must wait for a reply)");
+                            continue;
+                        };
+                        use futures_util::FutureExt;
+                        let failure =
+                            match call(services(Some(tag)), &method, params).now_or_never() {
+                                Some(Ok(_)) => None,
+                                Some(Err(CallError::Service(e))) => {
+                                    Some(failed_call_outcome(&method, e))
+                                }
+                                Some(Err(CallError::Invalid(_, m))) => {
+                                    Some(Err(WorkerError::Handler(format!("{method} failed: {m}"))))
+                                }
+                                None => Some(Err(WorkerError::Handler(format!(
+                                    "{method} could not be staged at once"
+                                )))),
+                            };
+                        if let Some(f) = failure {
+                            lock(&r_shared).failed_calls.entry(delivery).or_insert(f);
+                        }
+                    }
+                    WorkerLine::Notification { method, .. } => {
                         tracing::debug!(pack = %r_pack, method, "ignoring unknown notification from worker")
                     }
                     WorkerLine::Request { id, method, params } => {
@@ -694,26 +799,41 @@ impl ExecWorker {
                         // still says belongs to a live delivery: refuse it. Served without a
                         // tag, it would be committed at once, outside any outcome (an emit
                         // doubled by the redelivery, or a key that makes it `replayed`).
-                        let Ok(tag) = delivery_of_request(&r_shared) else {
+                        let Ok(tag) = delivery_of_request(&r_shared, &params) else {
                             let _ = r_out.send(rpc_error(
                                 &id,
                                 1003,
-                                "the delivery this call belongs to was abandoned (timeout or crash); the event will be delivered again".into(),
+                                "the delivery this call belongs to was abandoned (timeout or crash) or has been answered; the event will be delivered again".into(),
                                 None,
                             ));
                             continue;
                         };
-                        let (services, out) = (services(tag), r_out.clone());
-                        actix::spawn(async move {
-                            let reply = serve_request(services, id, method, params).await;
-                            let _ = out.send(reply);
-                        });
+                        let (services, out) = (services(tag.map(|(_, t)| t)), r_out.clone());
+                        let reply = serve_request(services, id, method, params);
+                        // Most calls (staged emits and keys) are answered at once: no task.
+                        use futures_util::FutureExt;
+                        let mut reply = Box::pin(reply);
+                        match (&mut reply).now_or_never() {
+                            Some(line) => {
+                                let _ = out.send(line);
+                            }
+                            None => {
+                                actix::spawn(async move {
+                                    let _ = out.send(reply.await);
+                                });
+                            }
+                        }
                     }
                     WorkerLine::Reply { id, reply } => {
-                        let tx = {
+                        let (tx, reply) = {
                             let mut s = lock(&r_shared);
                             s.handling.remove(&id);
-                            s.pending.remove(&id)
+                            // A call of this delivery failed without anyone waiting for it.
+                            let reply = match (s.failed_calls.remove(&id), reply) {
+                                (Some(failed), Ok(_)) => failed,
+                                (_, reply) => reply,
+                            };
+                            (s.pending.remove(&id), reply)
                         };
                         let Some(tx) = tx else {
                             let text = String::from_utf8_lossy(&line);
@@ -869,6 +989,10 @@ impl ExecWorker {
                      "subscribed_event_kinds": manifest.subscribed_event_kinds,
                      "emitted_event_kinds": manifest.emitted_event_kinds},
             "workspace": {"root": workspace.display().to_string(), "identity": identity},
+            // `handle` requests the worker may run at once (`runtime.concurrency`); with more
+            // than one, its calls name their delivery.
+            "concurrency": manifest.runtime.as_ref().map_or(1, |r| r.concurrency),
+            "calls_without_reply": CALLS_WITHOUT_REPLY,
         });
         let rx = self.request("initialize", params);
         let result = self.await_reply(rx, "initialize", timeout).await?;
@@ -1036,16 +1160,31 @@ mod tests {
     fn requests_after_the_worker_was_abandoned_are_refused() {
         let shared = Mutex::new(Shared {
             pending: HashMap::new(),
-            handling: BTreeMap::from([(4, Tag { chunk: 1, seq: 9 })]),
+            handling: BTreeMap::from([
+                (4, Tag { chunk: 1, seq: 9 }),
+                (5, Tag { chunk: 1, seq: 10 }),
+            ]),
+            failed_calls: HashMap::new(),
             dead: None,
             stderr_tail: Default::default(),
             stderr_closed: false,
             stdout_closed: false,
             reaped: false,
         });
+        let (t9, t10) = (Tag { chunk: 1, seq: 9 }, Tag { chunk: 1, seq: 10 });
+        // One at a time: the oldest open delivery; several at once: the one named.
         assert_eq!(
-            delivery_of_request(&shared),
-            Ok(Some(Tag { chunk: 1, seq: 9 }))
+            delivery_of_request(&shared, &Value::Null),
+            Ok(Some((4, t9)))
+        );
+        assert_eq!(
+            delivery_of_request(&shared, &json!({"key": "k", "delivery": 5})),
+            Ok(Some((5, t10)))
+        );
+        // A delivery answered already (or never sent) takes no more calls.
+        assert_eq!(
+            delivery_of_request(&shared, &json!({"delivery": 3})),
+            Err(())
         );
         fail_all(
             &shared,
@@ -1054,7 +1193,7 @@ mod tests {
                 ms: 10,
             },
         );
-        assert_eq!(delivery_of_request(&shared), Err(()));
+        assert_eq!(delivery_of_request(&shared, &Value::Null), Err(()));
     }
 
     proptest! {

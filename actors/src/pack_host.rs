@@ -1,5 +1,6 @@
 //! `PackHost`: one per pack. Delivers the pack's events to its handlers, one at a time, in
-//! arrival order (SPEC §6, §7).
+//! arrival order (SPEC §6, §7); an exec pack with `runtime.concurrency: N` lets its worker run
+//! up to N at once, and its outcomes are still committed in arrival order.
 //!
 //! Owns the pack's progress: its cursor over the inbound log, its in-memory queue, its
 //! counters and its restart intensity.
@@ -20,6 +21,10 @@
 //!   round trip). An agent that finds a lease was killed during it: one leased event counts an
 //!   attempt (quarantined after `max_attempts`); several are delivered again one per commit
 //!   (`careful_to`), so that the next stop leases exactly one.
+//! - **Keyed handlers re-run little.** A handler that records its own replay keys guards its
+//!   external effects with them, so its events are committed `runtime.concurrency` at a time
+//!   (1 by default): a crash re-runs at most that many effects. Until a chunk shows otherwise a
+//!   pack counts as keyed, so the first chunk after a start is bounded too.
 //! - **Handler time, not agent time.** Timeouts are measured with `worker_clock`: an agent
 //!   that was stopped does not time out a handler that answered meanwhile.
 //! - A pack keeps its place in the inbound log while it is away; a kind it starts subscribing
@@ -372,8 +377,9 @@ struct CompleteChunk {
     /// chunk's records, so the next chunk needs no lookup of its own (one store round trip
     /// per chunk instead of two).
     lookahead: Vec<(i64, String)>,
-    /// The next chunk delivers one event before it commits (a keyed handler): lease only it.
-    lease_one: bool,
+    /// The next chunk delivers this many events before it commits (a keyed handler, or one at
+    /// a time after an interrupted agent): lease only them. `None`: all of the lookahead.
+    lease: Option<usize>,
     /// The pack's kinds, and the seqs this chunk went through (finished or replayed), in
     /// order: the cursor moves past no row of the pack that is not among them.
     kinds: Vec<String>,
@@ -495,8 +501,8 @@ impl StoreOp for CompleteChunk {
         // after a crash or a retry: that chunk starts with its own `StartChunk`).
         let lease = if stopped.is_some() {
             None
-        } else if self.lease_one {
-            self.lookahead.first().map(|(seq, _)| *seq)
+        } else if let Some(n) = self.lease {
+            self.lookahead.iter().take(n).map(|(seq, _)| *seq).max()
         } else {
             self.lookahead.iter().map(|(seq, _)| *seq).max()
         };
@@ -780,10 +786,17 @@ struct ChunkRun {
     agent: Arc<AgentStats>,
     router: Addr<crate::router::Router>,
     queue: Addr<crate::queue::DurableQueue>,
-    /// Exec `handle` requests in flight ahead of the outcome awaited (1 for keyed handlers).
+    /// Exec `handle` requests in flight ahead of the outcome awaited (`per_commit` when set).
     window: usize,
+    /// Events handed to the handler before the next commit, at most: 1 when `careful` (events
+    /// an interrupted agent had leased together), the pack's `runtime.concurrency` for a keyed
+    /// handler (its effects guarded by its own keys: a crash re-runs at most that many); `None`:
+    /// the whole chunk.
+    per_commit: Option<usize>,
     /// One event per commit (events an interrupted agent had leased together).
     careful: bool,
+    /// The pack's `runtime.concurrency`.
+    concurrency: usize,
     kinds: Vec<String>,
 }
 
@@ -791,11 +804,10 @@ impl ChunkRun {
     /// Looks the chunk's events up in the replay log and leases them (see
     /// [`count_interrupted_deliveries`]): one store round trip.
     async fn start(&self, chunk: &[Pending], keys: &[String]) -> Result<Vec<bool>, StoreError> {
-        // A keyed handler gets one event before the next commit; others may get all of them.
-        let leased_to = if self.window == 1 {
-            chunk.first()
-        } else {
-            chunk.last()
+        // A keyed handler gets `per_commit` events before the next commit; others all of them.
+        let leased_to = match self.per_commit {
+            Some(n) => chunk[..n.min(chunk.len())].last(),
+            None => chunk.last(),
         };
         let op = StartChunk {
             pack: self.pack.clone(),
@@ -837,7 +849,8 @@ impl ChunkRun {
         let mut sent = VecDeque::new();
         let mut next_send = 0;
         // Past CHUNK_TIME the chunk takes no new event (exec: sends no new request).
-        let mut limit = chunk.len();
+        let mut limit = self.per_commit.map_or(chunk.len(), |n| n.min(chunk.len()));
+        let full = limit;
         for (i, p) in chunk.iter().enumerate() {
             if i >= limit {
                 break;
@@ -885,7 +898,7 @@ impl ChunkRun {
             r.cursor = Some(p.seq);
             let keyed = self.stage.keyed(p.seq);
             r.keyed |= keyed;
-            if limit == chunk.len() && (keyed || self.careful || started.elapsed() >= CHUNK_TIME) {
+            if limit == full && (keyed || self.careful || started.elapsed() >= CHUNK_TIME) {
                 // Requests already sent are answered first; the worker is working on them.
                 limit = next_send.max(i + 1);
             }
@@ -1035,7 +1048,7 @@ impl ChunkRun {
                 .map(|(p, k)| (p.seq, k.clone()))
                 .chain(ahead)
                 .take(if r.keyed || self.careful {
-                    ONE_AT_A_TIME_AHEAD
+                    ONE_AT_A_TIME_AHEAD.max(self.concurrency)
                 } else {
                     CHUNK
                 })
@@ -1051,7 +1064,11 @@ impl ChunkRun {
             stopped_at: done.stopped_at,
             max_attempts: self.max_attempts,
             lookahead,
-            lease_one: r.keyed || self.careful,
+            lease: if self.careful {
+                Some(1)
+            } else {
+                r.keyed.then_some(self.concurrency)
+            },
             kinds: self.kinds,
             covered: chunk[..r.finished].iter().map(|p| p.seq).collect(),
         };
@@ -1186,7 +1203,11 @@ impl PackHost {
             stage: Arc::new(EffectStage::default()),
             prefetched: None,
             resume: false,
-            keyed: false,
+            // Assumed until a chunk shows otherwise (a chunk that finishes events without a
+            // key of their own): the first chunk after a start would otherwise send a keyed
+            // handler a whole window of events before its first commit, and a kill then re-ran
+            // all their effects.
+            keyed: true,
             careful_to: 0,
             last_gap: None,
         }
@@ -1221,6 +1242,14 @@ impl PackHost {
                     }
                 }),
         );
+    }
+
+    /// The pack's `runtime.concurrency` (1 without a runtime).
+    fn concurrency(&self) -> usize {
+        self.manifest
+            .runtime
+            .as_ref()
+            .map_or(1, |r| r.concurrency as usize)
     }
 
     fn services(&self) -> HostServices {
@@ -1425,8 +1454,10 @@ impl PackHost {
         self.busy.store(true, Ordering::Release);
         // Events an interrupted agent had leased together go one per commit (`careful_to`).
         let careful = self.queue.front().is_some_and(|p| p.seq <= self.careful_to);
-        let size = if self.keyed || careful {
+        let size = if careful {
             ONE_AT_A_TIME_AHEAD
+        } else if self.keyed {
+            ONE_AT_A_TIME_AHEAD.max(self.concurrency())
         } else {
             CHUNK
         };
@@ -1486,12 +1517,20 @@ impl PackHost {
             agent: self.agent.clone(),
             router: self.emitter.router.clone(),
             queue: self.emitter.queue.clone(),
-            window: if self.keyed || careful {
+            window: if careful {
                 1
+            } else if self.keyed {
+                self.concurrency()
             } else {
-                EXEC_WINDOW
+                EXEC_WINDOW.max(self.concurrency())
+            },
+            per_commit: if careful {
+                Some(1)
+            } else {
+                self.keyed.then(|| self.concurrency())
             },
             careful,
+            concurrency: self.concurrency(),
             kinds: self.manifest.subscribed_event_kinds.clone(),
         };
         async move {
@@ -1842,7 +1881,7 @@ mod tests {
             stopped_at: None,
             max_attempts: 3,
             lookahead: Vec::new(),
-            lease_one: false,
+            lease: None,
             kinds,
             covered: vec![1, 5],
         };

@@ -121,12 +121,22 @@ impl Agent {
 
     fn wait_until(&self, what: &str, f: impl Fn(&Value) -> bool) {
         let http = Self::http();
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now()
+            + Duration::from_secs(
+                std::env::var("BENCH_WAIT_S")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(600),
+            );
         loop {
-            if f(&self.status(&http)) {
+            let status = self.status(&http);
+            if f(&status) {
                 return;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {status}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -407,6 +417,12 @@ fn envelope_bodies(n: usize) -> Vec<String> {
 /// A Node exec pack `packs/ID` in the workspace `root` with the repository's helper,
 /// subscribing to `kind`; `handler` is its `handler.mjs` after the helper's import.
 fn node_pack(root: &Path, id: &str, kind: &str, handler: &str) -> PathBuf {
+    node_pack_with(root, id, kind, handler, json!({}))
+}
+
+/// [`node_pack`] with more manifest fields (`extra`'s keys; `runtime` merged into the one made
+/// here).
+fn node_pack_with(root: &Path, id: &str, kind: &str, handler: &str, extra: Value) -> PathBuf {
     let dir = root.join("packs").join(id);
     std::fs::create_dir_all(&dir).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -415,13 +431,19 @@ fn node_pack(root: &Path, id: &str, kind: &str, handler: &str) -> PathBuf {
         dir.join("lumenflow-pack.mjs"),
     )
     .unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": [kind],
-            "runtime": {"command": ["node", "handler.mjs"]}})
-        .to_string(),
-    )
-    .unwrap();
+    let mut manifest = json!({"id": id, "version": "0.1.0", "subscribed_event_kinds": [kind],
+        "runtime": {"command": ["node", "handler.mjs"]}});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        match (k.as_str(), v) {
+            ("runtime", Value::Object(rt)) => {
+                for (rk, rv) in rt {
+                    manifest["runtime"][rk] = rv;
+                }
+            }
+            (_, v) => manifest[k] = v,
+        }
+    }
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
     std::fs::write(
         dir.join("handler.mjs"),
         format!("import {{ runPack }} from './lumenflow-pack.mjs';\n{handler}\n"),
@@ -538,10 +560,15 @@ impl Drop for DevConductor {
 /// Queue kind end to end: `total` events in batches of `batch` from 4 clients, until the
 /// upstream acknowledged them all (outbox empty). Events/s.
 fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
+    queue_e2e_with(agent, total, batch, 4)
+}
+
+/// [`queue_e2e`] from `clients` keep-alive connections (one thread each).
+fn queue_e2e_with(agent: &Agent, total: usize, batch: usize, clients: usize) -> f64 {
     let http = Agent::http();
     let pushed_before = agent.status(&http)["upstream"]["pushed"].as_u64().unwrap();
     let cpu0 = agent.cpu_s();
-    let (t0, ingest) = blast(agent, "/api/v1/events", "bench:ping", total, batch, 4);
+    let (t0, ingest) = blast(agent, "/api/v1/events", "bench:ping", total, batch, clients);
     agent.wait_until("outbox drained", |s| {
         s["queue"]["durable_depth"] == 0
             && s["upstream"]["pushed"].as_u64().unwrap() >= pushed_before + total as u64
@@ -553,6 +580,46 @@ fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
         (agent.cpu_s() - cpu0) * 1e6 / total as f64
     );
     rate
+}
+
+/// Accept latency of single-event requests offered at `rate` events/s for `secs` (from 8
+/// keep-alive connections, each paced on its own schedule): (p50, p99, max) in ms.
+fn accept_latency(agent: &Agent, rate: usize, secs: f64) -> (f64, f64, f64) {
+    const CONNS: usize = 8;
+    let per_conn = (rate as f64 * secs) as usize / CONNS;
+    let gap = Duration::from_secs_f64(CONNS as f64 / rate as f64);
+    let mut all: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CONNS)
+            .map(|c| {
+                s.spawn(move || {
+                    let http = Agent::http();
+                    let bodies: Vec<String> = (0..per_conn)
+                        .map(|i| body("bench:ping", c * per_conn + i, 1))
+                        .collect();
+                    let start = Instant::now() + gap.mul_f64(c as f64 / CONNS as f64);
+                    let mut lat = Vec::with_capacity(per_conn);
+                    for (i, b) in bodies.into_iter().enumerate() {
+                        let due = start + gap * i as u32;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let t = Instant::now();
+                        let (status, text) =
+                            post_to(&http, &agent.url, &agent.token, "/api/v1/events", b);
+                        assert_eq!(status, 200, "{text}");
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let max = all.iter().cloned().fold(0.0, f64::max);
+    (percentile(&mut all, 0.5), percentile(&mut all, 0.99), max)
 }
 
 /// Ephemeral end to end: until every event was pushed or counted dropped. (events/s, dropped)
@@ -854,6 +921,7 @@ fn main() {
     // Peers, fed the same bodies, batches of 100 pipelined, 4 clients.
     let bodies = envelope_bodies(n);
     let mut redis_always = None;
+    let mut redis_always_1x64 = None;
     let mut jetstream = None;
     if !want("peers") {
     } else if peers::installed("redis-server") {
@@ -877,6 +945,26 @@ fn main() {
             eprintln!("redis streams appendfsync={fsync}: {rate:.0}/s");
             if fsync == "always" {
                 redis_always = Some(rate);
+                // Many small producers: one XADD per round trip, 64 connections.
+                let r64 = med(runs, || {
+                    let server = peers::start_redis(fsync).expect("redis-server did not start");
+                    peers::redis_streams(server.port, &bodies[..bodies.len() / 4], 1, 64)
+                });
+                eprintln!(
+                    "redis streams appendfsync=always, unpipelined, 64 connections: {r64:.0}/s"
+                );
+                redis_always_1x64 = Some(r64);
+                rows.push(Row {
+                    scenario: format!(
+                        "peer: Redis Streams XADD, unpipelined, 64 connections ({})",
+                        v.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+                    ),
+                    durability,
+                    value: r64,
+                    unit: "events/s",
+                    baseline: Some(base.clone()),
+                    target: "",
+                });
             }
             rows.push(Row {
                 scenario: format!(
@@ -955,7 +1043,7 @@ fn main() {
     }
 
     // Queue kind end to end, mem:inbox.
-    let (mut queue_full_100, mut queue_normal_100) = (0.0, 0.0);
+    let (mut queue_full_100, mut queue_normal_100, mut queue_full_1x64) = (0.0, 0.0, 0.0);
     for (durability, label, base) in [("full", FULL, &base_full), ("normal", NORMAL, &base_normal)]
         .into_iter()
         .filter(|_| want("queue"))
@@ -985,6 +1073,34 @@ fn main() {
                     ""
                 },
             });
+        }
+        if durability == "full" {
+            // Many small producers: one event per request, 64 keep-alive connections.
+            let rate = med(runs, || queue_e2e_with(&agent, n / 4, 1, 64));
+            eprintln!("queue -> mem:inbox durability=full batch=1 64 connections: {rate:.0}/s");
+            queue_full_1x64 = rate;
+            rows.push(Row {
+                scenario:
+                    "queue kind, API batch 1, 64 keep-alive connections -> mem:inbox (end to end)"
+                        .into(),
+                durability: label,
+                value: rate,
+                unit: "events/s",
+                baseline: Some(base.clone()),
+                target: ">= 100k/s, ahead of Redis (64 connections)",
+            });
+            let (p50, p99, max) = accept_latency(&agent, 10_000, if quick { 2.0 } else { 5.0 });
+            eprintln!("accept latency at 10k/s offered: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms");
+            for (what, v, target) in [("p50", p50, ""), ("p99", p99, "<= 2 ms")] {
+                rows.push(Row {
+                    scenario: format!("queue kind, single-event requests offered at 10k events/s (8 connections), accept latency {what} (max {max:.1} ms)"),
+                    durability: label,
+                    value: v,
+                    unit: "ms",
+                    baseline: None,
+                    target,
+                });
+            }
         }
         agent.stop();
     }
@@ -1140,42 +1256,103 @@ fn main() {
         agent.stop();
     }
     if want("exec") {
-        // Inbound -> one Node exec pack (the repository's helper; the handler returns at once).
+        // Inbound -> Node exec packs (the repository's helper). The handlers return at once:
+        // what is measured is the agent and the protocol, not the handler's work.
+        const KEYED: &str = "async (e, ctx) => { const k = `k:${e.event_id}`; if (await ctx.replayLog.has(k)) return { status: 'replayed' }; await ctx.replayLog.put(k); return { status: 'handled' }; }";
+        // The quickstart's whole pattern: has, emit, put.
+        const QUICKSTART: &str = "async (e, ctx) => { const k = `k:${e.event_id}`; if (await ctx.replayLog.has(k)) return { status: 'replayed' }; await ctx.emit(`${ctx.pack.id}:done`, { of: e.event_id }); await ctx.replayLog.put(k); return { status: 'handled' }; }";
+        let pack = |ws: &Path, id: &str, handler: &str, concurrency: u32, emits: Option<&str>| {
+            let mut extra = json!({"runtime": {"concurrency": concurrency}});
+            if let Some(kind) = emits {
+                extra["emitted_event_kinds"] = json!([kind]);
+                extra["backpressure_policy"] = json!({ kind: "queue" });
+            }
+            let kind = format!("bench:{}", id.replace('-', "_"));
+            node_pack_with(
+                ws,
+                id,
+                &kind,
+                &format!("runPack({{ handlers: {{ '{kind}': {handler} }} }});"),
+                extra,
+            );
+        };
+        type ExecRow = (&'static str, usize, String, &'static str);
+        let measure =
+            |agent: &Agent, durability: &'static str, list: Vec<ExecRow>, rows: &mut Vec<Row>| {
+                for (pack, total, label, target) in list {
+                    let kind = format!("bench:{}", pack.replace('-', "_"));
+                    let cpu0 = agent.cpu_s();
+                    let (t0, _) = blast(agent, "/v1/inbound", &kind, total, 100, 4);
+                    agent.wait_until("the Node pack handled all", |s| {
+                        s["packs"].as_array().unwrap().iter().any(|p| {
+                            p["id"] == pack && p["handled"].as_u64().unwrap() >= total as u64
+                        })
+                    });
+                    let rate = total as f64 / t0.elapsed().as_secs_f64();
+                    let cpu_us = (agent.cpu_s() - cpu0) * 1e6 / total as f64;
+                    eprintln!("inbound -> {pack}: {rate:.0}/s, agent CPU {cpu_us:.1} us/event");
+                    rows.push(Row {
+                        scenario: format!("{label}, agent CPU {cpu_us:.1} µs/event"),
+                        durability,
+                        value: rate,
+                        unit: "events/s",
+                        baseline: None,
+                        target,
+                    });
+                }
+            };
         let ws = workspace(json!({"durability": "normal"}));
-        node_pack(
+        pack(
             ws.path(),
             "node-sink",
-            "bench:ping",
-            "runPack({ handlers: { 'bench:ping': async () => ({ status: 'handled' }) } });",
+            "async () => ({ status: 'handled' })",
+            1,
+            None,
         );
-        // The same, written like the quickstart: its own replay key checked and recorded.
-        node_pack(ws.path(), "node-keyed", "bench:keyed", "runPack({ handlers: { 'bench:keyed': async (e, ctx) => { const k = `k:${e.event_id}`; if (await ctx.replayLog.has(k)) return { status: 'replayed' }; await ctx.replayLog.put(k); return { status: 'handled' }; } } });");
+        pack(ws.path(), "node-keyed", KEYED, 1, None);
+        pack(ws.path(), "node-keyed-32", KEYED, 32, None);
+        pack(ws.path(), "node-emit", "async (e, ctx) => { await ctx.emit('node-emit:done', { of: e.event_id }); return { status: 'handled' }; }", 1, Some("node-emit:done"));
+        pack(ws.path(), "node-qs", QUICKSTART, 1, Some("node-qs:done"));
+        pack(
+            ws.path(),
+            "node-qs-32",
+            QUICKSTART,
+            32,
+            Some("node-qs-32:done"),
+        );
         let agent = Agent::start(&bin, ws.path(), "");
-        for (pack, kind, total, label, target) in [
-            ("node-sink", "bench:ping", n / 2, "inbound -> Node exec pack (pipelined JSON-RPC)", ">= 20k/s"),
-            ("node-keyed", "bench:keyed", n / 40, "inbound -> Node exec pack written like the quickstart (replayLog.has, then put; each event committed before the next)", ""),
-        ] {
-            let cpu0 = agent.cpu_s();
-            let (t0, _) = blast(&agent, "/v1/inbound", kind, total, 100, 4);
-            agent.wait_until("the Node pack handled all", |s| {
-                s["packs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["id"] == pack && p["handled"].as_u64().unwrap() >= total as u64)
-            });
-            let rate = total as f64 / t0.elapsed().as_secs_f64();
-            let cpu_us = (agent.cpu_s() - cpu0) * 1e6 / total as f64;
-            eprintln!("inbound -> {pack}: {rate:.0}/s, agent CPU {cpu_us:.1} us/event");
-            rows.push(Row {
-                scenario: format!("{label}, agent CPU {cpu_us:.1} µs/event"),
-                durability: "WAL, no fsync; recorded with the cursor",
-                value: rate,
-                unit: "events/s",
-                baseline: None,
-                target,
-            });
-        }
+        measure(&agent, "WAL, no fsync; recorded with the cursor", vec![
+            ("node-sink", n / 2, "inbound -> Node exec pack (pipelined JSON-RPC)".into(), ">= 20k/s"),
+            ("node-keyed", n / 40, "inbound -> Node exec pack written like the quickstart (replayLog.has, then put), runtime.concurrency 1: each event committed before the next".into(), ""),
+            ("node-keyed-32", n / 4, "the same keyed handler, runtime.concurrency 32: up to 32 events at once, committed together".into(), ">= 15k/s, <= 40 µs CPU"),
+            ("node-emit", n / 4, "inbound -> Node handler that emits one event per event (no keys of its own)".into(), ">= 40k/s"),
+            ("node-qs", n / 40, "inbound -> the quickstart's whole handler (has, emit, put), runtime.concurrency 1".into(), ""),
+            ("node-qs-32", n / 4, "the quickstart's whole handler, runtime.concurrency 32".into(), ""),
+        ], &mut rows);
+        agent.stop();
+        let ws = workspace(json!({"durability": "full"}));
+        pack(ws.path(), "node-keyed", KEYED, 1, None);
+        pack(ws.path(), "node-keyed-32", KEYED, 32, None);
+        let agent = Agent::start(&bin, ws.path(), "");
+        measure(
+            &agent,
+            "fsync per commit; recorded with the cursor",
+            vec![
+                (
+                    "node-keyed",
+                    n / 100,
+                    "inbound -> Node keyed handler (has, put), runtime.concurrency 1".into(),
+                    "",
+                ),
+                (
+                    "node-keyed-32",
+                    n / 4,
+                    "the same keyed handler, runtime.concurrency 32".into(),
+                    ">= 5k/s",
+                ),
+            ],
+            &mut rows,
+        );
         agent.stop();
     }
 
@@ -1400,6 +1577,9 @@ fn main() {
     println!();
     if let Some(r) = redis_always {
         println!("- fsync before the producer's ack: agent {queue_full_100:.0}/s vs Redis Streams appendfsync=always {r:.0}/s: {:.2}x", queue_full_100 / r);
+    }
+    if let (Some(r), true) = (redis_always_1x64, queue_full_1x64 > 0.0) {
+        println!("- one event per request, 64 connections, fsync before the ack: agent {queue_full_1x64:.0}/s vs Redis Streams XADD unpipelined, appendfsync=always {r:.0}/s: {:.2}x", queue_full_1x64 / r);
     }
     if let Some(j) = jetstream {
         println!("- no fsync before the ack: agent {queue_normal_100:.0}/s vs NATS JetStream (file, default sync) {j:.0}/s: {:.2}x", queue_normal_100 / j);

@@ -13,7 +13,8 @@
 //   };
 //   runPack({ handlers: { 'conductor:recovery_requested': onRecoveryRequested } });
 //
-// Events are handled one at a time, in the order the agent sends them. What a handler emits
+// Events are handled one at a time, in the order the agent sends them (or up to
+// `runtime.concurrency` at once, started in that order, when the manifest sets it). What a handler emits
 // and the keys it puts are committed by the agent together with the handler's outcome: if the
 // handler throws, or the worker dies, before it returns, none of them is kept and the event is
 // delivered again. stdout belongs to the protocol: console.log is redirected to stderr, which
@@ -123,9 +124,44 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
 
   let nextId = 1;
   const pending = new Map();
-  let queue = Promise.resolve();
   let shuttingDown = false;
   let pack = null;
+  let identity = '';
+  // From `initialize`: how many `handle` requests may run at once (the pack's
+  // `runtime.concurrency`), and the calls the agent takes without a reply (staged at once;
+  // a failure becomes the event's outcome). An older agent offers neither: one at a time,
+  // every call awaited.
+  let concurrency = 1;
+  let withoutReply = new Set();
+  let emitted = new Set();
+
+  // The work queue: `handle` requests run in arrival order, up to `concurrency` at once;
+  // `onStart`, `resume` and `shutdown` are barriers (they run alone, after everything queued
+  // before them, and before everything queued after them).
+  const tasks = [];
+  let running = 0;
+  let barrier = false;
+  const pump = () => {
+    while (tasks.length > 0 && !barrier) {
+      const t = tasks[0];
+      if (t.barrier ? running > 0 : running >= concurrency) return;
+      tasks.shift();
+      running++;
+      barrier = t.barrier;
+      Promise.resolve()
+        .then(t.run)
+        .catch((e) => log('error')(`${e?.stack ?? e}`))
+        .finally(() => {
+          running--;
+          if (t.barrier) barrier = false;
+          pump();
+        });
+    }
+  };
+  const schedule = (run, { isBarrier = false } = {}) => {
+    tasks.push({ run, barrier: isBarrier });
+    pump();
+  };
   // After a handler asks for a retry, the requests the agent had already queued behind it are
   // answered "held" without running, until the agent says `resume` (it sends them again after
   // the retried event): so no event runs twice and the order is kept.
@@ -142,24 +178,37 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
       send({ id, method, params });
     });
 
-  const log = (level) => (...parts) =>
-    send({ method: 'log', params: { level, message: parts.map(String).join(' ') } });
-
-  const baseCtx = {
-    replayLog: {
-      has: (key) => call('replay.has', { key: String(key) }),
-      put: async (key) => {
-        await call('replay.put', { key: String(key) });
-      },
-    },
-    emit: async (kind, payload = {}, { idempotencyKey } = {}) => {
+  // The calls of one delivery (`delivery`: the id of its `handle` request; undefined outside
+  // one). They name it, so the agent knows whose they are when several handlers run at once.
+  // `emit` and `replayLog.put` do not wait for the agent where it allows: they are staged with
+  // the handler's outcome anyway, and the pipe keeps them before the outcome.
+  const callsFor = (delivery) => {
+    const inDelivery = delivery !== undefined;
+    const withDelivery = (params) => (inDelivery ? { ...params, delivery } : params);
+    const callOrSend = (method, params) => {
+      if (inDelivery && withoutReply.has(method)) {
+        send({ method, params: withDelivery(params) });
+        return Promise.resolve(null);
+      }
+      return call(method, withDelivery(params));
+    };
+    const emit = async (kind, payload = {}, { idempotencyKey } = {}) => {
       const params = { kind, payload };
       if (idempotencyKey !== undefined) params.idempotency_key = String(idempotencyKey);
+      // Only a kind the manifest declares goes without waiting: any other is refused by the
+      // agent, and awaiting that answer lets it be thrown here, from the handler's own line.
+      if (inDelivery && withoutReply.has('emit') && emitted.has(kind)) {
+        // The id is ours to give (the agent's own rule: UUIDv5 with a key, else UUIDv7).
+        const id = idempotencyKey === undefined ? uuidv7() : eventId(identity, kind, String(idempotencyKey));
+        if (idempotencyKey === undefined) params.event_id = id;
+        await callOrSend('emit', params);
+        return id;
+      }
       // Captured here, so a refusal (`Unknown kind at emit: …`) points at the handler's line,
       // not into this helper's message loop.
       const site = new Error();
       try {
-        const r = await call('emit', params);
+        const r = await call('emit', withDelivery(params));
         return r.event_id;
       } catch (e) {
         const refused = new Error(e.message);
@@ -168,20 +217,36 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
         refused.stack = `Error: ${e.message}\n${site.stack.split('\n').slice(2).join('\n')}`;
         throw refused;
       }
-    },
-    log: { debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error') },
-    // The quickstart's `syncPort`, inside the worker: each event built with
-    // buildKernelEventV2 is emitted through the agent (checked against the manifest, committed
-    // with the handler's outcome); its idempotency key goes with it, so the agent gives it the
-    // same event_id.
-    syncPort: {
-      pushKernelEvents: async (events) => {
-        for (const e of events) {
-          await baseCtx.emit(e.kind, e.payload ?? {}, { idempotencyKey: e[IDEMPOTENCY_KEY] });
-        }
-        return { accepted: events.length };
+    };
+    return {
+      replayLog: {
+        has: (key) => call('replay.has', withDelivery({ key: String(key) })),
+        put: async (key) => {
+          await callOrSend('replay.put', { key: String(key) });
+        },
       },
-    },
+      emit,
+      // The quickstart's `syncPort`, inside the worker: each event built with
+      // buildKernelEventV2 is emitted through the agent (checked against the manifest,
+      // committed with the handler's outcome); its idempotency key goes with it, so the agent
+      // gives it the same event_id.
+      syncPort: {
+        pushKernelEvents: async (events) => {
+          for (const e of events) {
+            await emit(e.kind, e.payload ?? {}, { idempotencyKey: e[IDEMPOTENCY_KEY] });
+          }
+          return { accepted: events.length };
+        },
+      },
+    };
+  };
+
+  const log = (level) => (...parts) =>
+    send({ method: 'log', params: { level, message: parts.map(String).join(' ') } });
+
+  const baseCtx = {
+    ...callsFor(undefined),
+    log: { debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error') },
   };
 
   const onMessage = (msg) => {
@@ -205,14 +270,18 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
         pack = params.pack;
         baseCtx.pack = pack;
         baseCtx.workspace = params.workspace;
+        identity = params.workspace?.identity ?? '';
+        if (Number.isInteger(params.concurrency) && params.concurrency > 0) concurrency = params.concurrency;
+        emitted = new Set(Array.isArray(params.pack?.emitted_event_kinds) ? params.pack.emitted_event_kinds : []);
+        withoutReply = new Set(Array.isArray(params.calls_without_reply) ? params.calls_without_reply : []);
         reply(id, { handles: Object.keys(handlers) });
         if (onStart) {
-          queue = queue.then(() => onStart({ ...baseCtx, ...(context ? context(baseCtx) : {}) })).catch((e) => log('error')(`onStart failed: ${e?.stack ?? e}`));
+          schedule(() => Promise.resolve(onStart({ ...baseCtx, ...(context ? context(baseCtx) : {}) })).catch((e) => log('error')(`onStart failed: ${e?.stack ?? e}`)), { isBarrier: true });
         }
         return;
       }
       case 'handle': {
-        queue = queue.then(async () => {
+        schedule(async () => {
           if (held) {
             replyError(id, 1004, 'held: an earlier event asked for a retry');
             return;
@@ -224,7 +293,8 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
             return;
           }
           try {
-            const ctx = { ...baseCtx, ...(context ? context(baseCtx) : {}), attempt: delivery.attempt, redelivered: delivery.redelivered };
+            const own = { ...baseCtx, ...callsFor(id) };
+            const ctx = { ...own, ...(context ? context(own) : {}), attempt: delivery.attempt, redelivered: delivery.redelivered };
             const outcome = normalize(await handler(event, ctx));
             if (outcome.status === 'retry') held = true;
             reply(id, outcome);
@@ -235,17 +305,17 @@ export function runPack({ handlers = {}, onStart, context } = {}) {
         return;
       }
       case 'resume': {
-        queue = queue.then(() => {
+        schedule(() => {
           held = false;
-        });
+        }, { isBarrier: true });
         return;
       }
       case 'shutdown': {
         shuttingDown = true;
-        queue.then(() => {
+        schedule(() => {
           reply(id, null);
           process.exit(0);
-        });
+        }, { isBarrier: true });
         return;
       }
       default:

@@ -79,6 +79,9 @@ pub struct EventDraft {
     pub kind: String,
     pub payload: Map<String, Value>,
     pub idempotency_key: Option<String>,
+    /// The id chosen by the producer (a worker that does not wait for the agent's answer to
+    /// its emit). Ignored when there is an idempotency key: that fixes the id.
+    pub event_id: Option<Uuid>,
 }
 
 /// An event as posted to the agent: already complete, or a draft to complete.
@@ -247,6 +250,7 @@ impl EventDraft {
             kind: kind.into(),
             payload,
             idempotency_key: None,
+            event_id: None,
         }
     }
 
@@ -255,11 +259,13 @@ impl EventDraft {
         self
     }
 
-    /// Completes the draft: id (UUIDv5 with a key, else UUIDv7), timestamp `now`, `from`.
+    /// Completes the draft: id (UUIDv5 with a key, else the producer's or a UUIDv7),
+    /// timestamp `now`, `from`.
     pub fn build(self, from: &str, now: SystemTime) -> Envelope {
-        let event_id = match &self.idempotency_key {
-            Some(key) => idempotent_event_id(from, &self.kind, key),
-            None => {
+        let event_id = match (&self.idempotency_key, self.event_id) {
+            (Some(key), _) => idempotent_event_id(from, &self.kind, key),
+            (None, Some(id)) => id,
+            (None, None) => {
                 let d = now
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap_or_default();
@@ -295,6 +301,7 @@ impl EventDraft {
             kind,
             payload,
             idempotency_key,
+            event_id: None,
         })
     }
 }

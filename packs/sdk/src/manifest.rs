@@ -139,7 +139,14 @@ pub struct Runtime {
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: Option<u64>,
+    /// Events in progress at once (`runtime.concurrency`, 1 to [`MAX_CONCURRENCY`]; 1 when
+    /// absent). Above 1 the worker may run that many handlers at the same time, their outcomes
+    /// are committed together, and a crash re-runs the effects of at most that many events.
+    pub concurrency: u32,
 }
+
+/// The largest `runtime.concurrency`.
+pub const MAX_CONCURRENCY: u64 = 256;
 
 /// A manifest that passed validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -780,10 +787,10 @@ fn validate_runtime(
         }
     };
     for key in rt.keys() {
-        if !["command", "env", "timeout_ms"].contains(&key.as_str()) {
+        if !["command", "env", "timeout_ms", "concurrency"].contains(&key.as_str()) {
             c.warn(
                 format!("runtime.{key}"),
-                format!("Unknown key \"{key}\" in runtime (known: command, env, timeout_ms)"),
+                format!("Unknown key \"{key}\" in runtime (known: command, env, timeout_ms, concurrency)"),
             );
         }
     }
@@ -869,10 +876,25 @@ fn validate_runtime(
             }
         },
     };
+    let concurrency = match rt.get("concurrency") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_CONCURRENCY).contains(&n) => n as u32,
+            _ => {
+                c.error(
+                    "runtime.concurrency",
+                    format!("Invalid runtime.concurrency: {v} must be a whole number of events from 1 to {MAX_CONCURRENCY} (1: one event at a time)"),
+                );
+                ok = false;
+                1
+            }
+        },
+    };
     ok.then_some(Runtime {
         command,
         env,
         timeout_ms,
+        concurrency,
     })
 }
 

@@ -220,6 +220,29 @@ fn runtime_paths_may_not_leave_the_pack() {
 }
 
 #[test]
+fn runtime_concurrency_is_one_unless_set_within_bounds() {
+    let concurrency = |c: Option<Value>| {
+        let mut rt = json!({"command": ["node", "h.mjs"]});
+        if let Some(c) = c {
+            rt["concurrency"] = c;
+        }
+        let (m, d) = validate(with(good(), "runtime", rt), &ctx());
+        m.and_then(|m| m.runtime).map(|r| r.concurrency).ok_or(d)
+    };
+    assert_eq!(concurrency(None).ok(), Some(1));
+    assert_eq!(concurrency(Some(json!(32))).ok(), Some(32));
+    assert_eq!(concurrency(Some(json!(256))).ok(), Some(256));
+    for bad in [json!(0), json!(257), json!(1.5), json!("8"), json!(-1)] {
+        let d = concurrency(Some(bad.clone())).expect_err("refused");
+        assert!(
+            d.iter()
+                .any(|d| d.message.contains("Invalid runtime.concurrency")),
+            "{bad}: {d:?}"
+        );
+    }
+}
+
+#[test]
 fn existing_platform_manifest_in_yaml_validates() {
     let yaml = r#"
 id: software-delivery
