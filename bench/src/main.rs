@@ -250,6 +250,21 @@ fn blast_to(
     batch: usize,
     clients: usize,
 ) -> (Instant, f64) {
+    blast_with(url, token, path, kind, total, batch, clients, false)
+}
+
+/// [`blast_to`]; `raw`: each client is a [`peers::RawHttp`] connection instead of `ureq`.
+#[allow(clippy::too_many_arguments)]
+fn blast_with(
+    url: &str,
+    token: &str,
+    path: &str,
+    kind: &str,
+    total: usize,
+    batch: usize,
+    clients: usize,
+    raw: bool,
+) -> (Instant, f64) {
     let per = total / clients;
     // Request bodies are built before the clock starts, as the peers' are.
     let bodies: Vec<Vec<(usize, String)>> = (0..clients)
@@ -268,9 +283,13 @@ fn blast_to(
         for mine in &bodies {
             s.spawn(move || {
                 let http = Agent::http();
+                let mut conn = raw.then(|| peers::RawHttp::connect(url));
                 for (_, b) in mine {
                     loop {
-                        let (status, text) = post_to(&http, url, token, path, b.clone());
+                        let (status, text) = match &mut conn {
+                            Some(c) => c.post(path, token, b),
+                            None => post_to(&http, url, token, path, b.clone()),
+                        };
                         if status == 429 {
                             std::thread::sleep(Duration::from_millis(50));
                             continue;
@@ -565,10 +584,23 @@ fn queue_e2e(agent: &Agent, total: usize, batch: usize) -> f64 {
 
 /// [`queue_e2e`] from `clients` keep-alive connections (one thread each).
 fn queue_e2e_with(agent: &Agent, total: usize, batch: usize, clients: usize) -> f64 {
+    // What `blast` sends: the same number per client.
+    let total = total / clients * clients;
     let http = Agent::http();
     let pushed_before = agent.status(&http)["upstream"]["pushed"].as_u64().unwrap();
     let cpu0 = agent.cpu_s();
-    let (t0, ingest) = blast(agent, "/api/v1/events", "bench:ping", total, batch, clients);
+    // Many connections: raw keep-alive clients, like the peers' (ureq's own cost bounds it).
+    let raw = clients > 4;
+    let (t0, ingest) = blast_with(
+        &agent.url,
+        &agent.token,
+        "/api/v1/events",
+        "bench:ping",
+        total,
+        batch,
+        clients,
+        raw,
+    );
     agent.wait_until("outbox drained", |s| {
         s["queue"]["durable_depth"] == 0
             && s["upstream"]["pushed"].as_u64().unwrap() >= pushed_before + total as u64
@@ -592,7 +624,7 @@ fn accept_latency(agent: &Agent, rate: usize, secs: f64) -> (f64, f64, f64) {
         let handles: Vec<_> = (0..CONNS)
             .map(|c| {
                 s.spawn(move || {
-                    let http = Agent::http();
+                    let mut http = peers::RawHttp::connect(&agent.url);
                     let bodies: Vec<String> = (0..per_conn)
                         .map(|i| body("bench:ping", c * per_conn + i, 1))
                         .collect();
@@ -604,8 +636,7 @@ fn accept_latency(agent: &Agent, rate: usize, secs: f64) -> (f64, f64, f64) {
                             std::thread::sleep(wait);
                         }
                         let t = Instant::now();
-                        let (status, text) =
-                            post_to(&http, &agent.url, &agent.token, "/api/v1/events", b);
+                        let (status, text) = http.post("/api/v1/events", &agent.token, &b);
                         assert_eq!(status, 200, "{text}");
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
                     }

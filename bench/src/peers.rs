@@ -362,3 +362,70 @@ pub fn version(program: &str) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// A minimal keep-alive HTTP/1.1 client on one connection: writes the request, reads the
+/// status line, the headers and a `content-length` body. What the Redis and NATS clients here
+/// are to their servers (no pooling, no redirects, no allocation beyond the buffers), so that
+/// many-connection rows measure the server, not the client library.
+pub struct RawHttp {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+    host: String,
+    line: String,
+}
+
+impl RawHttp {
+    pub fn connect(url: &str) -> RawHttp {
+        let host = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let conn = TcpStream::connect(&host).expect("connect agent");
+        let _ = conn.set_nodelay(true);
+        let w = conn.try_clone().expect("clone");
+        RawHttp {
+            w,
+            r: BufReader::new(conn),
+            host,
+            line: String::new(),
+        }
+    }
+
+    /// POSTs `body` (JSON) to `path`; returns the status and the body.
+    pub fn post(&mut self, path: &str, token: &str, body: &str) -> (u16, String) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        self.w.write_all(head.as_bytes()).expect("write");
+        self.w.write_all(body.as_bytes()).expect("write");
+        self.line.clear();
+        self.r.read_line(&mut self.line).expect("status line");
+        let status: u16 = self
+            .line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            self.line.clear();
+            if self.r.read_line(&mut self.line).unwrap_or(0) == 0 {
+                break;
+            }
+            let l = self.line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.r.read_exact(&mut buf).expect("body");
+        (status, String::from_utf8_lossy(&buf).into_owned())
+    }
+}
