@@ -568,8 +568,33 @@ async fn dlq_retry(State(state): State<ApiState>, req: Request) -> Response {
     }
 }
 
-async fn dlq_purge(State(state): State<ApiState>) -> Response {
-    match state.store.run(PurgeOp).await {
+/// `{}` or `{"all": true}`: every dead letter; `{"id": N}`: that one.
+async fn dlq_purge(State(state): State<ApiState>, req: Request) -> Response {
+    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
+        Ok(b) => b,
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
+    };
+    let v: Value = if bytes.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
+        }
+    };
+    let id = match v.get("id") {
+        None | Some(Value::Null) => None,
+        Some(id) => match id.as_i64() {
+            Some(id) => Some(id),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "Malformed request: expected {\"id\": N} or {}",
+                )
+            }
+        },
+    };
+    match state.store.run(PurgeOp { id }).await {
         Ok(n) => {
             state
                 .stats

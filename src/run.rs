@@ -7,7 +7,20 @@ use clap::Parser;
 use lumenflow_pack_sdk::NativePack;
 use std::process::ExitCode;
 
-fn init_logging(cli: &Cli) {
+/// Is this panic `println!` failing on a closed stdout (EPIPE)?
+fn is_closed_stdout(msg: &str) -> bool {
+    msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe")
+}
+
+/// Is this error, anywhere in its chain, a write to a closed pipe?
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_logging(cli: &Cli, quiet_on_closed_stdout: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::try_new(level),
@@ -25,7 +38,7 @@ fn init_logging(cli: &Cli) {
     }
     // A panic in a handler is caught and reported by its pack host; route the default report
     // through the log so it carries the same format and context as everything else.
-    std::panic::set_hook(Box::new(|info| {
+    std::panic::set_hook(Box::new(move |info| {
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
@@ -36,6 +49,9 @@ fn init_logging(cli: &Cli) {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
+        if quiet_on_closed_stdout && is_closed_stdout(&msg) {
+            std::process::exit(0);
+        }
         tracing::error!(%location, "panic: {msg}");
     }));
 }
@@ -43,11 +59,36 @@ fn init_logging(cli: &Cli) {
 /// Runs the CLI with these native packs registered (for `start`).
 pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    // A command whose output goes to a pipe that closed (`| head`) ends quietly with 0, as
+    // git and ripgrep do. Not the agent itself: it never prints its work to stdout.
+    let quiet_on_closed_stdout = !matches!(
+        cli.command,
+        Command::Start
+            | Command::Conductor {
+                action: crate::cli::ConductorAction::Serve { .. }
+            }
+    );
+    init_logging(&cli, quiet_on_closed_stdout);
     let ws = cli.workspace.as_deref();
     let result = match &cli.command {
         Command::Validate { pack_dir } => commands::validate::run(ws, pack_dir.as_deref()),
         Command::Start => commands::start::run(ws, native),
+        Command::Stop { timeout } => commands::stop::run(ws, *timeout),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "lumenflow-agent", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Version => {
+            println!(
+                "lumenflow-agent {} (worker protocol {}, state schema {})",
+                env!("CARGO_PKG_VERSION"),
+                lumenflow_actors::exec_worker::PROTOCOL_VERSION,
+                lumenflow_actors::schema::SCHEMA_VERSION
+            );
+            Ok(exit::OK)
+        }
         Command::Status { json } => commands::status::run(ws, *json),
         Command::Emit {
             kind,
@@ -78,6 +119,7 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if quiet_on_closed_stdout && is_broken_pipe(&e) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(exit::USAGE)

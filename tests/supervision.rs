@@ -149,7 +149,7 @@ fn dlq_works_without_a_running_agent_and_retry_is_delivered_at_start() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = ws.run(&["dlq", "purge"]);
+    let out = ws.run(&["dlq", "purge", "--yes"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("purged 1"));
     ws.start();
     wait_for("retried event handled after start", T, || {

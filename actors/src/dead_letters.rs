@@ -208,8 +208,12 @@ pub fn retry(conn: &Connection, ids: Option<&[i64]>) -> Result<RetryReport, Stor
     Ok(report)
 }
 
-pub fn purge(conn: &Connection) -> Result<usize, StoreError> {
-    Ok(conn.execute("DELETE FROM dead_letters", [])?)
+/// Deletes dead letter `id`, or all of them; returns how many.
+pub fn purge(conn: &Connection, id: Option<i64>) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM dead_letters WHERE ?1 IS NULL OR id = ?1",
+        rusqlite::params![id],
+    )?)
 }
 
 pub struct RetryOp {
@@ -223,11 +227,14 @@ impl StoreOp for RetryOp {
     }
 }
 
-pub struct PurgeOp;
+/// Purges dead letter `id`, or all of them.
+pub struct PurgeOp {
+    pub id: Option<i64>,
+}
 
 impl StoreOp for PurgeOp {
     type Output = usize;
     fn run(self, conn: &Connection) -> Result<usize, StoreError> {
-        purge(conn)
+        purge(conn, self.id)
     }
 }

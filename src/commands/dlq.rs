@@ -1,4 +1,4 @@
-//! `lumenflow-agent dlq list | retry ID|--all | purge`.
+//! `lumenflow-agent dlq list | retry ID|--all | purge [ID] [--yes]`.
 //!
 //! `list` reads SQLite directly. `retry` and `purge` go through the running agent (so its
 //! counters stay right and retried events are delivered at once); when no agent runs they
@@ -72,12 +72,20 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
             }
             Ok(exit::OK)
         }
-        DlqAction::Purge => {
-            match via_agent(&ws, "/v1/dlq/purge", &json!({}))? {
+        DlqAction::Purge { id, yes } => {
+            let what = match id {
+                Some(id) => format!("dead letter {id}"),
+                None => "every dead letter".to_string(),
+            };
+            if !*yes && !confirm(&format!("Delete {what} for good? [y/N] "))? {
+                println!("nothing deleted");
+                return Ok(exit::INVALID);
+            }
+            match via_agent(&ws, "/v1/dlq/purge", &json!({"id": id}))? {
                 Some(v) => println!("purged {} dead letter(s)", v["purged"]),
                 None => {
                     let n = if db.exists() {
-                        dead_letters::purge(&open_connection(&db, Durability::Full)?)?
+                        dead_letters::purge(&open_connection(&db, Durability::Full)?, *id)?
                     } else {
                         0
                     };
@@ -87,6 +95,22 @@ pub fn run(workspace: Option<&Path>, action: &DlqAction) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// Asks on the terminal; without one, refuses (a script must say `--yes`).
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("`dlq purge` deletes for good and stdin is not a terminal to ask: add --yes");
+    }
+    eprint!("{question}");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 /// `Some(reply)` from the running agent, `None` when none runs.

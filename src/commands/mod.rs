@@ -11,6 +11,7 @@ pub mod inbox;
 pub mod new_pack;
 pub mod start;
 pub mod status;
+pub mod stop;
 pub mod validate;
 
 /// Exit codes of SPEC §12.

@@ -229,8 +229,10 @@ fn print_live(s: &Value) {
             .as_str()
             .map(|h| h.chars().take(8).collect())
             .unwrap_or_else(|| "-".into());
+        // 0: never loaded (an invalid manifest from the start), not 1970.
         let loaded = p["loaded_at_ms"]
             .as_i64()
+            .filter(|t| *t > 0)
             .map(|t| format!("{} ago", age((now_ms - t).max(0) / 1000)))
             .unwrap_or_else(|| "-".into());
         println!(
