@@ -531,14 +531,23 @@ async fn post_inbound(State(state): State<ApiState>, req: Request) -> Response {
 }
 
 /// `{"id": N}` or `{"all": true}`: redeliver dead letters to the pack that failed them.
+/// The JSON body of a small control request (dead letters, decisions): at most 64 KiB. An
+/// empty body is `if_empty` when given.
+async fn read_control_json(req: Request, if_empty: Option<Value>) -> Result<Value, Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), 64 << 10)
+        .await
+        .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"))?;
+    match if_empty {
+        Some(v) if bytes.is_empty() => Ok(v),
+        _ => serde_json::from_slice(&bytes)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}"))),
+    }
+}
+
 async fn dlq_retry(State(state): State<ApiState>, req: Request) -> Response {
-    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
-        Ok(b) => b,
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
-    };
-    let v: Value = match serde_json::from_slice(&bytes) {
+    let v = match read_control_json(req, None).await {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
+        Err(r) => return r,
     };
     let ids = match (
         v.get("id").and_then(Value::as_i64),
@@ -570,17 +579,9 @@ async fn dlq_retry(State(state): State<ApiState>, req: Request) -> Response {
 
 /// `{}` or `{"all": true}`: every dead letter; `{"id": N}`: that one.
 async fn dlq_purge(State(state): State<ApiState>, req: Request) -> Response {
-    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
-        Ok(b) => b,
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
-    };
-    let v: Value = if bytes.is_empty() {
-        json!({})
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
-        }
+    let v = match read_control_json(req, Some(json!({}))).await {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let id = match v.get("id") {
         None | Some(Value::Null) => None,
@@ -671,11 +672,7 @@ async fn status(State(state): State<ApiState>) -> Response {
 /// The CLI's `approvals approve | deny`: a `ResolveApprovalInput` decided here, in every mode
 /// (in conductor mode the control plane is told afterwards).
 async fn approvals_decide(State(state): State<ApiState>, req: Request) -> Response {
-    let bytes = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
-        Ok(b) => b,
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large"),
-    };
-    let input = match serde_json::from_slice::<Value>(&bytes) {
+    let input = match read_control_json(req, None).await {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
             return error(
@@ -683,7 +680,7 @@ async fn approvals_decide(State(state): State<ApiState>, req: Request) -> Respon
                 "Malformed request: expected a JSON object",
             )
         }
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("Malformed JSON: {e}")),
+        Err(r) => return r,
     };
     decide(&state, input).await
 }

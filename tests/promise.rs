@@ -63,6 +63,15 @@ fn inbox_kinds(ws: &Workspace, kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Injects `conductor:job_poked` events `{"n": n}` for each `n`, in one inbound batch.
+fn poke(ws: &Workspace, ns: std::ops::Range<u32>) {
+    let events: Vec<Value> = ns
+        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
+        .collect();
+    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 fn emit_orders(ws: &Workspace, from: usize, n: usize) {
     let events: Vec<Value> = (from..from + n)
         .map(|i| json!({"kind": "shop:order_placed", "payload": {"n": i}}))
@@ -277,11 +286,7 @@ fn after_a_kill_during_a_chunk_events_come_one_at_a_time_and_the_next_kill_count
     // otherwise): event 0 lets it show that, so 1 to 3 go in one chunk.
     ws.inbound("conductor:job_poked", r#"{"n":0}"#);
     wait_for("event 0", T, || (runs().len() == 1).then_some(()));
-    let events: Vec<Value> = (1..=3)
-        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
-        .collect();
-    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
-    assert_eq!(r.status, 200, "{}", r.body);
+    poke(&ws, 1..4);
     for (kill, lines_then) in [(1, 3), (2, 5)] {
         wait_for(&format!("event 2 in flight before kill {kill}"), T, || {
             (runs().len() == lines_then).then_some(())
@@ -422,15 +427,8 @@ fn a_pack_that_is_invalid_or_away_keeps_its_place_and_gets_its_events() {
 } } });"#,
     );
     let effects = ws.path().join("effects-rec.txt");
-    let poke = |ws: &Workspace, from: u32, n: u32| {
-        let events: Vec<Value> = (from..from + n)
-            .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
-            .collect();
-        let r = ws.api().post("/v1/inbound", &json!({"events": events}));
-        assert_eq!(r.status, 200, "{}", r.body);
-    };
     ws.start();
-    poke(&ws, 0, 1);
+    poke(&ws, 0..1);
     wait_for("the first event", T, || {
         (lines(&effects).len() == 1).then_some(())
     });
@@ -443,7 +441,7 @@ fn a_pack_that_is_invalid_or_away_keeps_its_place_and_gets_its_events() {
     wait_for("rec invalid", T, || {
         (ws.pack_status("rec")["state"] == "invalid").then_some(())
     });
-    poke(&ws, 1, 10);
+    poke(&ws, 1..11);
     std::fs::write(dir.join("manifest.json"), &good).unwrap();
     wait_for("the 10 events sent while it was invalid", T, || {
         (lines(&effects).len() == 11).then_some(())
@@ -455,7 +453,7 @@ fn a_pack_that_is_invalid_or_away_keeps_its_place_and_gets_its_events() {
     wait_for("rec stopped", T, || {
         (ws.pack_status("rec")["state"] == "stopped").then_some(())
     });
-    poke(&ws, 11, 20);
+    poke(&ws, 11..31);
     std::fs::rename(&away, &dir).unwrap();
     let got = wait_for("the 20 events sent while it was away", T, || {
         let l = lines(&effects);
@@ -597,11 +595,7 @@ fn with_runtime_concurrency_a_call_belongs_to_the_event_that_made_it() {
 } } });"#,
     );
     ws.start();
-    let events: Vec<Value> = (1..=2)
-        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
-        .collect();
-    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
-    assert_eq!(r.status, 200, "{}", r.body);
+    poke(&ws, 1..3);
     wait_for("both handled", T, || {
         (ws.pack_status("calls")["handled"] == 2).then_some(())
     });
@@ -635,11 +629,7 @@ fn a_kill_re_runs_at_most_runtime_concurrency_keyed_effects() {
         );
         let effects = || lines(&dir.join("effects.txt"));
         ws.start();
-        let events: Vec<Value> = (0..120)
-            .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
-            .collect();
-        let r = ws.api().post("/v1/inbound", &json!({"events": events}));
-        assert_eq!(r.status, 200, "{}", r.body);
+        poke(&ws, 0..120);
         // Kills mid-stream, the second and third just after a start (in the first chunk).
         let mut kills = 0;
         for at in [30, 31, 32] {
@@ -687,11 +677,7 @@ fn an_emit_refused_without_anyone_waiting_decides_the_outcome() {
 } } });"#,
     );
     ws.start();
-    let events: Vec<Value> = (1..=2)
-        .map(|n| json!({"kind": "conductor:job_poked", "payload": {"n": n}}))
-        .collect();
-    let r = ws.api().post("/v1/inbound", &json!({"events": events}));
-    assert_eq!(r.status, 200, "{}", r.body);
+    poke(&ws, 1..3);
     wait_for("event 2 handled", T, || {
         (ws.pack_status("chatty")["handled"] == 1).then_some(())
     });

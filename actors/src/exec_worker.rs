@@ -35,6 +35,7 @@
 //!   [`crate::sandbox`]).
 
 use crate::effects::Tag;
+use futures_util::FutureExt;
 use lumenflow_pack_sdk::envelope::EventDraft;
 use lumenflow_pack_sdk::native::{PackServices, ServiceError};
 use lumenflow_pack_sdk::{Envelope, HandlerOutcome, Manifest};
@@ -200,8 +201,8 @@ type Reply = Result<Value, WorkerError>;
 
 struct Shared {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
-    /// `handle` requests not answered yet, with the delivery each one is. The worker handles
-    /// them one at a time, in order, so a request it makes belongs to the oldest of them.
+    /// `handle` requests not answered yet, with the delivery each one is. A call the worker
+    /// makes belongs to the one it names, else to the oldest (see [`delivery_of_request`]).
     handling: BTreeMap<u64, Tag>,
     /// Deliveries (`handle` request ids) one of whose calls without reply failed: what their
     /// reply becomes.
@@ -288,13 +289,14 @@ pub const CALLS_WITHOUT_REPLY: [&str; 2] = ["emit", "replay.put"];
 /// retries the event later; anything else is a crash (an emit the manifest or the stage's
 /// bounds refused was recorded as the delivery's refusal: the pack host then dead-letters the
 /// event without its effects, as it would be refused again).
-fn failed_call_outcome(method: &str, e: ServiceError) -> Reply {
+fn failed_call_outcome(method: &str, e: CallError) -> Reply {
     match e {
-        ServiceError::Backpressure { retry_after_ms } => Ok(json!({
+        CallError::Service(ServiceError::Backpressure { retry_after_ms }) => Ok(json!({
             "status": "retry",
             "action": format!("{method} refused with backpressure (retry after {retry_after_ms} ms)")
         })),
-        e => Err(WorkerError::Handler(format!("{method} failed: {e}"))),
+        CallError::Service(e) => Err(WorkerError::Handler(format!("{method} failed: {e}"))),
+        CallError::Invalid(_, m) => Err(WorkerError::Handler(format!("{method} failed: {m}"))),
     }
 }
 
@@ -773,16 +775,10 @@ impl ExecWorker {
                             tracing::warn!(pack = %r_pack, method, "ignoring a call without reply outside an open delivery (a handler's late call, or one from onStart: those must wait for a reply)");
                             continue;
                         };
-                        use futures_util::FutureExt;
                         let failure =
                             match call(services(Some(tag)), &method, params).now_or_never() {
                                 Some(Ok(_)) => None,
-                                Some(Err(CallError::Service(e))) => {
-                                    Some(failed_call_outcome(&method, e))
-                                }
-                                Some(Err(CallError::Invalid(_, m))) => {
-                                    Some(Err(WorkerError::Handler(format!("{method} failed: {m}"))))
-                                }
+                                Some(Err(e)) => Some(failed_call_outcome(&method, e)),
                                 None => Some(Err(WorkerError::Handler(format!(
                                     "{method} could not be staged at once"
                                 )))),
@@ -811,7 +807,6 @@ impl ExecWorker {
                         let (services, out) = (services(tag.map(|(_, t)| t)), r_out.clone());
                         let reply = serve_request(services, id, method, params);
                         // Most calls (staged emits and keys) are answered at once: no task.
-                        use futures_util::FutureExt;
                         let mut reply = Box::pin(reply);
                         match (&mut reply).now_or_never() {
                             Some(line) => {

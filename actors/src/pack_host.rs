@@ -62,6 +62,22 @@ const CHUNK_TIME: Duration = Duration::from_millis(20);
 const ONE_AT_A_TIME_AHEAD: usize = 16;
 /// `handle` requests an exec worker has queued ahead of the one it is working on.
 const EXEC_WINDOW: usize = 32;
+
+/// Events handed to the handler before a commit, at most: 1 when `careful`, the pack's
+/// `concurrency` when `keyed`, else `None` (the whole chunk). See [`ChunkRun::per_commit`].
+fn per_commit(careful: bool, keyed: bool, concurrency: usize) -> Option<usize> {
+    if careful {
+        Some(1)
+    } else {
+        keyed.then_some(concurrency)
+    }
+}
+
+/// Events a chunk takes, and replay-log lookups a commit makes for the next one: a whole
+/// `CHUNK`, or a few beyond what one commit takes.
+fn chunk_size(per_commit: Option<usize>) -> usize {
+    per_commit.map_or(CHUNK, |n| ONE_AT_A_TIME_AHEAD.max(n))
+}
 /// Rows kept in memory; beyond that the host reads them from the inbound log when it gets there.
 const MEMORY_QUEUE_MAX: usize = 10_000;
 
@@ -1039,6 +1055,7 @@ impl ChunkRun {
             .durable_depth
             .fetch_add(queued, Ordering::AcqRel);
         // The next chunk starts where this one stopped: its unfinished events, then `ahead`.
+        let next_per_commit = per_commit(self.careful, r.keyed, self.concurrency);
         let lookahead: Vec<(i64, String)> = if done.stopped_at.is_some() {
             Vec::new()
         } else {
@@ -1047,11 +1064,7 @@ impl ChunkRun {
                 .zip(&keys[r.finished..])
                 .map(|(p, k)| (p.seq, k.clone()))
                 .chain(ahead)
-                .take(if r.keyed || self.careful {
-                    ONE_AT_A_TIME_AHEAD.max(self.concurrency)
-                } else {
-                    CHUNK
-                })
+                .take(chunk_size(next_per_commit))
                 .collect()
         };
         let op = CompleteChunk {
@@ -1064,11 +1077,7 @@ impl ChunkRun {
             stopped_at: done.stopped_at,
             max_attempts: self.max_attempts,
             lookahead,
-            lease: if self.careful {
-                Some(1)
-            } else {
-                r.keyed.then_some(self.concurrency)
-            },
+            lease: next_per_commit,
             kinds: self.kinds,
             covered: chunk[..r.finished].iter().map(|p| p.seq).collect(),
         };
@@ -1454,13 +1463,7 @@ impl PackHost {
         self.busy.store(true, Ordering::Release);
         // Events an interrupted agent had leased together go one per commit (`careful_to`).
         let careful = self.queue.front().is_some_and(|p| p.seq <= self.careful_to);
-        let size = if careful {
-            ONE_AT_A_TIME_AHEAD
-        } else if self.keyed {
-            ONE_AT_A_TIME_AHEAD.max(self.concurrency())
-        } else {
-            CHUNK
-        };
+        let size = chunk_size(per_commit(careful, self.keyed, self.concurrency()));
         let mut chunk: Vec<Pending> = self.queue.iter().take(size).cloned().collect();
         let ahead: Vec<(i64, String)> = self
             .queue
@@ -1505,6 +1508,7 @@ impl PackHost {
         known: Option<Vec<bool>>,
         careful: bool,
     ) -> impl std::future::Future<Output = ChunkResult> + 'static {
+        let per_commit = per_commit(careful, self.keyed, self.concurrency());
         let run = ChunkRun {
             pack: self.id.clone(),
             store: self.store.clone(),
@@ -1517,18 +1521,8 @@ impl PackHost {
             agent: self.agent.clone(),
             router: self.emitter.router.clone(),
             queue: self.emitter.queue.clone(),
-            window: if careful {
-                1
-            } else if self.keyed {
-                self.concurrency()
-            } else {
-                EXEC_WINDOW.max(self.concurrency())
-            },
-            per_commit: if careful {
-                Some(1)
-            } else {
-                self.keyed.then(|| self.concurrency())
-            },
+            window: per_commit.unwrap_or(EXEC_WINDOW.max(self.concurrency())),
+            per_commit,
             careful,
             concurrency: self.concurrency(),
             kinds: self.manifest.subscribed_event_kinds.clone(),

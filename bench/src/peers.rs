@@ -83,26 +83,13 @@ fn serve_http(conn: TcpStream) {
     let mut r = BufReader::new(conn);
     let mut line = String::new();
     loop {
-        let mut len = 0usize;
         line.clear();
         if r.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
-        loop {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
+        let Some(len) = read_headers(&mut r, &mut line) else {
+            return;
+        };
         let mut body = vec![0u8; len];
         if r.read_exact(&mut body).is_err() {
             return;
@@ -111,6 +98,27 @@ fn serve_http(conn: TcpStream) {
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         if out.write_all(reply).is_err() {
             return;
+        }
+    }
+}
+
+/// Reads HTTP/1.1 header lines up to the blank one; returns the `content-length` (0 without
+/// one), or `None` if the stream ended first.
+fn read_headers(r: &mut BufReader<TcpStream>, line: &mut String) -> Option<usize> {
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(line).unwrap_or(0) == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            return Some(len);
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
         }
     }
 }
@@ -408,22 +416,7 @@ impl RawHttp {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let mut len = 0usize;
-        loop {
-            self.line.clear();
-            if self.r.read_line(&mut self.line).unwrap_or(0) == 0 {
-                break;
-            }
-            let l = self.line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
+        let len = read_headers(&mut self.r, &mut self.line).unwrap_or(0);
         let mut buf = vec![0u8; len];
         self.r.read_exact(&mut buf).expect("body");
         (status, String::from_utf8_lossy(&buf).into_owned())
