@@ -69,6 +69,8 @@ pub struct Agent {
     /// Where the upstream came from: `enrollment`, `workspace.yaml` or `agent.json`.
     upstream_source: &'static str,
     pull_cursor: Option<String>,
+    /// `start --ready-file`: written once ready (see `service`).
+    ready_file: Option<std::path::PathBuf>,
 }
 
 impl Agent {
@@ -82,7 +84,14 @@ impl Agent {
             upstream_source: "agent.json",
             yaml: Default::default(),
             pull_cursor: None,
+            ready_file: None,
         }
+    }
+
+    /// Writes this file once the agent is ready, and removes it when it stops.
+    pub fn ready_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.ready_file = path;
+        self
     }
 
     /// Registers a native Rust pack (the quickstart's `packRegistry.register`).
@@ -353,8 +362,17 @@ impl Agent {
         let core = self.start_core(db_path, durability, &stats);
         let (registry, watcher) = self.start_packs(&core, &stats).await;
         let api = self.start_api(&core, &stats).await?;
+        actix_rt::spawn(sample_rates(stats.clone()));
+        // Ready: packs started, the API answers.
+        let mut ready = match &self.ready_file {
+            Some(path) => Some(crate::service::ReadyFile::write(path, &api.url)?),
+            None => None,
+        };
+        crate::service::notify("READY=1");
         let probes = core_probes(&core, &registry, &watcher);
         let end = wait_for_end(probes, stats.store.clone()).await;
+        crate::service::notify("STOPPING=1");
+        ready.take();
         let stop_intake = |api: &Api| {
             api.shutdown.store(true, Ordering::SeqCst);
             let _ = std::fs::remove_file(&api.file);
@@ -615,6 +633,7 @@ impl Agent {
         let (runtime, server) =
             api::start(listener, state, limits).context("cannot start the local API's threads")?;
         Ok(Api {
+            url: format!("http://{addr}"),
             shutdown,
             file,
             server,
@@ -709,6 +728,7 @@ struct Core {
 
 /// The running local API.
 struct Api {
+    url: String,
     shutdown: Arc<std::sync::atomic::AtomicBool>,
     file: std::path::PathBuf,
     server: tokio::task::JoinHandle<()>,
@@ -722,6 +742,16 @@ impl Drop for Api {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Samples the counters once a second, for the rates of `status`, `top` and `/metrics`.
+async fn sample_rates(stats: Arc<AgentStats>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        stats.sample_rates();
     }
 }
 

@@ -12,7 +12,8 @@
 //! - The rest of the platform's sync port: `heartbeat`, `policies`, `config`,
 //!   `authenticate`, `telemetry`, `evidence`, `approvals/*` (see `sync_port`).
 //! - `POST /v1/inbound` — inject events as if they came from the upstream (`emit --inbound`).
-//! - `GET /v1/status`, `GET /metrics` (Prometheus text).
+//! - `GET /v1/status`, `GET /metrics` (Prometheus text), `GET /v1/tap` (the live event feed,
+//!   newline-delimited JSON: `tap_api`).
 //!
 //! Besides its own random token, the API accepts the token of the variable `api.token_env`
 //! names: the one the platform's SDK sends (its `auth.token_env`).
@@ -131,7 +132,7 @@ impl ApiState {
 }
 
 /// The endpoints, for the 404 of any other path.
-const ENDPOINTS: &str = "POST /api/v1/events, /api/v1/heartbeat, /api/v1/policies, /api/v1/config, /api/v1/authenticate, /api/v1/telemetry, /api/v1/evidence, /api/v1/approvals/request|resolve|list, /v1/inbound, /v1/approvals/decide; GET /v1/status, /metrics";
+const ENDPOINTS: &str = "POST /api/v1/events, /api/v1/heartbeat, /api/v1/policies, /api/v1/config, /api/v1/authenticate, /api/v1/telemetry, /api/v1/evidence, /api/v1/approvals/request|resolve|list, /v1/inbound, /v1/approvals/decide; GET /v1/status, /v1/tap, /metrics";
 
 /// `{"error": {"message": …}}` with a status: the error shape of every LumenFlow HTTP surface.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -178,6 +179,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/v1/tap", get(crate::tap_api::tap))
         .route("/v1/dlq/retry", post(dlq_retry))
         .route("/v1/dlq/purge", post(dlq_purge))
         .route("/v1/approvals/decide", post(approvals_decide))
@@ -310,7 +312,7 @@ async fn read_body_in_time(state: &ApiState, req: Request) -> Result<Request, Re
         return Ok(req);
     }
     let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    let read = read_body_limited(body);
     match tokio::time::timeout(state.body_timeout, read).await {
         Err(_) => {
             let mut r = error(
@@ -324,12 +326,49 @@ async fn read_body_in_time(state: &ApiState, req: Request) -> Result<Request, Re
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             Err(r)
         }
-        Ok(Err(_)) => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
-        )),
+        Ok(Err(drained)) => {
+            let mut r = error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Payload too large: the body exceeds {MAX_BODY_BYTES} bytes"),
+            );
+            if !drained {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Err(r)
+        }
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
     }
+}
+
+/// Most of an oversized body read (and dropped) so that its sender can read the 413: a socket
+/// closed with unread data sends a reset, and the client saw "connection reset" instead.
+const MAX_DRAIN_BYTES: usize = 4 * MAX_BODY_BYTES;
+
+/// The body, at most [`MAX_BODY_BYTES`]. `Err(drained)` when it is larger: the rest was read
+/// and dropped (`true`), or it is larger than [`MAX_DRAIN_BYTES`] too or broke (`false`: the
+/// connection must close).
+async fn read_body_limited(body: Body) -> Result<axum::body::Bytes, bool> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| false)?;
+        seen += chunk.len();
+        if seen > MAX_BODY_BYTES + MAX_DRAIN_BYTES {
+            return Err(false);
+        }
+        if seen <= MAX_BODY_BYTES {
+            buf.extend_from_slice(&chunk);
+        } else if !buf.is_empty() {
+            buf = Vec::new();
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(true);
+    }
+    Ok(buf.into())
 }
 
 async fn guard(State(state): State<ApiState>, req: Request, next: Next) -> Response {
@@ -637,6 +676,7 @@ pub fn status_json(state: &ApiState) -> Value {
             "source": state.upstream_source,
             "state": s.upstream.state,
             "last_error": s.upstream.last_error,
+            "last_error_ms": s.upstream.last_error_ms,
             "last_success_ms": s.upstream.last_success_ms,
             "pushed": s.upstream.pushed,
             "pulled": s.upstream.pulled,
@@ -652,6 +692,8 @@ pub fn status_json(state: &ApiState) -> Value {
         "reload": s.reload,
         "approvals": s.approvals,
         "store": s.store,
+        "taps": s.taps,
+        "rates": s.rates,
     })
 }
 

@@ -32,6 +32,30 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Svg,
+    Png,
+}
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StartArgs {
+    /// Write this file (PID and API URL) once the agent is ready; removed when it stops.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// Log to this file instead of stderr, rotated by size (leave it out under systemd: the
+    /// journal keeps stderr).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Rotate the log file past this many megabytes.
+    #[arg(long, default_value_t = 10, value_name = "MB", requires = "log_file")]
+    pub log_max_mb: u64,
+    /// Old log files to keep (F.1 ... F.N).
+    #[arg(long, default_value_t = 3, value_name = "N", requires = "log_file")]
+    pub log_keep: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Lang {
     /// TypeScript: the quickstart's layout (package.json, src/, vitest tests), run with tsx.
     Ts,
@@ -46,7 +70,55 @@ pub enum Lang {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent in the foreground (one per workspace); SIGINT/SIGTERM drain and exit 0.
-    Start,
+    #[command(
+        after_long_help = "Readiness: with NOTIFY_SOCKET set (systemd Type=notify) the agent sends READY=1 once its packs are started and its API answers, and STOPPING=1 when it stops; --ready-file writes a file at the same moment and removes it on exit.\n\nExamples:\n  lumenflow-agent start\n  lumenflow-agent start --ready-file /run/user/1000/lumenflow.ready --log-file .lumenflow/state/agent/agent.log"
+    )]
+    Start(StartArgs),
+    /// A live view of every pack: state, events/s in and out, in flight, restarts, dead
+    /// letters; the queue and the upstream. Keys: s sort, / filter, q quit.
+    #[command(
+        after_long_help = "Keys: q or Esc quit; s next sort column; r reverse; / filter by pack id (Enter applies, Esc clears); p pause.\n\nExample:\n  lumenflow-agent top --interval 500"
+    )]
+    Top {
+        /// Refresh interval in milliseconds (at most 1000 is useful: rates are per refresh).
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        interval: u64,
+        /// Print one frame as text and exit (for scripts and terminals without a TUI).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Stream events live as the agent accepts, delivers, emits and dead-letters them. A tap
+    /// that cannot keep up loses events and says how many; the agent never waits for it.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent tap\n  lumenflow-agent tap 'acme-demo:*' --json | jq .\n  lumenflow-agent tap --pack hello --limit 10"
+    )]
+    Tap {
+        /// Only kinds matching this pattern (`*` matches any run of characters), e.g. demo.* or agent:*.
+        #[arg(value_name = "KIND-PATTERN")]
+        pattern: Option<String>,
+        /// Only what this pack emits, is delivered or dead-letters.
+        #[arg(long, value_name = "ID")]
+        pack: Option<String>,
+        /// Print JSON lines (one object an event; a loss is {"lost": n}).
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+    },
+    /// Print the routing table (packs, kinds, subscriptions, upstream, delivery classes) as
+    /// Graphviz DOT, or render it with `dot`.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent graph | dot -Tsvg > routes.svg\n  lumenflow-agent graph --format png --output routes.png"
+    )]
+    Graph {
+        /// dot prints the DOT text; svg and png run Graphviz's `dot` (it must be installed).
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Stop the running agent (SIGTERM) and wait until it has exited: 0 once stopped, 3 when
     /// none runs, 1 if it still runs after --timeout.
     #[command(after_long_help = "Example:\n  lumenflow-agent stop --timeout 60")]

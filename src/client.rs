@@ -85,6 +85,40 @@ impl ApiClient {
         })
     }
 
+    /// A streamed GET (`/v1/tap`): the body as it arrives, with no time limit on it.
+    pub fn stream(
+        &self,
+        path: &str,
+        ws: &Workspace,
+    ) -> Result<Box<dyn std::io::BufRead + Send>, ClientError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_recv_response(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let r = agent
+            .get(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
+        let hint = ws.root.display().to_string();
+        let resp = r.map_err(|e| match e {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                ClientError::NotRunning(hint.clone())
+            }
+            other => ClientError::Other(format!("request to the agent failed: {other}")),
+        })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let text = resp.into_body().read_to_string().unwrap_or_default();
+            return Err(ClientError::Other(format!(
+                "the agent answered {status}: {text}"
+            )));
+        }
+        let reader = resp.into_body().into_reader();
+        Ok(Box::new(std::io::BufReader::new(reader)))
+    }
+
     pub fn get(&self, path: &str, ws: &Workspace) -> Result<Reply, ClientError> {
         let r = self
             .agent

@@ -18,7 +18,9 @@ pub mod limits;
 pub mod metrics;
 pub mod packs;
 pub mod run;
+pub mod service;
 pub mod sync_port;
+pub mod tap_api;
 pub mod workspace;
 pub mod workspace_yaml;
 

@@ -107,6 +107,59 @@ impl Collector for StatsCollector {
             "Inbound events accepted",
             s.inbound.accepted,
         )?;
+        counter(
+            &mut enc,
+            "lumenflow_agent_inbound_agent_events",
+            "The agent's own agent:* events (crashes, dead letters, approvals), counted apart from inbound",
+            s.inbound.agent,
+        )?;
+        {
+            let mut family = enc.encode_descriptor(
+                "lumenflow_agent_events_per_second",
+                "Events per second over the last 10 s and 1 min (what: inbound, accepted, emitted, delivered, pushed, pulled, dead_lettered)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (window, r) in [("10s", &s.rates.last_10s), ("1m", &s.rates.last_1m)] {
+                let series = [
+                    ("inbound", r.inbound),
+                    ("accepted", r.accepted),
+                    ("emitted", r.emitted),
+                    ("delivered", r.delivered),
+                    ("pushed", r.pushed),
+                    ("pulled", r.pulled),
+                    ("dead_lettered", r.dead_lettered),
+                ];
+                for (what, v) in series {
+                    let labels = [("what", what), ("window", window)];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut family = enc.encode_descriptor(
+                "lumenflow_agent_pack_events_per_second",
+                "A pack's events per second: in (finished by its handler), out (emitted), over 10 s and 1 min",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &s.packs {
+                let r = &p.rates;
+                for (dir, window, v) in [
+                    ("in", "10s", r.in_10s),
+                    ("out", "10s", r.out_10s),
+                    ("in", "1m", r.in_1m),
+                    ("out", "1m", r.out_1m),
+                ] {
+                    let labels = [
+                        ("pack", p.id.as_str()),
+                        ("direction", dir),
+                        ("window", window),
+                    ];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
         gauge(
             &mut enc,
             "lumenflow_agent_replay_log_entries",
@@ -151,7 +204,12 @@ impl Collector for StatsCollector {
             s.reload.count,
         )?;
         type Get = fn(&lumenflow_actors::stats::PackSnapshot) -> u64;
-        let per_pack: [(&str, &str, Get); 6] = [
+        let per_pack: [(&str, &str, Get); 7] = [
+            (
+                "lumenflow_agent_pack_emitted",
+                "Events a pack emitted (or that were posted in its name)",
+                |p| p.emitted,
+            ),
             (
                 "lumenflow_agent_pack_handled",
                 "Events a pack handled",

@@ -1,7 +1,7 @@
 //! The CLI edge: parse arguments, set up logging, dispatch, map errors to exit codes. Shared
 //! by the `lumenflow-agent` binary and any program that embeds the agent with native packs.
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command, LogFormat, StartArgs};
 use crate::commands::{self, exit};
 use clap::Parser;
 use lumenflow_pack_sdk::NativePack;
@@ -20,21 +20,45 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(cli: &Cli, quiet_on_closed_stdout: bool) {
+/// `start --log-file`: the rotating file the log goes to, or why it cannot be opened.
+fn log_file(cli: &Cli) -> Result<Option<crate::service::RotatingFile>, anyhow::Error> {
+    match &cli.command {
+        Command::Start(StartArgs {
+            log_file: Some(path),
+            log_max_mb,
+            log_keep,
+            ..
+        }) => {
+            crate::service::RotatingFile::open(path, log_max_mb.saturating_mul(1 << 20), *log_keep)
+                .map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn init_logging(
+    cli: &Cli,
+    quiet_on_closed_stdout: bool,
+    file: Option<crate::service::RotatingFile>,
+) {
     use tracing_subscriber::EnvFilter;
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::try_new(level),
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
     }
     .unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match cli.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_target(false).init(),
+    match (cli.log_format, file) {
+        (LogFormat::Json, Some(f)) => builder.with_writer(f).json().init(),
+        (LogFormat::Text, Some(f)) => builder.with_writer(f).with_target(false).init(),
+        (LogFormat::Json, None) => builder.with_writer(std::io::stderr).json().init(),
+        (LogFormat::Text, None) => builder
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .init(),
     }
     // A panic in a handler is caught and reported by its pack host; route the default report
     // through the log so it carries the same format and context as everything else.
@@ -63,16 +87,31 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
     // git and ripgrep do. Not the agent itself: it never prints its work to stdout.
     let quiet_on_closed_stdout = !matches!(
         cli.command,
-        Command::Start
+        Command::Start(_)
             | Command::Conductor {
                 action: crate::cli::ConductorAction::Serve { .. }
             }
     );
-    init_logging(&cli, quiet_on_closed_stdout);
+    let file = match log_file(&cli) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    init_logging(&cli, quiet_on_closed_stdout, file);
     let ws = cli.workspace.as_deref();
     let result = match &cli.command {
         Command::Validate { pack_dir } => commands::validate::run(ws, pack_dir.as_deref()),
-        Command::Start => commands::start::run(ws, native),
+        Command::Start(args) => commands::start::run(ws, native, args),
+        Command::Top { interval, once } => commands::top::run(ws, *interval, *once),
+        Command::Tap {
+            pattern,
+            pack,
+            json,
+            limit,
+        } => commands::tap::run(ws, pattern.as_deref(), pack.as_deref(), *json, *limit),
+        Command::Graph { format, output } => commands::graph::run(ws, *format, output.as_deref()),
         Command::Stop { timeout } => commands::stop::run(ws, *timeout),
         Command::Completions { shell } => {
             use clap::CommandFactory;

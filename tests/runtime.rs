@@ -157,6 +157,34 @@ fn an_undeclared_kind_is_refused_and_nothing_is_stored() {
     assert!(ws.effects().is_empty());
 }
 
+/// A body far over the limit is read to its end and answered 413: closing with it unread
+/// reset the connection, and the sender saw "connection reset" instead of the reason.
+#[test]
+fn an_oversized_body_is_answered_413_not_reset() {
+    use std::io::{Read, Write};
+    let mut ws = Workspace::new(json!({}), "");
+    ws.start();
+    let api = ws.api();
+    let addr = api.url.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let size = 20 << 20;
+    write!(
+        s,
+        "POST /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n",
+        api.token
+    )
+    .unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..20 {
+        s.write_all(&chunk).expect("the agent reads the whole body");
+    }
+    let mut reply = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("Payload too large"), "{reply}");
+}
+
 #[test]
 fn bad_api_input_gets_a_clear_4xx_and_the_agent_keeps_serving() {
     let mut ws = Workspace::new(json!({}), "recorder,emitter");

@@ -38,6 +38,7 @@ use crate::router::{Emitter, InboundRow};
 use crate::stats::{AgentStats, PackState, PackStats};
 use crate::store::{now_ms, StoreError, StoreHandle, StoreOp};
 use crate::supervision::{backoff, Decision, RestartIntensity};
+use crate::tap::{Stage, TapEvent};
 use actix::prelude::*;
 use lumenflow_pack_sdk::envelope::Incoming;
 use lumenflow_pack_sdk::manifest::check_handlers;
@@ -1183,7 +1184,7 @@ impl PackHost {
     ) -> Self {
         let stats = agent.pack(&manifest.id);
         stats.set_manifest(&manifest.version, &manifest.hash);
-        stats.set_state(PackState::Running);
+        stats.set_state(running_state(&handler));
         let intensity = RestartIntensity::new(cfg.max_restarts, cfg.window)
             .with_backoff(cfg.backoff_base, cfg.backoff_cap);
         PackHost {
@@ -1490,6 +1491,12 @@ impl PackHost {
                 w.notify("resume");
             }
         }
+        self.stats
+            .in_flight
+            .store(chunk.len() as i64, Ordering::Relaxed);
+        self.stats
+            .in_flight_since_ms
+            .store(now_ms(), Ordering::Relaxed);
         let fut = self.run_chunk(chunk, ahead, (!known.is_empty()).then_some(known), careful);
         ctx.spawn(
             fut.into_actor(self)
@@ -1550,6 +1557,8 @@ impl PackHost {
 
     fn after_chunk(&mut self, mut r: ChunkResult, ctx: &mut Context<Self>) {
         self.busy.store(false, Ordering::Release);
+        self.stats.in_flight.store(0, Ordering::Relaxed);
+        self.stats.in_flight_since_ms.store(0, Ordering::Relaxed);
         if let Some(e) = r.commit_error {
             // Effects may have happened but are not recorded: redeliver from the log.
             tracing::error!(pack = %self.id, error = %e, "cannot record progress; reloading from the log in 1 s");
@@ -1585,6 +1594,7 @@ impl PackHost {
         self.agent
             .replay_entries
             .fetch_add(r.recorded as i64, Ordering::Relaxed);
+        self.tap_finished(&r);
         for (event_id, kind, error, attempts) in &r.dead {
             self.agent_event(
                 "agent:event_dead_lettered",
@@ -1620,6 +1630,7 @@ impl PackHost {
         }
         if let Some((error, attempts, dead)) = r.crash {
             if dead {
+                self.tap_front(Stage::DeadLettered, &error);
                 self.queue.pop_front();
                 self.add_dead_letters(1);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -1633,16 +1644,20 @@ impl PackHost {
         if let Some((attempts, dead)) = r.retry {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
             if dead {
+                self.tap_front(Stage::DeadLettered, "retried too often");
                 self.queue.pop_front();
                 self.add_dead_letters(1);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
             } else {
+                self.tap_front(Stage::Delivered, "retry");
                 if let Some(p) = self.queue.front_mut() {
                     p.attempts = attempts;
                 }
                 let wait = backoff(self.cfg.backoff_base, self.cfg.backoff_cap, attempts);
+                self.retry_after(wait);
                 self.paused = true;
                 ctx.run_later(wait, |act, ctx| {
+                    act.stats.next_retry_ms.store(0, Ordering::Relaxed);
                     act.paused = false;
                     act.pump(ctx);
                 });
@@ -1655,6 +1670,64 @@ impl PackHost {
             self.intensity.reset_escalation();
         }
         self.pump(ctx);
+    }
+
+    /// Shows when the waiting event is tried again (`status`, `top`).
+    fn retry_after(&self, wait: Duration) {
+        self.stats
+            .next_retry_ms
+            .store(now_ms() + wait.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// Tells the taps how the chunk's finished events ended (and which were dead-lettered).
+    fn tap_finished(&self, r: &ChunkResult) {
+        self.agent.tap.publish(|| {
+            let at_ms = now_ms();
+            let done = self.queue.iter().take(r.finished).zip(&r.statuses);
+            let mut out: Vec<TapEvent> = done
+                .map(|(p, status)| TapEvent {
+                    stage: Stage::Delivered,
+                    at_ms,
+                    pack: Some(self.id.clone()),
+                    detail: Some(status_word(*status).to_string()),
+                    envelope: p.envelope.clone(),
+                })
+                .collect();
+            for (event_id, _, error, _) in &r.dead {
+                if let Some(p) = self
+                    .queue
+                    .iter()
+                    .take(r.finished)
+                    .find(|p| &p.envelope.event_id == event_id)
+                {
+                    out.push(TapEvent {
+                        stage: Stage::DeadLettered,
+                        at_ms,
+                        pack: Some(self.id.clone()),
+                        detail: Some(error.clone()),
+                        envelope: p.envelope.clone(),
+                    });
+                }
+            }
+            out
+        });
+    }
+
+    /// Tells the taps about the event at the front of the queue.
+    fn tap_front(&self, stage: Stage, detail: &str) {
+        self.agent.tap.publish(|| {
+            self.queue
+                .front()
+                .map(|p| TapEvent {
+                    stage,
+                    at_ms: now_ms(),
+                    pack: Some(self.id.clone()),
+                    detail: Some(detail.to_string()),
+                    envelope: p.envelope.clone(),
+                })
+                .into_iter()
+                .collect()
+        });
     }
 
     fn add_dead_letters(&self, n: u64) {
@@ -1707,13 +1780,35 @@ impl PackHost {
                     "pack crashed too often (more than {} restarts in {} s); next try after backoff",
                     self.cfg.max_restarts, self.cfg.window.as_secs());
                 self.stats.set_state(PackState::Crashed);
+                self.retry_after(wait);
                 self.paused = true;
                 ctx.run_later(wait, |act, ctx| {
+                    act.stats.next_retry_ms.store(0, Ordering::Relaxed);
                     act.stats.set_state(PackState::Restarting);
                     ctx.stop();
                 });
             }
         }
+    }
+}
+
+/// `running`, or `idle` for a pack with nothing to run (no runtime, no subscriptions: it
+/// only declares kinds and tools).
+fn running_state(handler: &HandlerKind) -> PackState {
+    match handler {
+        HandlerKind::EmitOnly => PackState::Idle,
+        _ => PackState::Running,
+    }
+}
+
+/// An outcome as `tap` shows it.
+fn status_word(s: OutcomeStatus) -> &'static str {
+    match s {
+        OutcomeStatus::Handled => "handled",
+        OutcomeStatus::Replayed => "replayed",
+        OutcomeStatus::Ignored => "ignored",
+        OutcomeStatus::Failed => "failed",
+        OutcomeStatus::Retry => "retry",
     }
 }
 
@@ -1727,7 +1822,7 @@ impl Actor for PackHost {
         // After a crash the pack stays `restarting` until it can take events again (its worker
         // answered `initialize` and its pending events are loaded).
         if self.stats.restarts.load(Ordering::Relaxed) == 0 {
-            self.stats.set_state(PackState::Running);
+            self.stats.set_state(running_state(&self.handler));
         }
         match self.handler.clone() {
             HandlerKind::Exec { dir } => self.start_worker(dir, ctx),

@@ -20,6 +20,7 @@ use crate::approvals::held::{insert_held, Hold};
 use crate::router::{Dispatch, InboundRow, Router};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
+use crate::tap::{Stage, TapEvent};
 use crate::upstreams::drain::Push;
 use actix::prelude::*;
 use lumenflow_pack_sdk::{DeliveryClass, Envelope};
@@ -329,7 +330,7 @@ impl Handler<Accept> for DurableQueue {
             } else {
                 (events, n_queue)
             };
-            announce(&stats, &upstream, events, waiting);
+            announce(&stats, &upstream, events, waiting, Stage::Accepted);
             Ok(())
         })
     }
@@ -342,7 +343,21 @@ pub(crate) fn announce(
     upstream: &Recipient<Push>,
     events: Vec<Accepted>,
     n_queue: i64,
+    stage: Stage,
 ) {
+    count_by_producer(stats, &events);
+    stats.tap.publish(|| {
+        events
+            .iter()
+            .map(|e| TapEvent {
+                stage,
+                at_ms: now_ms(),
+                pack: Some(e.pack.clone()),
+                detail: e.hold.is_some().then(|| "held for approval".to_string()),
+                envelope: e.envelope.clone(),
+            })
+            .collect()
+    });
     if n_queue > 0 {
         let _ = stats.queue.oldest_ms.compare_exchange(
             0,
@@ -384,7 +399,28 @@ impl Handler<Committed> for DurableQueue {
     type Result = ();
     fn handle(&mut self, m: Committed, _: &mut Context<Self>) {
         let n_queue = m.events.iter().filter(|e| e.to_outbox()).count() as i64;
-        announce(&self.stats, &self.upstream, m.events, n_queue);
+        announce(
+            &self.stats,
+            &self.upstream,
+            m.events,
+            n_queue,
+            Stage::Emitted,
+        );
+    }
+}
+
+/// Adds each event to its producer's `emitted` (a batch is mostly one pack's: one lookup a
+/// run of the same pack).
+fn count_by_producer(stats: &AgentStats, events: &[Accepted]) {
+    let mut i = 0;
+    while i < events.len() {
+        let pack = &events[i].pack;
+        let run = events[i..].iter().take_while(|e| &e.pack == pack).count();
+        stats
+            .pack(pack)
+            .emitted
+            .fetch_add(run as u64, Ordering::Relaxed);
+        i += run;
     }
 }
 
@@ -471,7 +507,7 @@ impl Handler<RetryDeadLetters> for DurableQueue {
                     .queue
                     .durable_depth
                     .fetch_add(to_outbox, Ordering::AcqRel);
-                announce(&stats, &upstream, Vec::new(), to_outbox);
+                announce(&stats, &upstream, Vec::new(), to_outbox, Stage::Accepted);
             }
             Ok(report)
         })

@@ -16,6 +16,7 @@ use crate::pack_host::{Deliver, PackHost};
 use crate::queue::{Accept, Accepted, DurableQueue, QueueError};
 use crate::stats::AgentStats;
 use crate::store::{now_ms, OnCommit, StoreError, StoreHandle, StoreOp};
+use crate::tap::{Stage, TapEvent};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use lumenflow_pack_sdk::envelope::Incoming;
@@ -216,6 +217,8 @@ impl Handler<Inbound> for Router {
         let stats = self.stats.clone();
         let me = ctx.address();
         let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
+        let own = envs.iter().filter(|e| e.kind.starts_with("agent:")).count() as u64;
+        let tapped = self.stats.tap.active().then(|| envs.clone());
         Box::pin(async move {
             if !routed.is_empty() || !unreadable.is_empty() || cursor.is_some() {
                 // Dispatched from the commit hook: packs see rows in commit order.
@@ -244,7 +247,22 @@ impl Handler<Inbound> for Router {
             }
             stats
                 .inbound_accepted
-                .fetch_add(total as u64, Ordering::Relaxed);
+                .fetch_add(total as u64 - own, Ordering::Relaxed);
+            stats.inbound_agent.fetch_add(own, Ordering::Relaxed);
+            if let Some(envs) = tapped {
+                stats.tap.publish(|| {
+                    let at_ms = now_ms();
+                    envs.into_iter()
+                        .map(|envelope| TapEvent {
+                            stage: Stage::Inbound,
+                            at_ms,
+                            pack: None,
+                            detail: None,
+                            envelope,
+                        })
+                        .collect()
+                });
+            }
             stats
                 .inbound_unrouted
                 .fetch_add(unrouted as u64, Ordering::Relaxed);

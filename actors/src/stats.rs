@@ -17,6 +17,8 @@ pub enum PackState {
     Crashed,
     Invalid,
     Stopped,
+    /// Loaded, with nothing to run: no runtime and no subscriptions (a tools-only pack).
+    Idle,
 }
 
 impl PackState {
@@ -26,6 +28,7 @@ impl PackState {
             1 => PackState::Restarting,
             2 => PackState::Crashed,
             3 => PackState::Invalid,
+            5 => PackState::Idle,
             _ => PackState::Stopped,
         }
     }
@@ -36,6 +39,7 @@ impl PackState {
             PackState::Crashed => 2,
             PackState::Invalid => 3,
             PackState::Stopped => 4,
+            PackState::Idle => 5,
         }
     }
 }
@@ -61,6 +65,13 @@ pub struct PackStats {
     pub dead_lettered: AtomicU64,
     pub restarts: AtomicU64,
     pub pending: AtomicI64,
+    /// Events this pack produced (its handlers' emits, and events posted in its name).
+    pub emitted: AtomicU64,
+    /// Events of the chunk its handler is working on now (0: none), and since when (ms).
+    pub in_flight: AtomicI64,
+    pub in_flight_since_ms: AtomicI64,
+    /// When a retried or crashed event is tried again (ms since the epoch; 0: none waits).
+    pub next_retry_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
     version: Mutex<Option<String>>,
     manifest_hash: Mutex<Option<String>>,
@@ -112,6 +123,8 @@ pub struct UpstreamStats {
     pub mode: Mutex<Option<String>>,
     pub state: Mutex<Option<String>>,
     pub last_error: Mutex<Option<String>>,
+    /// When `last_error` was set (ms since the epoch).
+    pub last_error_ms: AtomicI64,
     pub last_success_ms: AtomicI64,
     pub pushed: AtomicU64,
     pub pulled: AtomicU64,
@@ -172,11 +185,18 @@ pub struct AgentStats {
     pub approvals: ApprovalStats,
     pub dead_letters: AtomicI64,
     pub replay_entries: AtomicI64,
+    /// Inbound events from the upstream and the local API (not the agent's own).
     pub inbound_accepted: AtomicU64,
+    /// The agent's own events (`agent:*`: crashes, dead letters, approvals), counted apart.
+    pub inbound_agent: AtomicU64,
     pub inbound_unrouted: AtomicU64,
     /// Pulled events that could not be read, dead-lettered (origin `inbound`).
     pub inbound_dead_lettered: AtomicU64,
     pub store: Arc<crate::store::StoreStats>,
+    /// The live, lossy event feed of `lumenflow-agent tap`.
+    pub tap: crate::tap::Tap,
+    /// Counter samples of the last minute, for rates (`sample_rates`).
+    rates: Mutex<crate::rates::RateHistory>,
 }
 
 impl Default for AgentStats {
@@ -192,9 +212,12 @@ impl Default for AgentStats {
             dead_letters: AtomicI64::new(0),
             replay_entries: AtomicI64::new(0),
             inbound_accepted: AtomicU64::new(0),
+            inbound_agent: AtomicU64::new(0),
             inbound_unrouted: AtomicU64::new(0),
             inbound_dead_lettered: AtomicU64::new(0),
             store: Arc::new(crate::store::StoreStats::default()),
+            tap: Default::default(),
+            rates: Default::default(),
         }
     }
 }
@@ -220,6 +243,12 @@ impl AgentStats {
         set_str(&self.upstream.state, Some(state.to_string()));
         // Connected again: the last error is history (it used to say "disk full" for ever).
         if error.is_some() || state == "connected" {
+            let at = if error.is_some() {
+                crate::store::now_ms()
+            } else {
+                0
+            };
+            self.upstream.last_error_ms.store(at, Ordering::Relaxed);
             set_str(&self.upstream.last_error, error);
         }
     }
@@ -244,6 +273,7 @@ impl AgentStats {
     /// A consistent-enough copy for `status --json` (each counter is read once).
     pub fn snapshot(&self) -> StatusSnapshot {
         let now = crate::store::now_ms();
+        let rates = self.rates.lock().map(|h| h.rates()).unwrap_or_default();
         let packs = self
             .packs
             .read()
@@ -265,6 +295,14 @@ impl AgentStats {
                         manifest_hash: lock_str(&s.manifest_hash),
                         loaded_at_ms: s.loaded_at_ms.load(Ordering::Relaxed),
                         sandbox: lock_str(&s.sandbox),
+                        emitted: s.emitted.load(Ordering::Relaxed),
+                        in_flight: s.in_flight.load(Ordering::Relaxed).max(0),
+                        in_flight_age_s: age_s(now, s.in_flight_since_ms.load(Ordering::Relaxed)),
+                        next_retry_in_s: {
+                            let at = s.next_retry_ms.load(Ordering::Relaxed);
+                            (at > 0).then(|| ((at - now).max(0) as f64) / 1000.0)
+                        },
+                        rates: rates.pack(id),
                     })
                     .collect()
             })
@@ -290,6 +328,7 @@ impl AgentStats {
                 mode: lock_str(&self.upstream.mode).unwrap_or_default(),
                 state: lock_str(&self.upstream.state).unwrap_or_default(),
                 last_error: lock_str(&self.upstream.last_error),
+                last_error_ms: self.upstream.last_error_ms.load(Ordering::Relaxed),
                 last_success_ms: self.upstream.last_success_ms.load(Ordering::Relaxed),
                 pushed: self.upstream.pushed.load(Ordering::Relaxed),
                 pulled: self.upstream.pulled.load(Ordering::Relaxed),
@@ -301,6 +340,7 @@ impl AgentStats {
             },
             inbound: InboundSnapshot {
                 accepted: self.inbound_accepted.load(Ordering::Relaxed),
+                agent: self.inbound_agent.load(Ordering::Relaxed),
                 unrouted: self.inbound_unrouted.load(Ordering::Relaxed),
                 dead_lettered: self.inbound_dead_lettered.load(Ordering::Relaxed),
             },
@@ -327,7 +367,64 @@ impl AgentStats {
                 ops: self.store.ops.load(Ordering::Relaxed),
                 failed_commits: self.store.failed_commits.load(Ordering::Relaxed),
             },
+            taps: self.tap.listeners(),
+            rates: rates.totals,
         }
+    }
+
+    /// Takes this second's sample of the counters that rates are made of (the agent calls it
+    /// once a second).
+    pub fn sample_rates(&self) {
+        let packs = self
+            .packs
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, s)| {
+                        let delivered = s.handled.load(Ordering::Relaxed)
+                            + s.replayed.load(Ordering::Relaxed)
+                            + s.ignored.load(Ordering::Relaxed)
+                            + s.failed.load(Ordering::Relaxed);
+                        let counts = [
+                            delivered,
+                            s.emitted.load(Ordering::Relaxed),
+                            s.dead_lettered.load(Ordering::Relaxed),
+                        ];
+                        (id.clone(), counts)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let delivered = packs.iter().map(|(_, c)| c[0]).sum();
+        let emitted = packs.iter().map(|(_, c)| c[1]).sum();
+        let dead = packs.iter().map(|(_, c)| c[2]).sum::<u64>()
+            + self.inbound_dead_lettered.load(Ordering::Relaxed);
+        let packs = packs
+            .into_iter()
+            .map(|(id, c)| (id, [c[0], c[1]]))
+            .collect();
+        let totals = crate::rates::Counters {
+            inbound: self.inbound_accepted.load(Ordering::Relaxed),
+            accepted: self.queue.accepted_queue.load(Ordering::Relaxed)
+                + self.queue.accepted_ephemeral.load(Ordering::Relaxed),
+            emitted,
+            delivered,
+            pushed: self.upstream.pushed.load(Ordering::Relaxed),
+            pulled: self.upstream.pulled.load(Ordering::Relaxed),
+            dead_lettered: dead,
+        };
+        if let Ok(mut h) = self.rates.lock() {
+            h.push(Instant::now(), totals, packs);
+        }
+    }
+}
+
+/// Seconds since `since_ms` (0: not set).
+fn age_s(now: i64, since_ms: i64) -> f64 {
+    if since_ms > 0 {
+        ((now - since_ms).max(0) as f64) / 1000.0
+    } else {
+        0.0
     }
 }
 
@@ -343,6 +440,10 @@ pub struct StatusSnapshot {
     pub reload: ReloadSnapshot,
     pub approvals: ApprovalSnapshot,
     pub store: StoreSnapshot,
+    /// Taps attached (`lumenflow-agent tap`).
+    pub taps: usize,
+    /// Events per second over the last 10 s and the last minute.
+    pub rates: crate::rates::AgentRates,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -376,6 +477,14 @@ pub struct PackSnapshot {
     pub loaded_at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    pub emitted: u64,
+    /// Events its handler works on now, and how long the oldest of them has been in flight.
+    pub in_flight: i64,
+    pub in_flight_age_s: f64,
+    /// Seconds until a retried or crashed event is tried again.
+    pub next_retry_in_s: Option<f64>,
+    /// Events per second in (delivered to it) and out (emitted), over 10 s and 1 min.
+    pub rates: crate::rates::PackRates,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -393,6 +502,8 @@ pub struct UpstreamSnapshot {
     pub mode: String,
     pub state: String,
     pub last_error: Option<String>,
+    /// When `last_error` happened (ms since the epoch; 0 with no error).
+    pub last_error_ms: i64,
     pub last_success_ms: i64,
     pub pushed: u64,
     pub pulled: u64,
@@ -406,7 +517,10 @@ pub struct UpstreamSnapshot {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InboundSnapshot {
+    /// From the upstream and the local API.
     pub accepted: u64,
+    /// The agent's own `agent:*` events.
+    pub agent: u64,
     /// Logged with no loaded pack subscribing to the kind (kept for packs that come back).
     pub unrouted: u64,
     /// Unreadable pulled events, dead-lettered with the reason.

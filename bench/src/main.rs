@@ -48,6 +48,8 @@ fn agent_bin() -> PathBuf {
             "-p",
             "lumenflow-agent",
             "--bins",
+            "--features",
+            "test-agent",
         ])
         .current_dir(&root)
         .status()
@@ -866,7 +868,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 1 } else { 3 });
     // `--only queue,native`: run just those scenarios (names: baselines peers nats queue conductor ephemeral
-    // latency native exec crash reload idle rss). `--only flood [--flood-s N]` runs issue 20's
+    // latency native tap exec crash reload idle rss). `--only flood [--flood-s N]` runs issue 20's
     // soak (600 s, 30 with `--quick`); it is not part of the full run.
     let only: Option<String> = args
         .iter()
@@ -1282,6 +1284,71 @@ fn main() {
             unit: "events/s",
             baseline: Some(base_normal.clone()),
             target: if prefill > 0 { ">= 100k/s" } else { "" },
+        });
+        agent.stop();
+    }
+    if want("tap") {
+        // `lumenflow-agent tap` that never reads: the same inbound -> native flow as above,
+        // without a tap and then with two attached that read nothing (the agent must not
+        // wait for them, and their ring is bounded).
+        let ws = workspace(json!({"durability": "normal"}));
+        let agent = Agent::start(&bin, ws.path(), "sink");
+        let mut done = 0u64;
+        let mut flow = |agent: &Agent| {
+            med(runs, || {
+                let (t0, _) = blast(agent, "/v1/inbound", "bench:ping", n, 100, 4);
+                done += n as u64;
+                agent.wait_until("sink handled all", |s| {
+                    s["packs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= done)
+                });
+                n as f64 / t0.elapsed().as_secs_f64()
+            })
+        };
+        let without = flow(&agent);
+        let rss_before = agent.rss_kb();
+        let addr = agent.url.trim_start_matches("http://").to_string();
+        let taps: Vec<std::net::TcpStream> = ["/v1/tap", "/v1/tap?kind=bench%3A%2A"]
+            .iter()
+            .map(|path| {
+                use std::io::Write;
+                let mut s = std::net::TcpStream::connect(&addr).expect("tap connect");
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+                    agent.token
+                )
+                .expect("tap request");
+                s
+            })
+            .collect();
+        agent.wait_until("two taps attached", |s| s["taps"] == 2);
+        let with = flow(&agent);
+        let rss_after = agent.rss_kb();
+        drop(taps);
+        eprintln!("inbound -> native: {without:.0}/s without a tap, {with:.0}/s with two that never read; RSS {rss_before} -> {rss_after} KiB");
+        rows.push(Row {
+            scenario: format!(
+                "inbound -> native handler with 2 taps attached that never read (+{n} per run)"
+            ),
+            durability: "WAL, no fsync; recorded with the cursor",
+            value: with,
+            unit: "events/s",
+            baseline: Some(("the same without a tap".to_string(), without)),
+            target: ">= 0.95x",
+        });
+        rows.push(Row {
+            scenario:
+                "RSS growth with those taps, over all their runs (ring bounded at 1,024 entries)"
+                    .into(),
+            durability: "-",
+            value: rss_after.saturating_sub(rss_before) as f64 / 1024.0,
+            unit: "MB",
+            baseline: None,
+            target: "bounded",
         });
         agent.stop();
     }

@@ -54,9 +54,36 @@ pub fn run(
     };
     e.write(&ws)?;
     println!(
-        "enrolled: {} as \"{subject}\" ({}, mode 0600); restart the agent to connect",
+        "enrolled: {} as \"{subject}\" ({}, mode 0600); {}",
         endpoint,
-        ws.display(&ws.enrollment_file())
+        ws.display(&ws.enrollment_file()),
+        what_happens_next(&ws, &endpoint)
     );
     Ok(exit::OK)
+}
+
+/// What the running agent (if any) does with the new enrollment, as it is: an agent already
+/// connected through an enrollment to this endpoint reads the new token when the control plane
+/// refuses the one it has (within a few seconds); any other change (a new endpoint, a first
+/// enrollment) takes a restart.
+fn what_happens_next(ws: &crate::workspace::Workspace, endpoint: &str) -> String {
+    let status = crate::client::ApiClient::connect(ws).and_then(|c| c.get("/v1/status", ws));
+    match status {
+        Ok(r) if r.status == 200 => {
+            let up = &r.body["upstream"];
+            let same = up["source"] == "enrollment"
+                && up["endpoint"].as_str().map(|e| e.trim_end_matches('/'))
+                    == Some(endpoint.trim_end_matches('/'));
+            if same {
+                "the running agent keeps its connection and reads the new token when the control plane refuses the old one (no restart needed)".into()
+            } else {
+                format!(
+                    "the running agent (pid {}) still uses {}: restart it to connect (lumenflow-agent stop && lumenflow-agent start)",
+                    r.body["agent"]["pid"],
+                    up["endpoint"].as_str().unwrap_or("its upstream")
+                )
+            }
+        }
+        _ => "the agent connects to it when it starts (lumenflow-agent start)".into(),
+    }
 }

@@ -7,11 +7,14 @@ pub mod conformance;
 pub mod dlq;
 pub mod emit;
 pub mod enroll;
+pub mod graph;
 pub mod inbox;
 pub mod new_pack;
 pub mod start;
 pub mod status;
 pub mod stop;
+pub mod tap;
+pub mod top;
 pub mod validate;
 
 /// Exit codes of SPEC §12.

@@ -2,16 +2,21 @@
 
 use super::exit;
 use crate::agent::Agent;
+use crate::cli::StartArgs;
 use crate::config::AgentConfig;
 use crate::workspace::Workspace;
 use lumenflow_pack_sdk::NativePack;
 use std::path::Path;
 use std::time::Duration;
 
-pub fn run(workspace: Option<&Path>, native: Vec<NativePack>) -> anyhow::Result<u8> {
+pub fn run(
+    workspace: Option<&Path>,
+    native: Vec<NativePack>,
+    args: &StartArgs,
+) -> anyhow::Result<u8> {
     let ws = Workspace::locate(workspace)?;
     let (cfg, _) = AgentConfig::for_workspace(&ws)?;
-    let mut agent = Agent::new(ws, cfg);
+    let mut agent = Agent::new(ws, cfg).ready_file(args.ready_file.clone());
     for p in native {
         agent = agent.register(p);
     }

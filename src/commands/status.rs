@@ -180,6 +180,43 @@ fn age(s: i64) -> String {
     }
 }
 
+/// A rate in a table cell: `0`, `0.4`, `12`, `1.3k`.
+fn rate(r: f64) -> String {
+    if r >= 1000.0 {
+        format!("{:.1}k", r / 1000.0)
+    } else if r >= 10.0 || r == 0.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+/// The pack's state as `status` says it: a pack with nothing to run is `idle (no handlers)`.
+fn state_words(p: &Value) -> String {
+    match p["state"].as_str() {
+        Some("idle") => "idle (no handlers)".into(),
+        _ => dash(&p["state"]),
+    }
+}
+
+/// `   last error 12s ago: …` of the upstream, or nothing.
+fn last_error(u: &Value) -> String {
+    let Some(e) = u["last_error"].as_str() else {
+        return String::new();
+    };
+    let when = u["last_error_ms"]
+        .as_i64()
+        .filter(|t| *t > 0)
+        .map(|t| {
+            format!(
+                " {} ago",
+                age((lumenflow_actors::store::now_ms() - t).max(0) / 1000)
+            )
+        })
+        .unwrap_or_default();
+    format!("   last error{when}: {}", super::one_line(e))
+}
+
 fn print_live(s: &Value) {
     let a = &s["agent"];
     let up = a["uptime_s"].as_u64().unwrap_or(0);
@@ -199,17 +236,29 @@ fn print_live(s: &Value) {
         dash(&u["endpoint"]),
         dash(&u["state"]),
         dash(&u["source"]),
-        u["last_error"]
-            .as_str()
-            .map(|e| format!("   last error: {e}"))
-            .unwrap_or_default()
+        last_error(u)
+    );
+    let r = &s["rates"];
+    let per_s = |w: &str, k: &str| rate(r[w][k].as_f64().unwrap_or(0.0));
+    println!(
+        "events/s (last 10 s | 1 min): inbound {} | {}   accepted {} | {}   delivered {} | {}   pushed {} | {}",
+        per_s("10s", "inbound"),
+        per_s("1m", "inbound"),
+        per_s("10s", "accepted"),
+        per_s("1m", "accepted"),
+        per_s("10s", "delivered"),
+        per_s("1m", "delivered"),
+        per_s("10s", "pushed"),
+        per_s("1m", "pushed"),
     );
     println!();
     println!(
-        "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  LAST ERROR",
+        "{:<24} {:<10} {:<18} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  LAST ERROR",
         "PACK",
         "VERSION",
         "STATE",
+        "IN/s",
+        "OUT/s",
         "HANDLED",
         "REPLAYED",
         "IGNORED",
@@ -236,10 +285,12 @@ fn print_live(s: &Value) {
             .map(|t| format!("{} ago", age((now_ms - t).max(0) / 1000)))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<10} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  {}",
+            "{:<24} {:<10} {:<18} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}  {:<8} {:>9}  {}",
             dash(&p["id"]),
             dash(&p["version"]),
-            dash(&p["state"]),
+            state_words(p),
+            rate(p["rates"]["in_10s"].as_f64().unwrap_or(0.0)),
+            rate(p["rates"]["out_10s"].as_f64().unwrap_or(0.0)),
             dash(&p["handled"]),
             dash(&p["replayed"]),
             dash(&p["ignored"]),
@@ -257,9 +308,10 @@ fn print_live(s: &Value) {
         q["durable_depth"], q["oldest_age_s"].as_f64().unwrap_or(0.0), q["ephemeral_dropped"], q["backpressure_rejections"]);
     let i = &s["inbound"];
     println!(
-        "upstream: {} pushed   inbound: {} accepted, {} for no loaded pack (kept for packs that are away), {} unreadable (dead-lettered)",
+        "upstream: {} pushed   inbound: {} accepted, {} agent:* events, {} for no loaded pack (kept for packs that are away), {} unreadable (dead-lettered)",
         u["pushed"],
         i["accepted"],
+        i["agent"].as_u64().unwrap_or(0),
         i["unrouted"].as_u64().unwrap_or(0),
         i["dead_lettered"].as_u64().unwrap_or(0)
     );

@@ -213,7 +213,7 @@ fn after_decision(stats: &AgentStats, upstream: &Recipient<Push>, d: &Decided) {
     .fetch_add(1, Ordering::Relaxed);
     if d.released {
         c.released.fetch_add(1, Ordering::Relaxed);
-        crate::queue::announce(stats, upstream, Vec::new(), 1);
+        crate::queue::announce(stats, upstream, Vec::new(), 1, crate::tap::Stage::Accepted);
     }
     let _ = c
         .pending

@@ -378,6 +378,9 @@ pub struct HttpUpstream {
     /// Sync-port records in flight (their own loop beside the events': see `sync_records`).
     records_busy: bool,
     records_attempt: u32,
+    /// An exchange with the control plane succeeded since the last failure: only then does
+    /// `status` say `connected` (`connecting` before).
+    exchanged: bool,
 }
 
 impl HttpUpstream {
@@ -410,19 +413,41 @@ impl HttpUpstream {
             session_id: uuid::Uuid::now_v7().to_string(),
             records_busy: false,
             records_attempt: 0,
+            exchanged: false,
         }
     }
 
     fn set_link(&mut self, link: Link, error: Option<String>, next_try: Option<Duration>) {
         self.link = link;
+        if link != Link::Connected {
+            self.exchanged = false;
+        }
         let state = match (link, next_try) {
-            (Link::Connected, _) => "connected".to_string(),
+            (Link::Connected, _) if self.exchanged => "connected".to_string(),
+            (Link::Connected, _) => "connecting".to_string(),
             (Link::Backoff, Some(d)) => format!("backoff (next try in {} ms)", d.as_millis()),
             (Link::Backoff, None) => "backoff".to_string(),
             (Link::Unauthorized, _) => "unauthorized".to_string(),
             (Link::PolicyDeny, _) => "paused (policy default_decision: deny)".to_string(),
         };
         self.stats.set_upstream(None, &state, error);
+    }
+
+    /// The control plane answered a request with success: the link is up.
+    fn exchanged_ok(&mut self) {
+        if !self.exchanged && self.link == Link::Connected {
+            self.exchanged = true;
+            self.set_link(Link::Connected, None, None);
+        }
+    }
+
+    /// A request that should have succeeded failed while nothing else said so (the drain was
+    /// idle): `status` no longer says `connected`.
+    fn exchange_failed(&mut self, error: String) {
+        if self.link == Link::Connected {
+            self.exchanged = false;
+            self.set_link(Link::Connected, Some(error), None);
+        }
     }
 
     fn reread_token(&mut self) {
@@ -486,6 +511,7 @@ impl HttpUpstream {
             match act.drain.finish(res, &act.stats) {
                 Next::Idle => {}
                 Next::Again => {
+                    act.exchanged = true;
                     act.set_link(Link::Connected, None, None);
                     act.pump(ctx);
                 }
@@ -545,6 +571,10 @@ impl HttpUpstream {
             (hb, policy)
         };
         ctx.spawn(fut.into_actor(self).map(|(hb, policy), act, ctx| {
+            match &hb {
+                Reply::Status(200..=299, _, _, _) => act.exchanged_ok(),
+                other => act.exchange_failed(other.failure("heartbeat")),
+            }
             if let Reply::Status(200..=299, text, _, _) = &hb {
                 act.stats.upstream.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
                 if let Some(ms) = serde_json::from_str::<Value>(text).ok().and_then(|v| v["next_heartbeat_ms"].as_u64()).filter(|ms| (1000..=600_000).contains(ms)) {
@@ -728,6 +758,7 @@ impl HttpUpstream {
         ctx.spawn(fut.into_actor(self).map(
             move |res: Result<(Option<String>, usize), String>, act, ctx| match res {
                 Ok((next, n)) => {
+                    act.exchanged_ok();
                     act.pull_cursor = next;
                     act.stats
                         .upstream
@@ -765,7 +796,7 @@ fn pull_pause(events: usize, took: Duration, quick_empty: &mut u32) -> Option<Du
 impl Actor for HttpUpstream {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.stats.set_upstream(Some("http"), "connected", None);
+        self.stats.set_upstream(Some("http"), "connecting", None);
         // A local deny that the policy mode lets win whatever the control plane says
         // (`tighten-only`, `dev-override`): paused from the start, not after a first push
         // raced the policy pull.
