@@ -14,7 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use lumenflow_actors::tap::{kind_matches, Next, TapEvent, TapReader};
+use lumenflow_actors::tap::{kind_matches, Next, TapEvent};
 use serde_json::json;
 use std::time::Duration;
 
@@ -81,17 +81,29 @@ fn filter_of(query: Option<&str>) -> Filter {
     f
 }
 
+/// One line of the feed, serialized straight from the agent's envelope (no copy of it).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    stage: lumenflow_actors::tap::Stage,
+    at_ms: i64,
+    pack: Option<&'a str>,
+    detail: Option<&'a str>,
+    kind: &'a str,
+    event_id: &'a str,
+    event: &'a lumenflow_pack_sdk::Envelope,
+}
+
 fn line(e: &TapEvent, out: &mut Vec<u8>) {
-    let v = json!({
-        "stage": e.stage,
-        "at_ms": e.at_ms,
-        "pack": e.pack,
-        "detail": e.detail,
-        "kind": e.envelope.kind,
-        "event_id": e.envelope.event_id,
-        "event": &*e.envelope,
-    });
-    let _ = serde_json::to_writer(&mut *out, &v);
+    let l = Line {
+        stage: e.stage,
+        at_ms: e.at_ms,
+        pack: e.pack.as_deref(),
+        detail: e.detail.as_deref(),
+        kind: &e.envelope.kind,
+        event_id: &e.envelope.event_id,
+        event: &e.envelope,
+    };
+    let _ = serde_json::to_writer(&mut *out, &l);
     out.push(b'\n');
 }
 
@@ -100,25 +112,17 @@ fn lost(n: u64, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-/// Renders `first` and whatever else is there now (up to [`CHUNK_EVENTS`]) into one chunk.
-/// `None`: the agent is stopping.
-fn chunk(first: Next, reader: &mut TapReader, filter: &Filter) -> Option<Vec<u8>> {
+/// Renders what a read took into one chunk (what is there at once goes in one write).
+fn chunk(taken: Vec<Next>, filter: &Filter) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut next = Some(first);
-    let mut n = 0;
-    while let Some(item) = next.take() {
+    for item in taken {
         match item {
-            Next::Closed => return (!out.is_empty()).then_some(out),
             Next::Lost(k) => lost(k, &mut out),
             Next::Event(e) if filter.wants(&e) => line(&e, &mut out),
             Next::Event(_) => {}
         }
-        n += 1;
-        if n < CHUNK_EVENTS {
-            next = reader.try_next();
-        }
     }
-    Some(out)
+    out
 }
 
 pub async fn tap(State(state): State<ApiState>, req: Request) -> Response {
@@ -133,19 +137,18 @@ pub async fn tap(State(state): State<ApiState>, req: Request) -> Response {
     let stream =
         futures_util::stream::unfold((reader, filter), |(mut reader, filter)| async move {
             loop {
-                let first = match tokio::time::timeout(KEEPALIVE, reader.next()).await {
+                let taken = match tokio::time::timeout(KEEPALIVE, reader.next(CHUNK_EVENTS)).await {
                     Err(_) => {
                         return Some((
                             Ok::<_, std::io::Error>(Bytes::from_static(b"\n")),
                             (reader, filter),
                         ))
                     }
-                    Ok(n) => n,
+                    Ok(t) => t,
                 };
-                match chunk(first, &mut reader, &filter) {
-                    None => return None,
-                    Some(out) if out.is_empty() => continue,
-                    Some(out) => return Some((Ok(Bytes::from(out)), (reader, filter))),
+                let out = chunk(taken, &filter);
+                if !out.is_empty() {
+                    return Some((Ok(Bytes::from(out)), (reader, filter)));
                 }
             }
         });

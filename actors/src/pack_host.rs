@@ -1630,7 +1630,7 @@ impl PackHost {
         }
         if let Some((error, attempts, dead)) = r.crash {
             if dead {
-                self.tap_front(Stage::DeadLettered, &error);
+                self.tap_front_error(&error);
                 self.queue.pop_front();
                 self.add_dead_letters(1);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -1683,50 +1683,55 @@ impl PackHost {
     fn tap_finished(&self, r: &ChunkResult) {
         self.agent.tap.publish(|| {
             let at_ms = now_ms();
-            let done = self.queue.iter().take(r.finished).zip(&r.statuses);
-            let mut out: Vec<TapEvent> = done
-                .map(|(p, status)| TapEvent {
+            let pack: Arc<str> = self.id.as_str().into();
+            let done = self.queue.iter().take(r.finished);
+            let delivered = done.clone().zip(&r.statuses).map({
+                let pack = pack.clone();
+                move |(p, status)| TapEvent {
                     stage: Stage::Delivered,
                     at_ms,
-                    pack: Some(self.id.clone()),
-                    detail: Some(status_word(*status).to_string()),
+                    pack: Some(pack.clone()),
+                    detail: Some(status_word(*status).into()),
+                    envelope: p.envelope.clone(),
+                }
+            });
+            let dead = r.dead.iter().filter_map(move |(event_id, _, error, _)| {
+                let p = done.clone().find(|p| &p.envelope.event_id == event_id)?;
+                Some(TapEvent {
+                    stage: Stage::DeadLettered,
+                    at_ms,
+                    pack: Some(pack.clone()),
+                    detail: Some(error.clone().into()),
                     envelope: p.envelope.clone(),
                 })
-                .collect();
-            for (event_id, _, error, _) in &r.dead {
-                if let Some(p) = self
-                    .queue
-                    .iter()
-                    .take(r.finished)
-                    .find(|p| &p.envelope.event_id == event_id)
-                {
-                    out.push(TapEvent {
-                        stage: Stage::DeadLettered,
-                        at_ms,
-                        pack: Some(self.id.clone()),
-                        detail: Some(error.clone()),
-                        envelope: p.envelope.clone(),
-                    });
-                }
-            }
-            out
+            });
+            delivered.chain(dead)
+        });
+    }
+
+    /// Tells the taps the event at the front of the queue is dead-lettered for `error`.
+    fn tap_front_error(&self, error: &str) {
+        self.agent.tap.publish(|| {
+            self.queue.front().map(|p| TapEvent {
+                stage: Stage::DeadLettered,
+                at_ms: now_ms(),
+                pack: Some(self.id.as_str().into()),
+                detail: Some(error.to_string().into()),
+                envelope: p.envelope.clone(),
+            })
         });
     }
 
     /// Tells the taps about the event at the front of the queue.
-    fn tap_front(&self, stage: Stage, detail: &str) {
+    fn tap_front(&self, stage: Stage, detail: &'static str) {
         self.agent.tap.publish(|| {
-            self.queue
-                .front()
-                .map(|p| TapEvent {
-                    stage,
-                    at_ms: now_ms(),
-                    pack: Some(self.id.clone()),
-                    detail: Some(detail.to_string()),
-                    envelope: p.envelope.clone(),
-                })
-                .into_iter()
-                .collect()
+            self.queue.front().map(|p| TapEvent {
+                stage,
+                at_ms: now_ms(),
+                pack: Some(self.id.as_str().into()),
+                detail: Some(detail.into()),
+                envelope: p.envelope.clone(),
+            })
         });
     }
 

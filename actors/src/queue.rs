@@ -347,16 +347,22 @@ pub(crate) fn announce(
 ) {
     count_by_producer(stats, &events);
     stats.tap.publish(|| {
-        events
-            .iter()
-            .map(|e| TapEvent {
+        let at_ms = now_ms();
+        // Events of a batch are mostly one pack's: one name for a run of them.
+        let mut name: Option<Arc<str>> = None;
+        events.iter().map(move |e| {
+            let pack = match &name {
+                Some(n) if **n == *e.pack => n.clone(),
+                _ => name.insert(e.pack.as_str().into()).clone(),
+            };
+            TapEvent {
                 stage,
-                at_ms: now_ms(),
-                pack: Some(e.pack.clone()),
-                detail: e.hold.is_some().then(|| "held for approval".to_string()),
+                at_ms,
+                pack: Some(pack),
+                detail: e.hold.is_some().then_some("held for approval".into()),
                 envelope: e.envelope.clone(),
-            })
-            .collect()
+            }
+        })
     });
     if n_queue > 0 {
         let _ = stats.queue.oldest_ms.compare_exchange(

@@ -252,15 +252,13 @@ impl Handler<Inbound> for Router {
             if let Some(envs) = tapped {
                 stats.tap.publish(|| {
                     let at_ms = now_ms();
-                    envs.into_iter()
-                        .map(|envelope| TapEvent {
-                            stage: Stage::Inbound,
-                            at_ms,
-                            pack: None,
-                            detail: None,
-                            envelope,
-                        })
-                        .collect()
+                    envs.into_iter().map(move |envelope| TapEvent {
+                        stage: Stage::Inbound,
+                        at_ms,
+                        pack: None,
+                        detail: None,
+                        envelope,
+                    })
                 });
             }
             stats

@@ -1,24 +1,26 @@
 //! `Tap`: a live, lossy copy of the events flowing through the agent, for `lumenflow-agent tap`.
 //!
-//! Owns a bounded broadcast ring ([`TAP_RING`] entries). The actors that accept, deliver, emit
-//! and dead-letter events publish into it; each tap (a `GET /v1/tap` stream) reads from it at
-//! its own pace.
+//! Owns a bounded ring ([`TAP_RING`] entries) with a sequence number per entry. The actors that
+//! accept, deliver, emit and dead-letter events publish into it, a batch at a time; each tap
+//! (a `GET /v1/tap` stream) keeps its own position and reads at its own pace.
 //!
 //! Guarantees:
 //! - **Never slows the agent**: with no tap attached, publishing is one atomic load. With taps,
-//!   it is an `Arc` clone and a push into the ring; it never waits for a reader.
-//! - **Lossy, and says so**: a reader that falls more than [`TAP_RING`] entries behind skips
-//!   the oldest and is told how many it lost (`Lagged`).
+//!   it is one lock per batch (not per event) and, per event, a few reference-count increments:
+//!   no allocation, no copy of the payload, and never a wait for a reader.
+//! - **Lossy, and says so**: a reader whose position fell out of the ring (more than
+//!   [`TAP_RING`] entries behind) skips to the oldest entry and is told how many it lost.
 //! - **Bounded memory**: the ring holds at most [`TAP_RING`] entries, whatever the number of
-//!   taps and however slowly they read. Entries share the agent's envelopes (no copy of the
-//!   payload is made while publishing).
+//!   taps and however slowly they read.
 //! - Nothing here is durable: the tap observes, the inbound log and the outbox keep the events.
 
 use lumenflow_pack_sdk::Envelope;
 use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::broadcast;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 /// Entries kept for taps that read slowly.
 pub const TAP_RING: usize = 1024;
@@ -46,102 +48,139 @@ pub struct TapEvent {
     pub stage: Stage,
     pub at_ms: i64,
     /// The pack that emitted it, was delivered it, or dead-lettered it.
-    pub pack: Option<String>,
+    pub pack: Option<Arc<str>>,
     /// `handled`, `replayed`, `ignored`, `failed`, `retry` (delivered), or the error
     /// (dead-lettered).
-    pub detail: Option<String>,
+    pub detail: Option<Cow<'static, str>>,
     pub envelope: Arc<Envelope>,
 }
 
-/// The hub. One per agent (in `AgentStats`).
-#[derive(Debug)]
-pub struct Tap {
-    tx: broadcast::Sender<Arc<TapEvent>>,
-    listeners: Arc<AtomicUsize>,
+#[derive(Debug, Default)]
+struct Ring {
+    entries: VecDeque<TapEvent>,
+    /// Sequence number of the next entry (the first entry's is `next - entries.len()`).
+    next: u64,
 }
 
-impl Default for Tap {
-    fn default() -> Self {
-        let (tx, _) = broadcast::channel(TAP_RING);
-        Tap {
-            tx,
-            listeners: Arc::new(AtomicUsize::new(0)),
-        }
-    }
+#[derive(Debug, Default)]
+struct Shared {
+    ring: Mutex<Ring>,
+    listeners: AtomicUsize,
+    published: Notify,
+}
+
+/// The hub. One per agent (in `AgentStats`).
+#[derive(Debug, Default)]
+pub struct Tap {
+    shared: Arc<Shared>,
 }
 
 impl Tap {
     /// Whether any tap is attached (publishers skip building entries otherwise).
     pub fn active(&self) -> bool {
-        self.listeners.load(Ordering::Relaxed) > 0
+        self.shared.listeners.load(Ordering::Relaxed) > 0
     }
 
-    /// Publishes what `make` builds, only while a tap is attached.
-    pub fn publish(&self, make: impl FnOnce() -> Vec<TapEvent>) {
-        if self.active() {
-            for e in make() {
-                let _ = self.tx.send(Arc::new(e));
-            }
+    /// Publishes what `make` yields, only while a tap is attached: one lock for the batch.
+    pub fn publish<I: IntoIterator<Item = TapEvent>>(&self, make: impl FnOnce() -> I) {
+        if !self.active() {
+            return;
+        }
+        let events = make().into_iter();
+        let Ok(mut ring) = self.shared.ring.lock() else {
+            return;
+        };
+        let mut n = 0;
+        for e in events {
+            ring.entries.push_back(e);
+            n += 1;
+        }
+        let excess = ring.entries.len().saturating_sub(TAP_RING);
+        ring.entries.drain(..excess);
+        ring.next += n;
+        drop(ring);
+        if n > 0 {
+            self.shared.published.notify_waiters();
         }
     }
 
     /// Attaches a tap; it sees what is published from now on.
     pub fn subscribe(&self) -> TapReader {
-        self.listeners.fetch_add(1, Ordering::Relaxed);
+        self.shared.listeners.fetch_add(1, Ordering::Relaxed);
+        let next = self.shared.ring.lock().map(|r| r.next).unwrap_or(0);
         TapReader {
-            rx: self.tx.subscribe(),
-            listeners: self.listeners.clone(),
+            shared: self.shared.clone(),
+            next,
         }
     }
 
     /// Taps attached now.
     pub fn listeners(&self) -> usize {
-        self.listeners.load(Ordering::Relaxed)
+        self.shared.listeners.load(Ordering::Relaxed)
     }
 }
 
 /// What a tap reads next.
 #[derive(Debug)]
 pub enum Next {
-    Event(Arc<TapEvent>),
+    Event(TapEvent),
     /// The reader fell behind: this many entries were skipped.
     Lost(u64),
-    /// The agent is stopping.
-    Closed,
 }
 
 /// One attached tap; detaches when dropped.
 #[derive(Debug)]
 pub struct TapReader {
-    rx: broadcast::Receiver<Arc<TapEvent>>,
-    listeners: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    /// Sequence number of the next entry this reader takes.
+    next: u64,
 }
 
 impl TapReader {
-    pub async fn next(&mut self) -> Next {
-        match self.rx.recv().await {
-            Ok(e) => Next::Event(e),
-            Err(broadcast::error::RecvError::Lagged(n)) => Next::Lost(n),
-            Err(broadcast::error::RecvError::Closed) => Next::Closed,
+    /// Up to `max` entries there now (a loss first, if this reader fell out of the ring).
+    pub fn take(&mut self, max: usize) -> Vec<Next> {
+        let Ok(ring) = self.shared.ring.lock() else {
+            return Vec::new();
+        };
+        let first = ring.next - ring.entries.len() as u64;
+        let mut out = Vec::new();
+        if self.next < first {
+            out.push(Next::Lost(first - self.next));
+            self.next = first;
         }
+        let from = (self.next - first) as usize;
+        out.extend(
+            ring.entries
+                .iter()
+                .skip(from)
+                .take(max)
+                .cloned()
+                .map(Next::Event),
+        );
+        self.next += (out.len() - usize::from(matches!(out.first(), Some(Next::Lost(_))))) as u64;
+        out
     }
-}
 
-impl TapReader {
-    /// The next entry if one is there now (`None`: none is).
-    pub fn try_next(&mut self) -> Option<Next> {
-        match self.rx.try_recv() {
-            Ok(e) => Some(Next::Event(e)),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Next::Lost(n)),
-            Err(broadcast::error::TryRecvError::Closed) => Some(Next::Closed),
-            Err(broadcast::error::TryRecvError::Empty) => None,
+    /// Waits for entries, then takes up to `max` of them.
+    pub async fn next(&mut self, max: usize) -> Vec<Next> {
+        loop {
+            // Registered before looking, so a publish in between is not missed.
+            let shared = self.shared.clone();
+            let published = shared.published.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            let got = self.take(max);
+            if !got.is_empty() {
+                return got;
+            }
+            published.await;
         }
     }
 }
 
 impl Drop for TapReader {
     fn drop(&mut self) {
-        self.listeners.fetch_sub(1, Ordering::Relaxed);
+        self.shared.listeners.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -211,12 +250,16 @@ mod tests {
         for _ in 0..TAP_RING + 10 {
             tap.publish(|| vec![event("demo.a")]);
         }
-        match reader.next().await {
-            Next::Lost(n) => assert_eq!(n, 10),
-            other => panic!("expected a loss, got {other:?}"),
-        }
-        assert!(matches!(reader.next().await, Next::Event(_)));
-        drop(reader);
+        let got = reader.next(4).await;
+        assert!(matches!(got[0], Next::Lost(10)), "{got:?}");
+        assert_eq!(got.len(), 5, "the loss, then 4 entries");
+        assert_eq!(reader.take(usize::MAX).len(), TAP_RING - 4);
+        assert!(reader.take(10).is_empty(), "read to the end");
+        // A publish wakes a waiting reader.
+        let waiting = tokio::spawn(async move { reader.next(10).await.len() });
+        tokio::task::yield_now().await;
+        tap.publish(|| vec![event("demo.b"), event("demo.c")]);
+        assert_eq!(waiting.await.unwrap(), 2);
         assert!(!tap.active(), "a dropped reader detaches");
     }
 }

@@ -367,10 +367,13 @@ fn header_lines(v: &View) -> Vec<Line<'static>> {
         Span::raw(format!("  {}", v.workspace)),
     ];
     if let Some(s) = &v.status {
-        first.push(Span::raw(format!(
-            "  up {}",
-            seconds(u(&s["agent"]["uptime_s"]) as f64)
-        )));
+        let up = u(&s["agent"]["uptime_s"]);
+        let up = match up {
+            0..60 => format!("{up}s"),
+            60..3600 => format!("{}m{:02}s", up / 60, up % 60),
+            _ => format!("{}h{:02}m", up / 3600, up / 60 % 60),
+        };
+        first.push(Span::raw(format!("  up {up}")));
     }
     first.push(Span::styled(format!("  {sort}"), dim));
     if !v.filter.is_empty() || v.editing {
