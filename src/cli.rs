@@ -128,6 +128,7 @@ pub enum Command {
         timeout: u64,
     },
     /// Print the agent's version, its worker protocol and state-database schema versions.
+    #[command(after_long_help = "Example:\n  lumenflow-agent version")]
     Version,
     /// Print a shell completion script.
     #[command(
@@ -139,17 +140,26 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Show the running agent's state; when none runs, say so (exit 3) and show the durable state.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent status\n  lumenflow-agent status --json | jq '.packs[] | {id, state, handled}'"
+    )]
     Status {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Validate pack manifests (all packs of the workspace, or one pack folder); exit 1 on errors.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent validate\n  lumenflow-agent validate packs/hello"
+    )]
     Validate {
         /// A pack folder; default: every pack under the workspace's packs root.
         pack_dir: Option<PathBuf>,
     },
     /// Emit an event through the running agent; prints the event_id.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent emit acme-demo:job_completed --payload '{\"wu_id\":\"acme-job-1\"}' --idempotency-key acme-job-1\n  lumenflow-agent emit conductor:recovery_requested --inbound --payload '{\"wu_id\":\"acme-job-1\"}'"
+    )]
     Emit {
         /// Event kind, e.g. acme-demo:job_completed (the pack is the one whose slug prefixes it).
         kind: String,
@@ -175,6 +185,9 @@ pub enum Command {
         pack_dir: PathBuf,
     },
     /// Show what reached the embedded mem:inbox upstream.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent inbox\n  lumenflow-agent inbox --json --limit 10"
+    )]
     Inbox {
         /// Print JSON: an array of the events, each with its seq and when it arrived.
         #[arg(long)]
@@ -194,6 +207,9 @@ pub enum Command {
         action: ApprovalsAction,
     },
     /// Write .lumenflow/state/conductor/enrollment.json (mode 0600) for conductor mode.
+    #[command(
+        after_long_help = "Example:\n  LUMENFLOW_TOKEN=... lumenflow-agent enroll --endpoint https://cp.example.com --token-env LUMENFLOW_TOKEN"
+    )]
     Enroll {
         /// The control plane's URL, e.g. https://cp.lumenflow.dev.
         #[arg(long)]
@@ -238,12 +254,18 @@ pub enum NewWhat {
 #[derive(Debug, Subcommand)]
 pub enum DlqAction {
     /// List dead letters.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent dlq list\n  lumenflow-agent dlq list --json | jq '.[0].error'"
+    )]
     List {
         /// Print JSON (an array of dead letters, with their events and errors).
         #[arg(long)]
         json: bool,
     },
     /// Deliver dead letters again.
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent dlq retry 12\n  lumenflow-agent dlq retry --all"
+    )]
     Retry {
         /// Dead-letter id.
         id: Option<i64>,
@@ -267,6 +289,9 @@ pub enum DlqAction {
 #[derive(Debug, Subcommand)]
 pub enum ApprovalsAction {
     /// List pending approvals (with --all: every approval and its decision).
+    #[command(
+        after_long_help = "Examples:\n  lumenflow-agent approvals list\n  lumenflow-agent approvals list --all --json"
+    )]
     List {
         /// Every approval, decided ones too, with who decided, when and why (the audit trail).
         #[arg(long)]
@@ -277,6 +302,9 @@ pub enum ApprovalsAction {
         json: bool,
     },
     /// Approve: the held event is delivered (once).
+    #[command(
+        after_long_help = "Example:\n  lumenflow-agent approvals approve 01a2 --reason \"checked the number\""
+    )]
     Approve {
         /// Approval id (or a unique prefix of at least 4 characters, or the held event's id).
         id: String,
@@ -288,6 +316,9 @@ pub enum ApprovalsAction {
         reviewer: Option<String>,
     },
     /// Deny: the held event is never delivered; it is kept with the decision.
+    #[command(
+        after_long_help = "Example:\n  lumenflow-agent approvals deny 01a2 --reason \"not a customer number\""
+    )]
     Deny {
         /// Approval id (or a unique prefix of at least 4 characters, or the held event's id).
         id: String,
@@ -303,6 +334,9 @@ pub enum ApprovalsAction {
 #[derive(Debug, Subcommand)]
 pub enum ConductorAction {
     /// Serve the development control plane on loopback.
+    #[command(
+        after_long_help = "Example:\n  lumenflow-agent conductor serve --listen 127.0.0.1:8787 --token dev-token --db /tmp/conductor.db"
+    )]
     Serve {
         /// Address to listen on (loopback: it is a development tool).
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -315,6 +349,9 @@ pub enum ConductorAction {
         db: PathBuf,
     },
     /// Publish an inbound event to a workspace through a development conductor.
+    #[command(
+        after_long_help = "Example:\n  lumenflow-agent conductor publish conductor:recovery_requested --workspace-id ws-1 --payload '{\"wu_id\":\"acme-job-1\"}'"
+    )]
     Publish {
         /// Event kind, e.g. conductor:recovery_requested.
         kind: String,
@@ -367,12 +404,20 @@ mod help_tests {
             if s.get_about().is_none() {
                 missing.push(format!("{path} {} (what the command does)", s.get_name()));
             }
+            let leaf = s.get_subcommands().all(|c| c.get_name() == "help");
+            let example = s
+                .get_after_long_help()
+                .is_some_and(|h| h.to_string().contains("Example"));
+            if leaf && !example {
+                missing.push(format!("{path} {} (an example)", s.get_name()));
+            }
             walk(s, &format!("{path} {}", s.get_name()), missing);
         }
     }
 
     /// `--help` explains every command, argument and flag (blank lines were what a new user
-    /// found for `new pack <NAME>`, `--lang`, `conformance <PACK_DIR>`, `--json` and others).
+    /// found for `new pack <NAME>`, `--lang`, `conformance <PACK_DIR>`, `--json` and others),
+    /// and `--help` of every command shows an example.
     #[test]
     fn every_command_argument_and_flag_has_help() {
         let mut missing = Vec::new();

@@ -1681,6 +1681,12 @@ impl PackHost {
 
     /// Tells the taps how the chunk's finished events ended (and which were dead-lettered).
     fn tap_finished(&self, r: &ChunkResult) {
+        // `--log-level trace` (or `lumenflow_actors=trace`): one line per finished event.
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for (p, status) in self.queue.iter().take(r.finished).zip(&r.statuses) {
+                tracing::trace!(pack = %self.id, kind = %p.envelope.kind, event_id = %p.envelope.event_id, outcome = status_word(*status), "delivered");
+            }
+        }
         self.agent.tap.publish(|| {
             let at_ms = now_ms();
             let pack: Arc<str> = self.id.as_str().into();

@@ -346,6 +346,11 @@ pub(crate) fn announce(
     stage: Stage,
 ) {
     count_by_producer(stats, &events);
+    if tracing::enabled!(tracing::Level::TRACE) {
+        for e in &events {
+            tracing::trace!(pack = %e.pack, kind = %e.envelope.kind, event_id = %e.envelope.event_id, stage = ?stage, "event accepted");
+        }
+    }
     stats.tap.publish(|| {
         let at_ms = now_ms();
         // Events of a batch are mostly one pack's: one name for a run of them.

@@ -219,6 +219,13 @@ impl Handler<Inbound> for Router {
         let envs: Vec<Arc<Envelope>> = routed.iter().map(|(e, _)| e.clone()).collect();
         let own = envs.iter().filter(|e| e.kind.starts_with("agent:")).count() as u64;
         let tapped = self.stats.tap.active().then(|| envs.clone());
+        // For the trace log when no tap took the copy.
+        let traced: Vec<Arc<Envelope>> =
+            if tapped.is_none() && tracing::enabled!(tracing::Level::TRACE) {
+                envs.clone()
+            } else {
+                Vec::new()
+            };
         Box::pin(async move {
             if !routed.is_empty() || !unreadable.is_empty() || cursor.is_some() {
                 // Dispatched from the commit hook: packs see rows in commit order.
@@ -249,6 +256,11 @@ impl Handler<Inbound> for Router {
                 .inbound_accepted
                 .fetch_add(total as u64 - own, Ordering::Relaxed);
             stats.inbound_agent.fetch_add(own, Ordering::Relaxed);
+            if tracing::enabled!(tracing::Level::TRACE) {
+                for e in tapped.iter().flatten().chain(&traced) {
+                    tracing::trace!(kind = %e.kind, event_id = %e.event_id, "inbound event logged");
+                }
+            }
             if let Some(envs) = tapped {
                 stats.tap.publish(|| {
                     let at_ms = now_ms();
