@@ -116,8 +116,12 @@ pub fn cli_main(native: Vec<NativePack>) -> ExitCode {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
-            clap_complete::generate(*shell, &mut cmd, "lumenflow-agent", &mut std::io::stdout());
-            Ok(exit::OK)
+            // Into a buffer first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "lumenflow-agent", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map(|_| exit::OK)
+                .map_err(anyhow::Error::from)
         }
         Command::Version => {
             println!(

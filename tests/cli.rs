@@ -49,6 +49,8 @@ fn a_closed_stdout_ends_a_command_quietly_with_0() {
         vec!["validate"],
         vec!["version"],
         vec!["inbox", "--json"],
+        vec!["graph"],
+        vec!["completions", "bash"],
     ] {
         let mut child = ws
             .cmd()

@@ -145,10 +145,15 @@ fn a_wrong_token_pauses_as_unauthorized_and_fixing_it_resumes_with_nothing_dropp
     wait_for("delivered after the fix", T, || {
         (c.received().len() == 3).then_some(())
     });
-    wait_for("connected", T, || {
-        (ws.status()["upstream"]["state"] == "connected").then_some(())
+    let s = wait_for("connected", T, || {
+        let s = ws.status();
+        (s["upstream"]["state"] == "connected").then_some(s)
     });
-    assert_eq!(ws.status()["queue"]["durable_depth"], 0);
+    assert_eq!(s["queue"]["durable_depth"], 0);
+    // Connected again: the refusal is history (status said "(connected) last error:
+    // unauthorized" after the fix).
+    assert!(s["upstream"]["last_error"].is_null(), "{}", s["upstream"]);
+    assert_eq!(s["upstream"]["last_error_ms"], 0);
 }
 
 #[test]
