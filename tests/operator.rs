@@ -553,21 +553,7 @@ fn status_says_idle_for_a_tools_only_pack_and_counts_agent_events_apart() {
 fn upstream_state_words_are_true_and_enroll_says_what_happens() {
     let mut ws = Workspace::new(json!({}), "");
     let mut c = Conductor::start(ws.path(), "tok-1");
-    let out = ws
-        .cmd()
-        .env("TEST_TOKEN", "tok-1")
-        .args([
-            "enroll",
-            "--endpoint",
-            &c.url(),
-            "--token-env",
-            "TEST_TOKEN",
-            "--subject",
-            "ws-test",
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = enroll_at(&ws, &c.url(), "tok-1");
     assert!(said.contains("connects to it when it starts"), "{said}");
     c.kill();
     ws.start();
@@ -593,36 +579,8 @@ fn upstream_state_words_are_true_and_enroll_says_what_happens() {
     );
     assert!(s["upstream"]["last_error"].is_null(), "{}", s["upstream"]);
     // Re-enrolled at the same endpoint: picked up by the running agent.
-    let out = ws
-        .cmd()
-        .env("TEST_TOKEN", "tok-1")
-        .args([
-            "enroll",
-            "--endpoint",
-            &c.url(),
-            "--token-env",
-            "TEST_TOKEN",
-            "--subject",
-            "ws-test",
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = enroll_at(&ws, &c.url(), "tok-1");
     assert!(said.contains("no restart needed"), "{said}");
-    let out = ws
-        .cmd()
-        .env("TEST_TOKEN", "tok-1")
-        .args([
-            "enroll",
-            "--endpoint",
-            "http://127.0.0.1:9",
-            "--token-env",
-            "TEST_TOKEN",
-            "--subject",
-            "ws-test",
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = enroll_at(&ws, "http://127.0.0.1:9", "tok-1");
     assert!(said.contains("restart it to connect"), "{said}");
 }

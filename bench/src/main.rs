@@ -243,6 +243,22 @@ fn blast(
     blast_to(&agent.url, &agent.token, path, kind, total, batch, clients)
 }
 
+/// `n` more `bench:ping` events inbound to the `sink` pack (which has handled `done` so far),
+/// batches of 100 from 4 clients: events/s from the first request to the last one handled.
+fn inbound_to_sink(agent: &Agent, n: usize, done: &mut u64) -> f64 {
+    let (t0, _) = blast(agent, "/v1/inbound", "bench:ping", n, 100, 4);
+    *done += n as u64;
+    let done = *done;
+    agent.wait_until("sink handled all", |s| {
+        s["packs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= done)
+    });
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
 fn blast_to(
     url: &str,
     token: &str,
@@ -1261,18 +1277,7 @@ fn main() {
         }
         let agent = Agent::start(&bin, ws.path(), "sink");
         let mut done = 0u64;
-        let rate = med(runs, || {
-            let (t0, _) = blast(&agent, "/v1/inbound", "bench:ping", n, 100, 4);
-            done += n as u64;
-            agent.wait_until("sink handled all", |s| {
-                s["packs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= done)
-            });
-            n as f64 / t0.elapsed().as_secs_f64()
-        });
+        let rate = med(runs, || inbound_to_sink(&agent, n, &mut done));
         eprintln!("inbound -> native, replay log {prefill}: {rate:.0}/s");
         rows.push(Row {
             scenario: format!(
@@ -1296,18 +1301,7 @@ fn main() {
         let agent = Agent::start(&bin, ws.path(), "sink");
         let addr = agent.url.trim_start_matches("http://").to_string();
         let mut done = 0u64;
-        let mut flow = |agent: &Agent| {
-            let (t0, _) = blast(agent, "/v1/inbound", "bench:ping", n, 100, 4);
-            done += n as u64;
-            agent.wait_until("sink handled all", |s| {
-                s["packs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["id"] == "sink" && p["handled"].as_u64().unwrap() >= done)
-            });
-            n as f64 / t0.elapsed().as_secs_f64()
-        };
+        let mut flow = |agent: &Agent| inbound_to_sink(agent, n, &mut done);
         let attach = |agent: &Agent| -> Vec<std::net::TcpStream> {
             let taps = ["/v1/tap", "/v1/tap?kind=bench%3A%2A"]
                 .iter()

@@ -408,7 +408,8 @@ pub fn enroll(ws: &Workspace, c: &Conductor, token: &str) {
 
 /// `enroll` the workspace with the control plane at `endpoint` (e.g. a proxy in front of the
 /// conductor), subject `ws-test`, the token passed by env; the token is never printed.
-pub fn enroll_at(ws: &Workspace, endpoint: &str, token: &str) {
+/// Returns what it printed.
+pub fn enroll_at(ws: &Workspace, endpoint: &str, token: &str) -> String {
     let out = ws
         .cmd()
         .args([
@@ -429,10 +430,9 @@ pub fn enroll_at(ws: &Workspace, endpoint: &str, token: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains(token),
-        "the token is never printed"
-    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!said.contains(token), "the token is never printed");
+    said
 }
 
 /// HTTP/1.1 framing for the test fronts: one message (headers, then a Content-Length body), and
