@@ -584,3 +584,34 @@ fn upstream_state_words_are_true_and_enroll_says_what_happens() {
     let said = enroll_at(&ws, "http://127.0.0.1:9", "tok-1");
     assert!(said.contains("restart it to connect"), "{said}");
 }
+
+/// `status` (and so `top`) shows what a handler works on now and for how long, and when an
+/// event it asked to retry is tried again.
+#[test]
+fn status_shows_what_is_in_flight_and_when_a_retry_comes() {
+    let mut ws = Workspace::new(json!({}), "recorder");
+    ws.start_with_env(&[("LUMENFLOW_AGENT_BACKOFF_BASE_MS", "400")]);
+    ws.inbound("conductor:recovery_requested", r#"{"sleep_ms": 1500}"#);
+    let p = wait_for("the slow event in flight for a while", T, || {
+        let p = ws.pack_status("recorder");
+        (p["in_flight_age_s"].as_f64().unwrap_or(0.0) > 0.3).then_some(p)
+    });
+    assert_eq!(p["in_flight"], 1, "{p}");
+    wait_for("handled", T, || {
+        (ws.pack_status("recorder")["handled"] == 1).then_some(())
+    });
+    assert_eq!(ws.pack_status("recorder")["in_flight"], 0);
+    ws.inbound("conductor:recovery_requested", r#"{"outcome": "retry"}"#);
+    let p = wait_for("a retry announced", T, || {
+        let p = ws.pack_status("recorder");
+        p["next_retry_in_s"]
+            .as_f64()
+            .filter(|s| *s > 0.0)
+            .map(|_| p)
+    });
+    assert!(p["next_retry_in_s"].as_f64().unwrap() <= 0.8, "{p}");
+    wait_for("dead-lettered after its attempts", T, || {
+        (ws.pack_status("recorder")["dead_lettered"] == 1).then_some(())
+    });
+    assert!(ws.pack_status("recorder")["next_retry_in_s"].is_null());
+}
