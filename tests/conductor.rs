@@ -156,6 +156,33 @@ fn a_wrong_token_pauses_as_unauthorized_and_fixing_it_resumes_with_nothing_dropp
     assert_eq!(s["upstream"]["last_error_ms"], 0);
 }
 
+/// A refused token shows as `unauthorized` even with nothing to push (the heartbeat was
+/// refused and status said `connecting`), and the fixed token is picked up live.
+#[test]
+fn a_wrong_token_shows_as_unauthorized_with_nothing_to_push() {
+    let mut ws = Workspace::new(json!({}), "");
+    let c = Conductor::start(ws.path(), "right");
+    enroll(&ws, &c, "wrong");
+    ws.start();
+    let s = wait_for("unauthorized", T, || {
+        let s = ws.status();
+        (s["upstream"]["state"] == "unauthorized").then_some(s)
+    });
+    assert!(
+        s["upstream"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("heartbeat: HTTP 401")),
+        "{}",
+        s["upstream"]
+    );
+    enroll(&ws, &c, "right");
+    let s = wait_for("connected after the fix, without a restart", T, || {
+        let s = ws.status();
+        (s["upstream"]["state"] == "connected").then_some(s)
+    });
+    assert!(s["upstream"]["last_error"].is_null(), "{}", s["upstream"]);
+}
+
 #[test]
 fn a_client_speaking_the_sdk_wire_format_reaches_the_conductor_through_the_agent() {
     let mut ws = Workspace::new(json!({}), "emitter");

@@ -573,6 +573,16 @@ impl HttpUpstream {
         ctx.spawn(fut.into_actor(self).map(|(hb, policy), act, ctx| {
             match &hb {
                 Reply::Status(200..=299, _, _, _) => act.exchanged_ok(),
+                // A control plane without the endpoint is not down.
+                Reply::Status(404 | 405, _, _, _) => {}
+                // Refused while nothing else asked (an idle outbox): say so now, as a push
+                // would, and read the token again until it is accepted.
+                Reply::Status(401 | 403, _, _, _) => {
+                    if act.link == Link::Connected {
+                        act.set_link(Link::Unauthorized, Some(format!("unauthorized: {}", hb.failure("heartbeat"))), None);
+                        ctx.run_later(Duration::from_secs(2), |act, ctx| act.retry_unauthorized(ctx));
+                    }
+                }
                 other => act.exchange_failed(other.failure("heartbeat")),
             }
             if let Reply::Status(200..=299, text, _, _) = &hb {
