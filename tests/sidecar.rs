@@ -95,6 +95,10 @@ fn the_platform_forwarder_cycle_on_mem_inbox() {
         (i.len() >= 4).then_some(i)
     });
     assert_eq!(inbox.len(), 4, "each once: {inbox:?}");
+    // The platform is no pack: its events are not counted as one in `status` (or `top`).
+    let packs = ws.status()["packs"].clone();
+    assert_eq!(packs.as_array().unwrap().len(), 1, "{packs}");
+    assert_eq!(packs[0]["id"], "emitter", "{packs}");
     assert_eq!(
         canonical_set(inbox.iter().map(|e| e["event"].clone())),
         canonical_set(events.clone()),

@@ -427,10 +427,11 @@ fn count_by_producer(stats: &AgentStats, events: &[Accepted]) {
     while i < events.len() {
         let pack = &events[i].pack;
         let run = events[i..].iter().take_while(|e| &e.pack == pack).count();
-        stats
-            .pack(pack)
-            .emitted
-            .fetch_add(run as u64, Ordering::Relaxed);
+        // Not `pack()`: a producer that is no pack (the platform's kernel events) would show
+        // up in `status` as a pack.
+        if let Some(p) = stats.existing_pack(pack) {
+            p.emitted.fetch_add(run as u64, Ordering::Relaxed);
+        }
         i += run;
     }
 }

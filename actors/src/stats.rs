@@ -236,6 +236,12 @@ impl AgentStats {
         }
     }
 
+    /// The stats of a pack that has them already (`None` for a producer that is no pack, such
+    /// as the platform's v1 kernel events).
+    pub fn existing_pack(&self, id: &str) -> Option<Arc<PackStats>> {
+        self.packs.read().ok()?.get(id).cloned()
+    }
+
     pub fn set_upstream(&self, mode: Option<&str>, state: &str, error: Option<String>) {
         if let Some(m) = mode {
             set_str(&self.upstream.mode, Some(m.to_string()));
