@@ -1630,7 +1630,7 @@ impl PackHost {
         }
         if let Some((error, attempts, dead)) = r.crash {
             if dead {
-                self.tap_front_error(&error);
+                self.tap_front(Stage::DeadLettered, error.clone());
                 self.queue.pop_front();
                 self.add_dead_letters(1);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -1715,21 +1715,8 @@ impl PackHost {
         });
     }
 
-    /// Tells the taps the event at the front of the queue is dead-lettered for `error`.
-    fn tap_front_error(&self, error: &str) {
-        self.agent.tap.publish(|| {
-            self.queue.front().map(|p| TapEvent {
-                stage: Stage::DeadLettered,
-                at_ms: now_ms(),
-                pack: Some(self.id.as_str().into()),
-                detail: Some(error.to_string().into()),
-                envelope: p.envelope.clone(),
-            })
-        });
-    }
-
     /// Tells the taps about the event at the front of the queue.
-    fn tap_front(&self, stage: Stage, detail: &'static str) {
+    fn tap_front(&self, stage: Stage, detail: impl Into<std::borrow::Cow<'static, str>>) {
         self.agent.tap.publish(|| {
             self.queue.front().map(|p| TapEvent {
                 stage,
